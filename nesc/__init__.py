@@ -1,0 +1,36 @@
+"""nesc: Neural Epitome Search as a compiler.
+
+    gm = nesc.transform(model, example_inputs, nesc.NESConfig(ratio=4))   # trainable GraphModule
+    ... train gm in any loop ...
+    frozen = nesc.freeze(gm)                                              # routing maps
+    nesc.summary(frozen); nesc.save(frozen, "model.nesc"); nesc.load("model.nesc")
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from nesc import sampling  # noqa: F401  (registers torch.ops.nesc.regenerate)
+from nesc.api import freeze, load, save, summary, transform
+from nesc.capture import capture
+from nesc.config import LayerConfig, NESConfig
+from nesc.dense_init import distillation_loss, fit_pools, load_checkpoint
+from nesc.errors import (
+    ArtifactError,
+    CaptureError,
+    ConfigError,
+    InputError,
+    NescError,
+    PassOrderError,
+    PlanError,
+)
+from nesc.report import stored_bytes, stored_params
+
+try:
+    __version__ = version("nesc")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "ArtifactError", "CaptureError", "ConfigError", "InputError", "LayerConfig", "NESConfig", "NescError",
+    "PassOrderError", "PlanError", "capture", "distillation_loss", "fit_pools", "freeze", "load",
+    "load_checkpoint", "save", "stored_bytes", "stored_params", "summary", "transform",
+]

@@ -1,0 +1,78 @@
+"""The public verbs: transform, freeze, summary, save, load."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from torch import fx, nn
+
+from nesc import meta
+from nesc.capture import capture
+from nesc.config import NESConfig
+from nesc.dense_init import fit_pools
+from nesc.passes import pipeline
+from nesc.report import DENSE_REASONS, Report, build_report
+
+# gm.meta keys written by transform.
+CONFIG = "nesc_config"
+FIT_ERRORS = "nesc_fit_errors"
+
+
+def transform(model: nn.Module, example_inputs, config: NESConfig | None = None, **changes) -> fx.GraphModule:
+    """Capture ``model`` and return a new, trainable GraphModule whose weights are sampled from pools.
+
+    ``config`` (or keyword changes to the default ``NESConfig``, e.g. ``ratio=8``) sets the budget,
+    the pool-sharing policy and per-layer overrides. The user's model is not modified. With
+    ``init="dense"`` (default) the pools are fitted to the model's current weights by least squares;
+    the per-layer relative reconstruction errors are in ``gm.meta["nesc_fit_errors"]``.
+    """
+    config = (config or NESConfig()).replace(**changes) if changes else (config or NESConfig())
+    gm = capture(model, example_inputs)
+    gm = pipeline.run(gm, pipeline.TRANSFORM, config)
+    plan = gm.meta[meta.PLAN]
+    gm.meta[DENSE_REASONS] = dict(plan.dense)
+    gm.meta[CONFIG] = config
+    if config.init == "dense":
+        dense = dict(model.named_parameters())  # capture keeps the user's qualified names
+        gm.meta[FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in plan.layers})
+    return gm
+
+
+def freeze(gm: fx.GraphModule) -> fx.GraphModule:
+    """Return a frozen copy: learned indices become routing maps; the copy is in eval mode and stores
+    only pools, routing maps and what stayed dense. Its outputs equal ``gm.eval()``'s."""
+    frozen = copy.deepcopy(gm).eval()
+    frozen.meta = copy.copy(gm.meta)
+    return pipeline.run(frozen, pipeline.FREEZE)
+
+
+def summary(gm: fx.GraphModule, print_table: bool = True) -> Report:
+    """The per-layer report (name, op, weight, pool, sharing, params and MAdd before/after); printed
+    with rich unless ``print_table=False``."""
+    report = build_report(gm)
+    if print_table:
+        from rich.console import Console
+
+        Console().print(report)
+    return report
+
+
+def save(gm: fx.GraphModule, path: str | Path) -> None:
+    """Write a frozen model to one safetensors file with its graph as JSON; no pickle."""
+    from nesc.serialize import save as _save
+
+    report = build_report(gm)
+    config = gm.meta.get(CONFIG)
+    extra = {"dense_reasons": gm.meta.get(DENSE_REASONS, {}), "report": report.to_dict(),
+             "config": repr(config) if config is not None else None}
+    _save(gm, path, extra=extra)
+
+
+def load(path: str | Path) -> fx.GraphModule:
+    """Read a model written by ``save``; checks format, version and integrity."""
+    from nesc.serialize import load as _load
+
+    gm = _load(path)
+    gm.meta[DENSE_REASONS] = gm.meta.get("nesc_extra", {}).get("dense_reasons", {})
+    return gm

@@ -1,0 +1,203 @@
+"""Capture any model as a torch.fx GraphModule.
+
+``torch.fx.symbolic_trace`` first: it keeps the user's modules as ``call_module`` nodes. When it
+fails (Python control flow on tensor values or shapes, iterating or unpacking a proxy — most models
+from the popular libraries), ``torch.export.export(...).module()``, whose aten graph names every
+weight by its fully qualified name and records ``nn_module_stack``.
+
+An exported graph is specialised to the mode it was exported in and, in torch 2.13, its module
+refuses ``.train()``. So the export path exports in eval mode and then rewrites every batch-norm and
+dropout node into a small mode-aware module, and rebuilds a plain ``fx.GraphModule`` whose
+``train()``/``eval()`` switch them as in the user's model.
+
+The user's model is never modified: capture works on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+
+import torch
+from torch import Tensor, fx, nn
+from torch.nn import functional as F
+
+from nesc import meta
+from nesc.errors import CaptureError, InputError
+
+
+class ExportedBatchNorm(nn.Module):
+    """aten.batch_norm of an exported graph, made to follow ``self.training`` again.
+
+    Takes the statistics as inputs (they stay buffers of the graph module, under their original
+    names) and updates them in place in training mode, as ``nn.BatchNorm*`` does.
+    """
+
+    def __init__(self, momentum: float | None, eps: float):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+
+    def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked=None):
+        momentum = self.momentum
+        if self.training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm
+                momentum = 1.0 / float(num_batches_tracked)
+        return F.batch_norm(
+            x, running_mean, running_var, weight, bias, self.training, momentum or 0.0, self.eps
+        )
+
+
+class ExportedDropout(nn.Dropout):
+    """aten.dropout of an exported graph, made to follow ``self.training`` again."""
+
+
+def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """Return a new GraphModule equivalent to ``model`` on inputs like ``example_inputs``.
+
+    Writes ``gm.meta[meta.CAPTURE]`` (which path succeeded), ``gm.meta[meta.INPUT_SPECS]`` and
+    ``gm.meta["nesc_module_types"]`` (name -> class of every module of the user's model).
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"nesc captures torch.nn.Module instances, got {type(model).__name__}")
+    model = copy.deepcopy(model)
+    was_training = model.training
+    example_inputs = _check_inputs(model, example_inputs)
+    module_types = {name: type(m) for name, m in model.named_modules()}
+    try:
+        gm, how = torch.fx.symbolic_trace(model), "symbolic_trace"
+        with torch.no_grad():  # a trace can succeed and still fail on these inputs
+            _ = gm.eval()(*example_inputs)
+    except Exception as trace_error:  # noqa: BLE001 - any tracing failure sends us to export
+        gm, how = _export(model, example_inputs, trace_error), "export"
+    gm.train(was_training)
+    gm.meta[meta.CAPTURE] = how
+    gm.meta[meta.INPUT_SPECS] = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in example_inputs]
+    gm.meta["nesc_module_types"] = module_types
+    return gm
+
+
+def _check_inputs(model: nn.Module, example_inputs) -> tuple:
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise InputError(
+            f"example_inputs must be a non-empty tuple of tensors (one per positional argument of "
+            f"{type(model).__name__}.forward), got {type(example_inputs).__name__}; wrap a single "
+            f"tensor as (x,)"
+        )
+    bad = [i for i, t in enumerate(example_inputs) if not isinstance(t, Tensor)]
+    if bad:
+        raise InputError(
+            f"example_inputs[{bad[0]}] is a {type(example_inputs[bad[0]]).__name__}, expected a "
+            f"torch.Tensor; nesc captures models on tensor inputs"
+        )
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()  # eval: a check must not update batch-norm statistics
+            _ = model(*example_inputs)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in example_inputs)
+        raise InputError(
+            f"{type(model).__name__} does not run on the example inputs ({shapes}): "
+            f"{type(e).__name__}: {e}. Pass inputs of the shape and dtype its forward expects, e.g. "
+            f"(torch.randn(1, 3, 224, 224),) for an image model."
+        ) from e
+    finally:
+        model.train(was_training)
+    return tuple(example_inputs)
+
+
+def _batch_dims(example_inputs: tuple):
+    # Keep the batch dimension symbolic where the exporter can, so one capture serves any batch.
+    auto = torch.export.Dim.AUTO
+    return tuple({0: auto} if t.dim() > 0 else None for t in example_inputs)
+
+
+def _export(model: nn.Module, example_inputs: tuple, trace_error: Exception) -> fx.GraphModule:
+    was_training = model.training
+    model.eval()  # export specialises BN/dropout to one mode; eval has no buffer mutation in the graph
+    try:
+        ep = torch.export.export(model, example_inputs, dynamic_shapes=_batch_dims(example_inputs))
+    except Exception as export_error:  # noqa: BLE001 - re-raised with both reasons
+        raise CaptureError(_explain(model, trace_error, export_error)) from export_error
+    finally:
+        model.train(was_training)
+    exported = ep.module()
+    gm = fx.GraphModule(exported, exported.graph)  # a plain GraphModule: train()/eval() work
+    _make_mode_aware(gm)
+    return gm
+
+
+def _make_mode_aware(gm: fx.GraphModule) -> None:
+    """Rewrite aten.batch_norm / aten.dropout nodes into modules that follow ``gm.training``."""
+    aten = torch.ops.aten
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.batch_norm.default:
+            x, w, b, mean, var, _training, momentum, eps, _cudnn = node.args
+            nbt = _num_batches_tracked(gm, mean)
+            mod = ExportedBatchNorm(momentum, eps)
+            args = (x, w, b, mean, var) + ((nbt,) if nbt is not None else ())
+        elif node.target is aten.dropout.default:
+            x, p, _train = node.args
+            mod, args = ExportedDropout(p), (x,)
+        else:
+            continue
+        name = f"nesc_mode_{count}"
+        count += 1
+        gm.add_submodule(name, mod)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, args)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _num_batches_tracked(gm: fx.GraphModule, running_mean: fx.Node):
+    if not isinstance(running_mean, fx.Node) or running_mean.op != "get_attr":
+        return None
+    target = running_mean.target.rsplit(".", 1)[0] + ".num_batches_tracked"
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == target:
+            return node
+    return None
+
+
+def _explain(model: nn.Module, trace_error: Exception, export_error: Exception) -> str:
+    where = _failing_module(model, export_error) or _failing_module(model, trace_error) or type(model).__name__
+    return (
+        f"nesc could not capture {type(model).__name__}: the failure is in {where}.\n"
+        f"  torch.fx.symbolic_trace: {type(trace_error).__name__}: {_first_line(trace_error)}\n"
+        f"  torch.export.export:     {type(export_error).__name__}: {_first_line(export_error)}\n"
+        f"Both capture paths need the forward to run without Python decisions on tensor *values* "
+        f"(.item(), .tolist(), numpy conversion, `if tensor:`). Move such code out of forward, or "
+        f"express it with torch.where / torch.cond."
+    )
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else "(no message)"
+
+
+def _failing_module(model: nn.Module, error: Exception) -> str | None:
+    """The innermost module whose forward appears in the error's traceback, as 'name (Class)'."""
+    code_to_name = {}
+    for name, mod in model.named_modules():
+        code = getattr(type(mod).forward, "__code__", None)
+        if code is not None:
+            code_to_name.setdefault(code, f"{name or '<root>'} ({type(mod).__name__})")
+    found = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        found = code_to_name.get(frame.f_code, found)
+    return found
+
+
+__all__ = ["capture", "ExportedBatchNorm", "ExportedDropout"]

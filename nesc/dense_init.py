@@ -1,0 +1,149 @@
+"""Initialise pools from a dense model, and distil a compressed model against its dense teacher.
+
+``fit_pools`` solves, for every pool P, the least-squares problem
+
+    min_P  sum_l || regenerate_l(P) - W_l ||^2
+
+over the layers l that sample from P (regenerate is linear in P for fixed start indices), with
+SciPy's LSQR on a matrix-free operator: the forward product is the sampler, the adjoint its
+vector-Jacobian product. Columns are scaled by the lumped diagonal A^T A 1, which is exact when the
+starts are integers (each weight element then reads one pool element), so LSQR converges in a few
+iterations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, lsqr
+from torch import Tensor, fx, nn
+from torch.nn import functional as F
+
+from nesc.errors import InputError
+from nesc.sampling import EpitomeSampler
+
+
+def samplers_by_pool(gm: fx.GraphModule) -> dict[str, list[EpitomeSampler]]:
+    """pool attribute name -> the samplers that read it, in graph order."""
+    out: dict[str, list[EpitomeSampler]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, EpitomeSampler) and mod not in out.get(node.args[0].target, []):
+                out.setdefault(node.args[0].target, []).append(mod)
+    return out
+
+
+@torch.no_grad()
+def fit_pools(gm: fx.GraphModule, dense: Mapping[str, Tensor], iters: int = 30) -> dict[str, float]:
+    """Fit every pool to the dense weights by least squares; returns per-layer relative error
+    ``||W_hat - W|| / ||W||``. ``dense`` maps weight names (as in the user's model) to tensors."""
+    missing = sorted({s.weight_name for ss in samplers_by_pool(gm).values() for s in ss} - set(dense))
+    if missing:
+        raise InputError(
+            f"fit_pools needs the dense weight of every sampled layer; missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}. Pass the dense model's state_dict."
+        )
+    errors = {}
+    for pool_name, samplers in samplers_by_pool(gm).items():
+        pool = gm.get_parameter(pool_name)
+        targets = [dense[s.weight_name].detach().to(torch.float64) for s in samplers]
+        solution = _solve(pool, samplers, targets, iters)
+        pool.copy_(solution.to(pool.dtype))
+        for s, w in zip(samplers, targets):
+            w_hat = _sample(s, pool.double())
+            errors[s.weight_name] = float((w_hat - w).norm() / w.norm().clamp_min(1e-12))
+    return errors
+
+
+def _sample(sampler: EpitomeSampler, pool: Tensor) -> Tensor:
+    was = sampler.training
+    sampler.eval()  # the learner's running offset: the routing that freeze will keep
+    try:
+        return sampler(pool)
+    finally:
+        sampler.train(was)
+
+
+def _solve(pool: Tensor, samplers: list[EpitomeSampler], targets: list[Tensor], iters: int) -> Tensor:
+    shape = pool.shape
+    n = pool.numel()
+    sizes = [t.numel() for t in targets]
+
+    def forward(p: Tensor) -> Tensor:
+        return torch.cat([_sample(s, p.view(shape)).reshape(-1) for s in samplers])
+
+    def adjoint(y: Tensor) -> Tensor:
+        with torch.enable_grad():
+            p = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+            (grad,) = torch.autograd.grad(forward(p), p, y)
+        return grad
+
+    lumped = adjoint(forward(torch.ones(n, dtype=torch.float64)))
+    used = lumped > 0
+    d = torch.where(used, lumped.clamp_min(1e-30).rsqrt(), torch.ones_like(lumped))  # column scaling
+    op = LinearOperator(
+        (sum(sizes), n),
+        matvec=lambda q: forward(torch.from_numpy(np.asarray(q, dtype=np.float64).ravel()) * d).numpy(),
+        rmatvec=lambda y: (adjoint(torch.from_numpy(np.asarray(y, dtype=np.float64).ravel())) * d).numpy(),
+        dtype=np.float64,
+    )
+    b = torch.cat([t.reshape(-1) for t in targets]).numpy()
+    q = lsqr(op, b, atol=1e-8, btol=1e-8, iter_lim=iters)[0]
+    p = torch.from_numpy(q) * d
+    # Pool elements no layer reads keep their initial values (they are free to be used by training).
+    return torch.where(used, p, pool.detach().reshape(-1).double()).view(shape)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Load a local dense checkpoint into ``model`` (in place) and return it.
+
+    ``.safetensors`` files are read with safetensors; other files with ``torch.load(weights_only=True)``,
+    which refuses arbitrary pickled objects. A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is
+    unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"dense checkpoint {str(path)!r} does not exist; pass the path of a local .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise InputError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {e}. Build the model with the "
+            f"same architecture and options the checkpoint was trained with."
+        ) from None
+    return model
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> Tensor:
+    """Hinton et al.'s knowledge distillation loss for fine-tuning against the dense teacher.
+
+    ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, targets)``; without
+    targets, the pure distillation term.
+    """
+    t = temperature
+    kd = F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits.detach() / t, dim=-1),
+        reduction="batchmean", log_target=True,
+    ) * (t * t)
+    if targets is None:
+        return kd
+    return alpha * kd + (1 - alpha) * F.cross_entropy(student_logits, targets)

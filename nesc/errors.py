@@ -1,0 +1,31 @@
+"""The exceptions nesc raises. Every message answers: what, where, expected versus got, how to fix."""
+
+from __future__ import annotations
+
+
+class NescError(Exception):
+    """Base class of every error nesc raises on purpose."""
+
+
+class CaptureError(NescError):
+    """Neither torch.fx.symbolic_trace nor torch.export could capture the model."""
+
+
+class ConfigError(NescError, ValueError):
+    """A configuration value or a per-module override is invalid."""
+
+
+class PlanError(NescError, ValueError):
+    """The pool plan cannot meet the request (budget, pool size, forced layer)."""
+
+
+class PassOrderError(NescError, RuntimeError):
+    """A rewrite pass ran before the analysis it needs."""
+
+
+class InputError(NescError, ValueError):
+    """Example inputs do not fit the model."""
+
+
+class ArtifactError(NescError, ValueError):
+    """A saved artifact is truncated, corrupted, tampered with or from an incompatible version."""

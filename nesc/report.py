@@ -1,0 +1,171 @@
+"""The per-layer report: what each weight became, what it costs, and why anything stayed dense.
+
+Works on any stage — a captured dense graph, a transformed one, a frozen one, a loaded artifact —
+because it reads only what find_weights derives from the graph plus the reasons the plan recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx
+
+from nesc import meta
+from nesc.sampling import EpitomeSampler, Geometry
+
+# gm.meta key: {weight name: reason} for compressible weights the plan left dense (kept by freeze/save).
+DENSE_REASONS = "nesc_dense_reasons"
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str  # the weight's qualified name
+    op: str
+    shape: tuple[int, ...]  # the weight as the op uses it
+    state: str  # dense | sampled | frozen
+    pool: str  # "" when dense
+    pool_shape: tuple[int, ...]
+    shares_with: int  # other layers reading the same pool
+    params: int  # dense parameters of this weight
+    stored: float  # what this weight costs now: routing map + its share of the pool (or params if dense)
+    madd: int  # multiply-adds per example
+    regen_madd: int  # multiply-adds to regenerate the weight, once per forward
+    reason: str = ""  # why it stayed dense
+
+
+@dataclass
+class Report:
+    rows: list[LayerRow]
+    other_dense: dict[str, tuple[int, int]]  # reason -> (tensors, params) for biases, norms, ...
+    dense_params: int  # the dense model's parameter count
+    stored_params: int  # pools + routing maps + dense parameters
+    pools: dict[str, tuple[tuple[int, ...], list[str]]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_params / max(self.stored_params, 1)
+
+    @property
+    def madd(self) -> int:
+        return sum(r.madd for r in self.rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "other_dense": {k: list(v) for k, v in self.other_dense.items()},
+            "dense_params": self.dense_params,
+            "stored_params": self.stored_params,
+            "ratio": self.ratio,
+            "madd": self.madd,
+        }
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title=f"nesc: {self.dense_params:,} -> {self.stored_params:,} parameters ({self.ratio:.2f}x)")
+        for col, justify in [("layer", "left"), ("op", "left"), ("weight", "left"), ("pool", "left"),
+                             ("shared by", "right"), ("params", "right"), ("stored", "right"),
+                             ("MAdd", "right"), ("regen MAdd", "right"), ("note", "left")]:
+            table.add_column(col, justify=justify, overflow="fold")
+        for r in self.rows:
+            pool = f"{r.pool} {tuple(r.pool_shape)}" if r.pool else "-"
+            table.add_row(
+                r.name, r.op, "x".join(map(str, r.shape)), pool, str(r.shares_with + 1) if r.pool else "-",
+                f"{r.params:,}", f"{r.stored:,.0f}", f"{r.madd:,}", f"{r.regen_madd:,}" if r.regen_madd else "-",
+                r.reason or ("" if r.pool else "dense"),
+            )
+        for reason, (tensors, params) in sorted(self.other_dense.items()):
+            table.add_row(f"({tensors} other tensors)", "", "", "-", "-", f"{params:,}", f"{params:,}", "", "", reason)
+        weights = sum(r.params for r in self.rows)
+        table.add_section()
+        table.add_row("total", "", "", f"{len(self.pools)} pools", "", f"{self.dense_params:,}",
+                      f"{self.stored_params:,}", f"{self.madd:,}", f"{sum(r.regen_madd for r in self.rows):,}",
+                      f"{weights:,} in weight-bearing ops")
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=180, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        console.print(self)
+        return console.export_text()
+
+
+def build_report(gm: fx.GraphModule) -> Report:
+    from nesc.passes.find_weights import find_weights, weight_infos
+
+    if not any(meta.WEIGHT in n.meta for n in gm.graph.nodes):
+        find_weights(gm)
+    infos = weight_infos(gm)
+    geometry_of, pool_of = _sampled_weights(gm)
+    members: dict[str, list[str]] = defaultdict(list)
+    for name, pool in pool_of.items():
+        members[pool].append(name)
+    reasons = gm.meta.get(DENSE_REASONS, {})
+    rows, seen = [], set()
+    for info in infos:
+        if info.weight_name in seen:
+            continue  # a tied weight used by several ops: one row
+        seen.add(info.weight_name)
+        g: Geometry | None = geometry_of.get(info.weight_name)
+        if g is None:
+            rows.append(LayerRow(info.weight_name, info.op, g_shape(info), info.state, "", (), 0, info.numel,
+                                 info.numel, info.madd, 0, reasons.get(info.weight_name, "dense")))
+            continue
+        pool = pool_of[info.weight_name]
+        share = math.prod(g.pool) / len(members[pool])
+        routing = g.num_blocks * 8
+        rows.append(LayerRow(info.weight_name, info.op, g_shape(info), info.state, pool, g.pool,
+                             len(members[pool]) - 1, info.numel, routing + share, info.madd,
+                             len(g.corners) * g.numel))
+    other: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for p in gm.meta.get(meta.DENSE_PARAMS, []):
+        other[p.reason][0] += 1
+        other[p.reason][1] += p.numel
+    dense_total = sum(r.params for r in rows) + sum(v[1] for v in other.values())
+    pools = {name: (tuple(gm.get_parameter(name).shape), members[name]) for name in members}
+    stored = stored_params(gm)
+    return Report(rows, {k: tuple(v) for k, v in other.items()}, dense_total, stored, pools)
+
+
+def g_shape(info) -> tuple[int, ...]:
+    return Geometry(info.shape, info.shape, (1, 1), info.layout).param_shape
+
+
+def _sampled_weights(gm: fx.GraphModule):
+    """weight name -> Geometry, and weight name -> pool attribute, for sampled and frozen weights."""
+    geometry, pool = {}, {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), EpitomeSampler):
+            s = gm.get_submodule(node.target)
+            geometry[s.weight_name], pool[s.weight_name] = s.geometry, node.args[0].target
+        elif node.op == "call_function" and node.target is torch.ops.nesc.regenerate.default:
+            p, _, _, _, shape, block, layout = node.args
+            name = node.meta.get(meta.SAMPLED_WEIGHT, node.name)
+            pool_shape = tuple(gm.get_parameter(p.target).shape)
+            geometry[name] = Geometry(tuple(shape), pool_shape, tuple(block), layout)
+            pool[name] = p.target
+    return geometry, pool
+
+
+def stored_params(gm: fx.GraphModule) -> int:
+    """Scalars the model stores for its weights: every parameter, plus frozen routing maps.
+
+    Trainable start indices are parameters and count; batch-norm statistics are buffers and do not
+    (they are the same in the dense and compressed model).
+    """
+    n = sum(p.numel() for p in gm.parameters())
+    if hasattr(gm, "nesc_routes"):
+        n += sum(b.numel() for b in gm.get_submodule("nesc_routes").buffers())
+    return n
+
+
+def stored_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of what ``stored_params`` counts."""
+    n = sum(p.numel() * p.element_size() for p in gm.parameters())
+    if hasattr(gm, "nesc_routes"):
+        n += sum(b.numel() * b.element_size() for b in gm.get_submodule("nesc_routes").buffers())
+    return n

@@ -1,0 +1,303 @@
+"""The core math: sample a weight from an epitome pool.
+
+A weight ``W`` is viewed as 4-D ``(O, I, kh, kw)`` and cut into a grid of ``(nbo, nbi)`` blocks of
+``(bo, bi, kh, kw)``. Block ``(j, k)`` is the window of the pool ``P: (Op, Ip, Kh, Kw)`` that starts at
+its real-valued start index ``s = (o, i, y, x)``, read with linear interpolation:
+
+    W[j*bo + a, k*bi + b, u, v] = scale * sum_c  w_c(frac(s)) * P[(o0+a+co) % Op, (i0+b+ci) % Ip,
+                                                                  min(y0+u+cy, Kh-1), min(x0+v+cx, Kw-1)]
+
+where ``(o0, i0, y0, x0) = floor(s)`` and ``c`` runs over the ``2^D`` corners of the ``D`` axes along
+which the window can move (a channel axis of the pool wider than 1, a spatial axis larger than the
+kernel). Channel axes wrap, so any start is valid and a narrow pool serves a wide layer; spatial
+axes clamp the start to ``[0, K - k]``. ``W`` is linear in ``P`` and piecewise linear in ``s``, so it is
+differentiable in both.
+
+``regenerate`` is that formula, shared verbatim by the trainable ``EpitomeSampler`` (which derives
+``floor``/``frac`` from its parameters every call) and the frozen op ``torch.ops.nesc.regenerate``
+(which reads them from a routing map), so frozen and trained outputs agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+
+# How a 4-D view (O, I, kh, kw) maps back to the parameter as the graph uses it.
+LAYOUTS = ("conv2d", "conv1d", "linear", "linear_t")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Static shape facts of one sampled weight.
+
+    shape: the weight's 4-D view ``(O, I, kh, kw)``.
+    pool: the pool's shape ``(Op, Ip, Kh, Kw)``.
+    block: the block size ``(bo, bi)`` along the weight's output and input axes.
+    layout: how the 4-D view maps back to the parameter (one of ``LAYOUTS``).
+    """
+
+    shape: tuple[int, int, int, int]
+    pool: tuple[int, int, int, int]
+    block: tuple[int, int]
+    layout: str
+
+    def __post_init__(self) -> None:
+        O, I, kh, kw = self.shape
+        Op, Ip, Kh, Kw = self.pool
+        bo, bi = self.block
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; valid: {LAYOUTS}")
+        if kh > Kh or kw > Kw:
+            raise ValueError(
+                f"pool {self.pool} is smaller than one kernel window ({kh}x{kw}) of weight {self.shape}"
+            )
+        if not (1 <= bo <= min(O, Op) and 1 <= bi <= min(I, Ip)):
+            raise ValueError(f"block {self.block} must fit both the weight {self.shape} and the pool {self.pool}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Number of blocks along O and I."""
+        return -(-self.shape[0] // self.block[0]), -(-self.shape[1] // self.block[1])
+
+    @property
+    def num_blocks(self) -> int:
+        nbo, nbi = self.grid
+        return nbo * nbi
+
+    @property
+    def active(self) -> tuple[bool, bool, bool, bool]:
+        """Axes along which a block's window can move: interpolation happens only along these."""
+        Op, Ip, Kh, Kw = self.pool
+        _, _, kh, kw = self.shape
+        return Op > 1, Ip > 1, Kh > kh, Kw > kw
+
+    @cached_property
+    def corners(self) -> tuple[tuple[int, int, int, int], ...]:
+        """The 2^D integer neighbours of a fractional start, as 0/1 offsets per axis."""
+        axes = [(0, 1) if a else (0,) for a in self.active]
+        return tuple(itertools.product(*axes))
+
+    @property
+    def start_limits(self) -> tuple[int, int]:
+        """Largest valid spatial start (y, x); spatial axes clamp, channel axes wrap."""
+        return self.pool[2] - self.shape[2], self.pool[3] - self.shape[3]
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        O, I, kh, kw = self.shape
+        return {"conv2d": (O, I, kh, kw), "conv1d": (O, I, kw), "linear": (O, I), "linear_t": (I, O)}[self.layout]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def to_param_layout(w4: Tensor, layout: str) -> Tensor:
+    """(O, I, kh, kw) -> the parameter's own layout."""
+    if layout == "conv2d":
+        return w4
+    if layout == "conv1d":
+        return w4[:, :, 0, :]
+    if layout == "linear":
+        return w4[:, :, 0, 0]
+    return w4[:, :, 0, 0].t().contiguous()
+
+
+def split_starts(starts: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
+    """Real-valued starts (nbo, nbi, 4) -> integer part (int32, wrapped/clamped) and fractional part.
+
+    Channel axes wrap modulo the pool; spatial axes clamp to [0, K - k]; axes that cannot move are 0.
+    The fractional part keeps its autograd link to ``starts`` (floor has zero gradient).
+    """
+    Op, Ip = geometry.pool[:2]
+    ylim, xlim = geometry.start_limits
+    o, i, y, x = starts.unbind(-1)
+    y = y.clamp(0, ylim)
+    x = x.clamp(0, xlim)
+    s = torch.stack([o, i, y, x], dim=-1)
+    base = s.detach().floor()
+    frac = s - base
+    mask = torch.tensor(geometry.active, device=starts.device)
+    frac = torch.where(mask, frac, torch.zeros_like(frac))
+    base = torch.where(mask, base, torch.zeros_like(base))
+    mods = torch.tensor([Op, Ip, ylim + 1, xlim + 1], device=starts.device, dtype=base.dtype)
+    base = torch.remainder(base, mods)  # wrap channels; spatial bases are already inside [0, lim]
+    return base.to(torch.int32), frac
+
+
+def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry) -> Tensor:
+    """Build the weight from the pool.
+
+    pool: (Op, Ip, Kh, Kw). starts: int (nbo, nbi, 4), already wrapped/clamped. fracs: (nbo, nbi, 4)
+    in [0, 1). Returns the weight in its parameter layout. Differentiable in ``pool`` and ``fracs``.
+
+    Every block's window is a plain slice of the pool padded by wrap-around (channels) and by one
+    edge row (spatial), so no index tensor as large as the weight is ever built; interpolation is
+    separable, one ``lerp`` per active axis.
+    """
+    O, I, kh, kw = geometry.shape
+    bo, bi = geometry.block
+    active = geometry.active
+    padded = _pad_for_windows(pool, geometry)
+    f = fracs.unbind(-1)  # four (nbo, nbi) tensors
+    rows = []
+    for j, row in enumerate(starts.tolist()):
+        blocks = []
+        for k, (o, i, y, x) in enumerate(row):
+            # The window plus one extra row along each active axis, for the upper interpolation corner.
+            ext = [bo + active[0], bi + active[1], kh + active[2], kw + active[3]]
+            w = padded[o : o + ext[0], i : i + ext[1], y : y + ext[2], x : x + ext[3]]
+            for d in range(4):
+                if active[d]:
+                    n = ext[d] - 1
+                    w = torch.lerp(w.narrow(d, 0, n), w.narrow(d, 1, n), f[d][j, k])
+            blocks.append(w)
+        rows.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
+    w4 = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return to_param_layout(w4[:O, :I] * scale, geometry.layout)
+
+
+def _pad_for_windows(pool: Tensor, geometry: Geometry) -> Tensor:
+    """Pool extended so that every window (plus its interpolation corner) is a slice:
+    channels wrap (append the first ``block`` rows again), spatial axes repeat their last row."""
+    bo, bi = geometry.block
+    p = torch.cat([pool, pool[:bo]], dim=0) if geometry.active[0] else pool
+    p = torch.cat([p, p[:, :bi]], dim=1) if geometry.active[1] else p
+    if geometry.active[2]:
+        p = torch.cat([p, p[:, :, -1:]], dim=2)
+    if geometry.active[3]:
+        p = torch.cat([p, p[:, :, :, -1:]], dim=3)
+    return p
+
+
+class TransformationLearner(nn.Module):
+    """The paper's feature-conditioned start indices: offsets predicted from the layer's input.
+
+    The weight is shared by the whole batch, so the learner reads batch-averaged features
+    (mean over every axis but channels) and predicts one offset per block and axis. A running
+    average of its predictions (like batch norm's statistics) is what eval mode and freeze use.
+    """
+
+    def __init__(self, in_channels: int, grid: tuple[int, int], channel_dim: int, momentum: float = 0.1):
+        super().__init__()
+        self.grid = grid
+        self.channel_dim = channel_dim
+        self.momentum = momentum
+        self.fc = nn.Linear(in_channels, grid[0] * grid[1] * 4)
+        nn.init.zeros_(self.fc.weight)  # start from the plain learned starts
+        nn.init.zeros_(self.fc.bias)
+        self.register_buffer("running_offset", torch.zeros(*grid, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return self.running_offset
+        feats = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim]).mean(0)  # (C,)
+        offset = self.fc(feats).view(*self.grid, 4)
+        with torch.no_grad():
+            self.running_offset.lerp_(offset.detach(), self.momentum)
+        return offset
+
+
+class EpitomeSampler(nn.Module):
+    """Trainable sampler: owns one weight's start indices (and learner); reads its pool as input.
+
+    forward(pool) -> weight, or forward(pool, x) -> weight when a transformation learner is used.
+    """
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        starts: Tensor,
+        scale: float,
+        weight_name: str,
+        learner: TransformationLearner | None = None,
+    ):
+        super().__init__()
+        if tuple(starts.shape) != (*geometry.grid, 4):
+            raise ValueError(f"starts must be {(*geometry.grid, 4)}, got {tuple(starts.shape)}")
+        self.geometry = geometry
+        self.scale = float(scale)
+        self.weight_name = weight_name
+        self.starts = nn.Parameter(starts.float())
+        self.learner = learner
+
+    def effective_starts(self, x: Tensor | None = None) -> Tensor:
+        if self.learner is None:
+            return self.starts
+        if x is None:
+            if self.training:
+                raise RuntimeError(f"sampler for {self.weight_name} has a learner but got no input features")
+            return self.starts + self.learner.running_offset
+        return self.starts + self.learner(x)
+
+    def routing(self) -> tuple[Tensor, Tensor]:
+        """The integer starts and interpolation fractions eval mode uses: the routing map."""
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            base, frac = split_starts(self.effective_starts(), self.geometry)
+            self.train(was)
+        return base, frac.detach().clone()
+
+    def forward(self, pool: Tensor, x: Tensor | None = None) -> Tensor:
+        base, frac = split_starts(self.effective_starts(x), self.geometry)
+        return regenerate(pool, base, frac, self.scale, self.geometry)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return f"{self.weight_name}: {g.shape} <- pool {g.pool}, blocks {g.grid} of {g.block}, layout={g.layout}"
+
+
+class RoutingMap(nn.Module):
+    """A frozen sampler's routing map: int32 starts and float fractions per block, plus geometry.
+
+    A passive container (never called): the graph reads ``starts`` and ``fracs`` through get_attr
+    and calls ``torch.ops.nesc.regenerate``.
+    """
+
+    def __init__(self, starts: Tensor, fracs: Tensor):
+        super().__init__()
+        self.register_buffer("starts", starts.to(torch.int32))
+        self.register_buffer("fracs", fracs.float())
+
+
+@torch.library.custom_op("nesc::regenerate", mutates_args=())
+def regenerate_op(
+    pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, shape: list[int], block: list[int], layout: str
+) -> Tensor:
+    """The frozen form of a sampled weight: one graph node, kept whole by torch.export."""
+    geometry = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
+    return regenerate(pool, starts, fracs, scale, geometry)
+
+
+@regenerate_op.register_fake
+def _regenerate_fake(pool, starts, fracs, scale, shape, block, layout):
+    geometry = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
+    return pool.new_empty(geometry.param_shape)
+
+
+def _regenerate_setup(ctx, inputs, output):
+    pool, starts, fracs, scale, shape, block, layout = inputs
+    ctx.save_for_backward(pool, starts, fracs)
+    ctx.args = (scale, Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout))
+
+
+def _regenerate_backward(ctx, grad):
+    # A frozen model can still be fine-tuned: pools (and fractions) get gradients, routes stay fixed.
+    pool, starts, fracs = ctx.saved_tensors
+    scale, geometry = ctx.args
+    with torch.enable_grad():
+        p = pool.detach().requires_grad_(True)
+        f = fracs.detach().requires_grad_(True)
+        out = regenerate(p, starts, f, scale, geometry)
+        gp, gf = torch.autograd.grad(out, (p, f), grad)
+    return gp, None, gf, None, None, None, None
+
+
+regenerate_op.register_autograd(_regenerate_backward, setup_context=_regenerate_setup)

@@ -1,0 +1,1 @@
+"""Graph passes: analysis passes write node.meta, rewrite passes read it."""

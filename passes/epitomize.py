@@ -1,0 +1,123 @@
+"""epitomize (rewrite): replace each planned weight by a sampler node reading its epitome pool.
+
+For every weight the plan compresses, the ``get_attr`` of the dense parameter becomes a
+``call_module`` of an ``EpitomeSampler`` (which owns that weight's learnable start indices, and the
+transformation learner if configured) taking the pool — a parameter registered on the GraphModule —
+as input. The dense parameter is deleted: from here on the weight only exists as a function of the
+pool. Pools start as N(0, 1); each sampler carries a fixed gain (the dense weight's std), so pools
+shared by layers of different fan-in stay well scaled. ``nesc.dense_init.fit_pools`` then fits the
+pools to the dense weights.
+
+Requires: find_weights and plan_pools (``gm.meta[meta.PLAN]``).
+Guarantees: every planned weight is sampled; the graph lints; outputs are now a function of pools and
+start indices, differentiable in both.
+
+    before:  %w = get_attr[layer1.0.conv1.weight]
+             %y = call_function[F.conv2d](%x, %w, None, ...)
+    after:   %p = get_attr[nesc_pool_0]
+             %w = call_module[nesc_samplers.layer1_0_conv1_weight](%p)      # (%p, %x) with a learner
+             %y = call_function[F.conv2d](%x, %w, None, ...)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from nesc import meta
+from nesc.config import NESConfig
+from nesc.errors import PassOrderError
+from nesc.sampling import EpitomeSampler, Geometry, TransformationLearner
+
+from .find_weights import WeightInfo, weight_nodes
+
+SAMPLERS = "nesc_samplers"
+
+
+def epitomize(gm: fx.GraphModule, config: NESConfig) -> PassResult:
+    plan = gm.meta.get(meta.PLAN)
+    if plan is None:
+        raise PassOrderError("epitomize needs a pool plan: run passes.find_weights and passes.plan_pools first")
+    gen = torch.Generator().manual_seed(config.seed)
+    for name, spec in plan.pools.items():
+        if not hasattr(gm, name):
+            gm.register_parameter(name, nn.Parameter(torch.randn(spec.shape, generator=gen)))
+    if not hasattr(gm, SAMPLERS):
+        gm.add_module(SAMPLERS, nn.Module())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    modified = False
+    for op_node in weight_nodes(gm):
+        info: WeightInfo = op_node.meta[meta.WEIGHT]
+        if info.state != "dense" or info.weight_name not in plan.layers:
+            continue
+        pool_name, geometry = plan.layers[info.weight_name]
+        w_node = nodes[info.weight_node]
+        key = _sampler_key(gm, info.weight_name)
+        if not hasattr(getattr(gm, SAMPLERS), key):
+            sampler = _make_sampler(gm, info, geometry, config, gen)
+            getattr(gm, SAMPLERS).add_module(key, sampler)
+        _rewire(gm, op_node, w_node, pool_name, f"{SAMPLERS}.{key}", info, config.learner)
+        modified = True
+    for info_name in plan.layers:
+        _delete_param(gm, info_name)
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, modified)
+
+
+def _sampler_key(gm: fx.GraphModule, weight_name: str) -> str:
+    return weight_name.replace(".", "_")
+
+
+def _make_sampler(gm, info: WeightInfo, geometry: Geometry, config: NESConfig, gen) -> EpitomeSampler:
+    dense = gm.get_parameter(info.weight_name).detach()
+    std = float(dense.float().std()) if dense.numel() > 1 else 0.0
+    scale = std if std > 0 else 1.0
+    learner = None
+    if config.learner:
+        in_channels = info.in_shape[0] if info.channel_dim == 1 else info.in_shape[-1]
+        learner = TransformationLearner(in_channels, geometry.grid, info.channel_dim)
+    return EpitomeSampler(geometry, _initial_starts(geometry, gen), scale, info.weight_name, learner)
+
+
+def _initial_starts(geometry: Geometry, gen: torch.Generator) -> torch.Tensor:
+    """Integer starts: channel starts drawn uniformly over the pool (so blocks, and layers sharing a
+    pool, begin at different windows), spatial starts centred."""
+    nbo, nbi = geometry.grid
+    Op, Ip = geometry.pool[:2]
+    ylim, xlim = geometry.start_limits
+    o = torch.randint(0, Op, (nbo, nbi), generator=gen)
+    i = torch.randint(0, Ip, (nbo, nbi), generator=gen)
+    y = torch.full((nbo, nbi), ylim // 2)
+    x = torch.full((nbo, nbi), xlim // 2)
+    return torch.stack([o, i, y, x], dim=-1).float()
+
+
+def _rewire(gm, op_node: fx.Node, w_node: fx.Node, pool_name: str, target: str, info: WeightInfo, learner: bool):
+    graph = gm.graph
+    first_use = min(w_node.users, key=_position(graph))
+    args_x = ()
+    if learner:
+        x = op_node.args[0]
+        if _position(graph)(x) >= _position(graph)(first_use):
+            raise PassOrderError(f"cannot wire the learner of {info.weight_name}: its input is computed after the weight is read")
+        args_x = (x,)
+    with graph.inserting_before(first_use):
+        pool = graph.get_attr(pool_name)
+        sampled = graph.call_module(target, (pool, *args_x))
+    sampled.meta[meta.SAMPLED_WEIGHT] = info.weight_name
+    w_node.replace_all_uses_with(sampled)
+    graph.erase_node(w_node)
+
+
+def _position(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index.get(n, -1)
+
+
+def _delete_param(gm: fx.GraphModule, name: str) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if attr in owner._parameters:
+        del owner._parameters[attr]

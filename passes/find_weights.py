@@ -1,0 +1,309 @@
+"""find_weights (analysis): find every weight-bearing op and describe its weight.
+
+Recognises, in both capture forms, conv1d/conv2d (incl. depthwise and grouped), linear and
+matmul/mm/addmm against a parameter (directly or through a transpose), and the weights nesc itself
+produced: a trainable sampler (``call_module`` EpitomeSampler) or a frozen ``nesc.regenerate`` node.
+Every parameter no such op consumes is listed with the reason it stays dense.
+
+Requires: ``gm.meta[meta.INPUT_SPECS]`` (written by ``nesc.capture``) for shape propagation.
+Guarantees: writes ``node.meta[meta.WEIGHT]`` (a ``WeightInfo``) on each weight-bearing op and
+``gm.meta[meta.DENSE_PARAMS]``; the graph itself is untouched (``modified`` is False).
+
+    before:  %conv2d = call_function[F.conv2d](%x, %w, %b, ...)
+    after:   same node, meta["nesc_weight"] = WeightInfo("layer1.0.conv1.weight", (64, 64, 3, 3), ...)
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
+
+from nesc import meta
+from nesc.errors import PassOrderError
+from nesc.sampling import EpitomeSampler
+
+aten = torch.ops.aten
+
+# op target -> (op family, index of the input, index of the weight)
+_CONV_TARGETS = {
+    F.conv1d: "conv1d", F.conv2d: "conv2d", torch.conv1d: "conv1d", torch.conv2d: "conv2d",
+    aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.convolution.default: "convolution",
+}
+_LINEAR_TARGETS = {F.linear, aten.linear.default}
+_MATMUL_TARGETS = {torch.matmul, operator.matmul, aten.matmul.default, aten.mm.default, torch.mm}
+_MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
+_TRANSPOSE_TARGETS = {aten.t.default, torch.t, torch.Tensor.t}
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """One weight-bearing op's weight, as the planner and the report need it."""
+
+    weight_name: str  # fully qualified parameter name in the user's model
+    module_name: str  # the module that owns it ("" for the root)
+    module_type: str  # class name of that module, for the report
+    op: str  # conv2d | conv2d_dw | conv2d_group | conv1d | linear | matmul
+    layout: str  # how the (O, I, kh, kw) view maps to the parameter: see nesc.sampling.LAYOUTS
+    shape: tuple[int, int, int, int]  # (O, I, kh, kw)
+    madd: int  # multiply-adds of the op per example
+    in_shape: tuple[int, ...]  # the op's input activation, per example (batch dropped)
+    channel_dim: int  # the input's channel axis (1 for conv, -1 for linear/matmul)
+    order: int  # position among weight-bearing ops, in graph order
+    state: str  # dense (a get_attr parameter) | sampled (EpitomeSampler) | frozen (nesc.regenerate)
+    weight_node: str  # name of the node that produces the weight
+
+    @property
+    def numel(self) -> int:
+        O, I, kh, kw = self.shape
+        return O * I * kh * kw
+
+    @property
+    def kernel(self) -> str:
+        return f"{self.shape[2]}x{self.shape[3]}"
+
+
+@dataclass(frozen=True)
+class DenseParam:
+    """A parameter that no compressible op consumes, and why."""
+
+    name: str
+    numel: int
+    reason: str
+
+
+def find_weights(gm: fx.GraphModule) -> PassResult:
+    _propagate_shapes(gm)
+    batch = _batch_size(gm)
+    consumed: set[str] = set()
+    order = 0
+    for node in gm.graph.nodes:
+        node.meta.pop(meta.WEIGHT, None)
+        found = _match(gm, node)
+        if found is None:
+            continue
+        x, w_node, family = found
+        source = _weight_source(gm, w_node)
+        if source is None:
+            continue
+        name, state, transposed = source
+        info = _describe(gm, node, x, name, state, family, transposed, order, batch, w_node)
+        if info is None:
+            continue
+        node.meta[meta.WEIGHT] = info
+        consumed.add(name)
+        order += 1
+    gm.meta[meta.DENSE_PARAMS] = _dense_params(gm, consumed)
+    return PassResult(gm, False)
+
+
+def weight_infos(gm: fx.GraphModule) -> list[WeightInfo]:
+    """The WeightInfos find_weights left on ``gm``, in graph order."""
+    return [n.meta[meta.WEIGHT] for n in gm.graph.nodes if meta.WEIGHT in n.meta]
+
+
+def weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if meta.WEIGHT in n.meta]
+
+
+def _propagate_shapes(gm: fx.GraphModule) -> None:
+    specs = gm.meta.get(meta.INPUT_SPECS)
+    if specs is None:
+        raise PassOrderError(
+            "find_weights needs the example input shapes in gm.meta['nesc_input_specs']; capture the "
+            "model with nesc.capture(model, example_inputs) (or set that key to [(shape, dtype), ...])"
+        )
+    inputs = [torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in specs]
+    was = gm.training
+    gm.eval()  # shape propagation must not move batch-norm statistics
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    finally:
+        gm.train(was)
+
+
+def _batch_size(gm: fx.GraphModule) -> int:
+    specs = gm.meta[meta.INPUT_SPECS]
+    return specs[0][0][0] if specs and specs[0][0] else 1
+
+
+def _match(gm: fx.GraphModule, node: fx.Node):
+    """(input node, weight node, family) if ``node`` is a weight-bearing op, else None."""
+    if node.op == "call_function":
+        t = node.target
+        if t in _CONV_TARGETS:
+            if t is aten.convolution.default and _arg(node, 6, "transposed", False):
+                return None  # transposed convolution: not a weight nesc samples; reported dense
+            return node.args[0], _arg(node, 1, "weight"), _CONV_TARGETS[t]
+        if t in _LINEAR_TARGETS:
+            return node.args[0], _arg(node, 1, "weight"), "linear"
+        if t in _MATMUL_TARGETS:
+            return node.args[0], node.args[1], "matmul"
+        if t is aten.addmm.default:
+            return node.args[1], node.args[2], "matmul"
+    elif node.op == "call_method" and node.target in _MATMUL_METHODS:
+        return node.args[0], node.args[1], "matmul"
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _TRANSPOSE_TARGETS:
+        return True
+    if node.op == "call_method" and node.target == "t":
+        return True
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1] in ("T", "mT"):
+        return True
+    if node.op == "call_function" and node.target is aten.permute.default and list(node.args[1]) == [1, 0]:
+        return True
+    transpose_fn = node.op == "call_function" and node.target in (aten.transpose.int, torch.transpose)
+    transpose_method = node.op == "call_method" and node.target == "transpose"
+    if transpose_fn or transpose_method:
+        return {d % 2 for d in node.args[1:3]} == {0, 1}
+    return False
+
+
+def _weight_source(gm: fx.GraphModule, w: object):
+    """(qualified name, state, transposed) of the parameter behind ``w``, or None if ``w`` is not one."""
+    transposed = False
+    while isinstance(w, fx.Node) and _is_transpose(w) and len(w.args) >= 1:
+        transposed = not transposed
+        w = w.args[0]
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "get_attr":
+        value = _get_attr(gm, w.target)
+        if isinstance(value, nn.Parameter):
+            return w.target, "dense", transposed
+        return None
+    if w.op == "call_module" and isinstance(gm.get_submodule(w.target), EpitomeSampler):
+        return gm.get_submodule(w.target).weight_name, "sampled", transposed
+    if w.op == "call_function" and w.target is torch.ops.nesc.regenerate.default:
+        return w.meta.get(meta.SAMPLED_WEIGHT, w.name), "frozen", transposed
+    return None
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _describe(gm, node, x, name, state, family, transposed, order, batch, w_node) -> WeightInfo | None:
+    w_shape = tuple(_shape(w_node))
+    x_shape = tuple(_shape(x)) if isinstance(x, fx.Node) else ()
+    out_numel = _numel(_shape(node))
+    if family in ("conv1d", "conv2d", "convolution"):
+        if len(w_shape) == 3:
+            family, (O, I, k) = "conv1d", w_shape
+            shape4, layout = (O, I, 1, k), "conv1d"
+        elif len(w_shape) == 4:
+            family, shape4, layout = "conv2d", w_shape, "conv2d"
+        else:
+            return None
+        groups = _arg(node, 8 if node.target is aten.convolution.default else 6, "groups", 1)
+        in_ch = x_shape[1] if len(x_shape) > 1 else shape4[1]
+        op = family
+        if groups > 1:
+            op = f"{family}_dw" if groups == in_ch and shape4[1] == 1 else f"{family}_group"
+        channel_dim = 1
+    else:
+        if len(w_shape) != 2:
+            return None  # matmul against a batched or 1-D parameter: not a weight matrix
+        if family == "linear":
+            (O, I), layout, op = w_shape, "linear", "linear"
+        else:
+            # x @ W: W is (I, O) as stored; x @ W.t(): W is stored (O, I).
+            (O, I), layout, op = (w_shape[::-1], "linear_t", "matmul") if not transposed else (w_shape, "linear", "matmul")
+        if family == "linear" and transposed:
+            return None  # F.linear(x, W.t()): rare; leave dense rather than guess a layout
+        shape4 = (O, I, 1, 1)
+        channel_dim = -1
+    _, I, kh, kw = shape4
+    madd = out_numel * I * kh * kw // max(batch, 1)
+    module_name = name.rsplit(".", 1)[0] if "." in name else ""
+    return WeightInfo(
+        weight_name=name,
+        module_name=module_name,
+        module_type=_module_type(gm, node, module_name),
+        op=op,
+        layout=layout,
+        shape=tuple(int(d) for d in shape4),
+        madd=int(madd),
+        in_shape=tuple(int(d) for d in x_shape[1:]),
+        channel_dim=channel_dim,
+        order=order,
+        state=state,
+        weight_node=w_node.name,
+    )
+
+
+def _shape(node) -> tuple[int, ...]:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    if tm is None or not hasattr(tm, "shape"):
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        return tuple(val.shape) if val is not None and hasattr(val, "shape") else ()
+    return tuple(tm.shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _module_type(gm: fx.GraphModule, node: fx.Node, module_name: str) -> str:
+    types = gm.meta.get("nesc_module_types", {})
+    if module_name in types:
+        return types[module_name].__name__
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, cls in stack.values():
+        if path == module_name:
+            return cls.rsplit(".", 1)[-1] if isinstance(cls, str) else cls.__name__
+    return "-"
+
+
+def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
+    """Every parameter outside the weights found, with the reason it stays dense."""
+    uses: dict[str, set[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            uses.setdefault(node.target, set()).update(_use(u, node) for u in node.users)
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            for pname, _ in mod.named_parameters():
+                uses.setdefault(f"{node.target}.{pname}", set()).add(
+                    f"module {node.target} ({type(mod).__name__}), called as a whole"
+                )
+    out = []
+    for name, p in gm.named_parameters():
+        if name in consumed or name.startswith("nesc_"):
+            continue  # nesc's own pools and samplers are reported by the plan, not here
+        how = uses.get(name, set())
+        reason = "; ".join(sorted(how)) if how else "not used by the graph"
+        out.append(DenseParam(name, p.numel(), reason))
+    return out
+
+
+def _use(user: fx.Node, attr: fx.Node) -> str:
+    """How ``user`` consumes the parameter ``attr``, in words."""
+    if user.op == "call_function" and (user.target in _CONV_TARGETS or user.target in _LINEAR_TARGETS):
+        return "bias" if _arg(user, 2, "bias") is attr else f"non-parameter use in {user.name}"
+    if user.op == "call_module":
+        return f"module {user.target}"
+    target = getattr(user.target, "__name__", None) or str(user.target)
+    return f"input of {target}"

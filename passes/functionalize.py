@@ -1,0 +1,61 @@
+"""functionalize: inline ``call_module`` Conv1d/Conv2d/Linear into functional calls on get_attr weights.
+
+Why: every later pass sees one form. symbolic_trace keeps ``nn.Conv2d`` as an opaque call_module,
+while torch.export already gives ``aten.conv2d(x, get_attr weight, ...)``. After this pass a weight is
+always a ``get_attr`` node feeding a functional op, which is what the rewrite pass replaces.
+
+Requires: nothing. Guarantees: outputs unchanged (same functional calls the modules make);
+modules keep their parameters (under the same names) but are no longer called.
+
+    before:  %conv1 = call_module[conv1](%x)
+    after:   %w = get_attr[conv1.weight]; %b = get_attr[conv1.bias]
+             %conv1 = call_function[F.conv2d](%x, %w, %b, stride, padding, dilation, groups)
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.nn import functional as F
+
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
+
+
+def functionalize(gm: fx.GraphModule) -> PassResult:
+    modified = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        # Exact types only: a subclass may override forward, and inlining would change its meaning.
+        if type(mod) in _CONV or type(mod) is nn.Linear:
+            _inline(gm, node, mod)
+            modified = True
+    if modified:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
+    graph = gm.graph
+    (x,) = node.args
+    with graph.inserting_before(node):
+        w = graph.get_attr(f"{node.target}.weight")
+        b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+        if isinstance(mod, nn.Linear):
+            new = graph.call_function(F.linear, (x, w, b))
+        else:
+            if mod.padding_mode != "zeros":
+                # nn.ConvNd pads explicitly first and convolves with zero padding.
+                x = graph.call_function(F.pad, (x, mod._reversed_padding_repeated_twice), {"mode": mod.padding_mode})
+                padding = 0
+            else:
+                padding = mod.padding
+            new = graph.call_function(
+                _CONV[type(mod)], (x, w, b, mod.stride, padding, mod.dilation, mod.groups)
+            )
+    new.meta = dict(node.meta)
+    new.meta.setdefault("nn_module_stack", {node.target: (node.target, type(mod))})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)

@@ -1,0 +1,305 @@
+"""plan_pools (analysis): decide which weights are sampled, from which pool, and how large each pool is.
+
+Reads the ``WeightInfo``s of find_weights and a ``NESConfig``; builds the plan as a networkx graph of
+layers and pools (an edge = "this layer samples from that pool") and sizes the pools so that the
+whole model — pools + routing maps + everything left dense — meets the budget within 2%.
+
+Which layers share a pool (the config's policy): ``per_layer`` each its own; ``per_type`` one per op
+kind and kernel size; ``per_stage`` one per input resolution (so 3x3, 1x1 and depthwise convs of a
+stage share); ``global`` one pool for all. A pool serves layers of different types: its spatial size
+is the largest kernel among its members, and channel axes wrap.
+
+Requires: find_weights. Guarantees: writes ``gm.meta[meta.PLAN]`` (a ``PoolPlan``); the graph is
+untouched. Raises ``PlanError`` when the budget cannot be met, naming what to change.
+
+    before:  meta["nesc_weight"] on every weight op
+    after:   gm.meta["nesc_plan"] = PoolPlan(pools={"nesc_pool_0": (32, 32, 3, 3), ...},
+                                             layers={"layer1.0.conv1.weight": Geometry(...)}, ...)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from nesc import meta
+from nesc.config import Candidate, LayerConfig, NESConfig, resolve_overrides
+from nesc.errors import PassOrderError, PlanError
+from nesc.sampling import Geometry
+
+from .find_weights import WeightInfo, weight_infos
+
+# Scalars one block's routing map stores once frozen: int32 start (o, i, y, x) + float fractions.
+ROUTING_SCALARS_PER_BLOCK = 8
+# The plan must land within this fraction of the requested budget.
+BUDGET_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str  # attribute name of the pool parameter on the GraphModule
+    label: str  # what the pool groups, for the report ("global", "conv2d 3x3", "stage 16x16", a layer)
+    shape: tuple[int, int, int, int]  # (Op, Ip, Kh, Kw)
+    members: tuple[str, ...]  # weight names, in graph order
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class PoolPlan:
+    pools: dict[str, PoolSpec]
+    layers: dict[str, tuple[str, Geometry]]  # weight name -> (pool name, geometry)
+    dense: dict[str, str]  # compressible weight left dense -> reason
+    graph: nx.Graph = field(repr=False)
+    dense_total: int = 0  # parameters of the dense model
+    target: int = 0  # the budget, in parameters
+    planned: int = 0  # what the plan stores: pools + routing maps + dense parameters
+    notes: list[str] = field(default_factory=list)  # decisions the budget forced, for the report
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_total / max(self.planned, 1)
+
+    def routing_scalars(self) -> int:
+        return sum(g.num_blocks for _, g in self.layers.values()) * ROUTING_SCALARS_PER_BLOCK
+
+    def sharing(self, pool: str) -> list[str]:
+        return [n[1] for n in self.graph.neighbors(("pool", pool))]
+
+
+def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
+    infos = weight_infos(gm)
+    if not infos and not any(n.op == "get_attr" for n in gm.graph.nodes):
+        raise PassOrderError("plan_pools found no weight info on the graph: run passes.find_weights first")
+    dense_total = sum(p.numel() for n, p in gm.named_parameters() if not n.startswith("nesc_"))
+    target = config.param_budget if config.param_budget is not None else round(dense_total / config.ratio)
+    compress, dense, notes = _select(gm, infos, config, target, dense_total)
+    groups = _group(compress, config)
+    fixed = dense_total - sum(i.numel for i, _ in compress)
+    shapes = _size(groups, target, fixed, dense_total)
+    plan = _build(groups, shapes, dense, dense_total, target, fixed)
+    plan.notes = notes
+    _check_budget(plan, config)
+    gm.meta[meta.PLAN] = plan
+    return PassResult(gm, False)
+
+
+# keep_first / keep_classifier are preferences: a layer they keep dense is compressed after all when
+# what stays dense would otherwise take more than this share of the budget (e.g. a 1000-class head
+# holding a third of MobileNetV2's parameters), and the plan says so in its notes.
+KEEP_DENSE_MAX_SHARE = 0.5
+
+
+def _select(gm, infos: list[WeightInfo], config: NESConfig, target: int, dense_total: int):
+    """Split weights into (info, LayerConfig | None) to compress and {name: reason} to keep dense;
+    plus notes on preferences the budget overrode."""
+    types = gm.meta.get("nesc_module_types", {})
+    candidates = [Candidate(i.weight_name, i.module_name, types.get(i.module_name)) for i in infos]
+    rules = resolve_overrides(config.overrides, candidates, types)
+    last = max((i.order for i in infos), default=-1)
+    first_conv = next((i.order for i in infos if i.op.startswith("conv")), None)
+    compress, dense, preferred = [], {}, []
+    for info in infos:
+        rule = rules.get(info.weight_name)
+        if rule is not None:
+            key, layer_config = rule
+            label = key.__name__ if isinstance(key, type) else repr(key)
+            if layer_config is None:
+                dense[info.weight_name] = f"override {label} -> None"
+            else:
+                compress.append((info, layer_config))
+        elif info.numel < config.min_params:
+            dense[info.weight_name] = f"small: {info.numel} < min_params={config.min_params}"
+        elif config.keep_classifier and info.order == last:
+            preferred.append((info, "classifier (keep_classifier=True)"))
+        elif config.keep_first and info.order == first_conv:
+            preferred.append((info, "first conv (keep_first=True)"))
+        else:
+            compress.append((info, None))
+    notes = []
+    fixed = dense_total - sum(i.numel for i, _ in compress)
+    for info, reason in preferred:  # classifier first: it is usually the larger of the two
+        if fixed > KEEP_DENSE_MAX_SHARE * target:
+            compress.append((info, None))
+            fixed -= info.numel
+            notes.append(
+                f"{info.weight_name} compressed despite {reason.split(' (')[1][:-1]}: kept dense, what stays "
+                f"dense would take {fixed + info.numel:,} of the {target:,}-parameter budget"
+            )
+        else:
+            dense[info.weight_name] = reason
+    compress.sort(key=lambda c: c[0].order)
+    return compress, dense, notes
+
+
+def _group_key(info: WeightInfo, layer_config: LayerConfig | None, policy: str) -> tuple[str, str]:
+    """(group key, label) of the pool a layer joins."""
+    if layer_config is not None and layer_config.pool is not None:
+        return f"named:{layer_config.pool}", layer_config.pool
+    if layer_config is not None and (layer_config.ratio or layer_config.pool_shape):
+        return f"layer:{info.weight_name}", info.module_name or info.weight_name
+    if policy == "per_layer":
+        return f"layer:{info.weight_name}", info.module_name or info.weight_name
+    if policy == "per_type":
+        return f"type:{info.op}:{info.kernel}", f"{info.op} {info.kernel}"
+    if policy == "per_stage":
+        spatial = info.in_shape[1:] if info.channel_dim == 1 else info.in_shape[:-1]
+        res = "x".join(map(str, spatial)) or "vector"
+        return f"stage:{res}", f"stage {res}"
+    return "global", "global"
+
+
+@dataclass
+class _Group:
+    key: str
+    label: str
+    members: list[tuple[WeightInfo, LayerConfig | None]]
+    fixed_shape: tuple[int, int, int, int] | None = None
+    fixed_numel: int | None = None  # size set by a per-layer ratio
+
+    @property
+    def weight_numel(self) -> int:
+        return sum(i.numel for i, _ in self.members)
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return max(i.shape[2] for i, _ in self.members), max(i.shape[3] for i, _ in self.members)
+
+    @property
+    def max_in(self) -> int:
+        return max(i.shape[1] for i, _ in self.members)
+
+
+def _group(compress, config: NESConfig) -> list[_Group]:
+    groups: dict[str, _Group] = {}
+    for info, layer_config in compress:
+        key, label = _group_key(info, layer_config, config.policy)
+        g = groups.setdefault(key, _Group(key, label, []))
+        g.members.append((info, layer_config))
+        if layer_config is not None and layer_config.pool_shape is not None:
+            g.fixed_shape = layer_config.pool_shape
+        elif layer_config is not None and layer_config.ratio is not None and key.startswith("layer:"):
+            g.fixed_numel = max(1, round(info.numel / layer_config.ratio))
+    for g in groups.values():
+        if g.fixed_shape is not None:
+            _check_window(g, g.fixed_shape)
+    return list(groups.values())
+
+
+def _shape_for(g: _Group, numel: float) -> tuple[int, int, int, int]:
+    """A pool shape of about ``numel`` elements: spatial = the largest member kernel; the channel
+    budget is split between Op and Ip so both shrink by about sqrt of the group's ratio."""
+    Kh, Kw = g.kernel
+    window = Kh * Kw
+    if numel < window:
+        raise PlanError(
+            f"the pool for {g.label} ({', '.join(i.weight_name for i, _ in g.members[:3])}"
+            f"{', ...' if len(g.members) > 3 else ''}) would hold {numel:.0f} parameters, less than one "
+            f"{Kh}x{Kw} kernel window ({window}); lower the ratio, raise the budget, or keep these "
+            f"layers dense (override -> None)"
+        )
+    r = max(g.weight_numel / numel, 1.0)
+    Ip = min(g.max_in, max(1, round(g.max_in / math.sqrt(r))))
+    Op = max(1, round(numel / (Ip * window)))
+    return Op, Ip, Kh, Kw
+
+
+def _check_window(g: _Group, shape: tuple[int, int, int, int]) -> None:
+    Kh, Kw = g.kernel
+    if shape[2] < Kh or shape[3] < Kw:
+        raise PlanError(
+            f"pool_shape {shape} for {g.label} is smaller than one kernel window: its members need "
+            f"at least {Kh}x{Kw} spatially; use pool_shape=(Op, Ip, {Kh}, {Kw}) or larger"
+        )
+
+
+def _geometry(info: WeightInfo, pool_shape) -> Geometry:
+    O, I = info.shape[:2]
+    return Geometry(info.shape, tuple(pool_shape), (min(O, pool_shape[0]), min(I, pool_shape[1])), info.layout)
+
+
+def _routing(g: _Group, shape) -> int:
+    return sum(_geometry(i, shape).num_blocks for i, _ in g.members) * ROUTING_SCALARS_PER_BLOCK
+
+
+def _size(groups: list[_Group], target: int, fixed: int, dense_total: int) -> dict[str, tuple]:
+    """Pool shapes meeting ``target`` = fixed + pools + routing, as closely as integer shapes allow."""
+    shapes: dict[str, tuple] = {}
+    free = []
+    for g in groups:
+        if g.fixed_shape is not None:
+            shapes[g.key] = g.fixed_shape
+        elif g.fixed_numel is not None:
+            shapes[g.key] = _shape_for(g, g.fixed_numel)
+        else:
+            free.append(g)
+    if not free:
+        return shapes
+    free_weights = sum(g.weight_numel for g in free)
+    routing = 0
+    for _ in range(3):  # routing depends on the shapes; a few rounds settle it
+        taken = sum(math.prod(shapes[g.key]) + _routing(g, shapes[g.key]) for g in groups if g.key in shapes and g not in free)
+        avail = target - fixed - taken - routing
+        if avail <= 0:
+            raise PlanError(
+                f"the budget of {target:,} parameters (1/{dense_total / target:.2f} of {dense_total:,}) "
+                f"is already spent by what stays dense ({fixed:,}) and fixed pools ({taken:,}); "
+                f"lower the ratio, or compress more layers (min_params, keep_first=False, "
+                f"keep_classifier=False, or overrides)"
+            )
+        for g in free:
+            shapes[g.key] = _shape_for(g, avail * g.weight_numel / free_weights)
+        routing = sum(_routing(g, shapes[g.key]) for g in free)
+    # Integer shapes miss the target a little: move the largest pools' Op one step at a time.
+    for _ in range(64):
+        planned = fixed + sum(math.prod(shapes[g.key]) + _routing(g, shapes[g.key]) for g in groups)
+        err = target - planned
+        if abs(err) <= 0.002 * target:
+            break
+        g = max(free, key=lambda g: math.prod(shapes[g.key]))
+        Op, Ip, Kh, Kw = shapes[g.key]
+        step = round(err / (Ip * Kh * Kw)) or (1 if err > 0 else -1)
+        new = (max(1, Op + step), Ip, Kh, Kw)
+        if new == shapes[g.key]:
+            break
+        shapes[g.key] = new
+    return shapes
+
+
+def _build(groups, shapes, dense, dense_total, target, fixed) -> PoolPlan:
+    graph = nx.Graph()
+    pools, layers = {}, {}
+    for idx, g in enumerate(sorted(groups, key=lambda g: g.members[0][0].order)):
+        name = f"nesc_pool_{idx}"
+        shape = tuple(int(d) for d in shapes[g.key])
+        pools[name] = PoolSpec(name, g.label, shape, tuple(i.weight_name for i, _ in g.members))
+        graph.add_node(("pool", name), shape=shape, label=g.label)
+        for info, _ in g.members:
+            geometry = _geometry(info, shape)
+            layers[info.weight_name] = (name, geometry)
+            graph.add_node(("layer", info.weight_name), op=info.op, shape=info.shape)
+            graph.add_edge(("layer", info.weight_name), ("pool", name))
+    for name in dense:
+        graph.add_node(("layer", name), dense=dense[name])
+    plan = PoolPlan(pools, layers, dict(dense), graph, dense_total, target)
+    plan.planned = fixed + sum(p.numel for p in pools.values()) + plan.routing_scalars()
+    return plan
+
+
+def _check_budget(plan: PoolPlan, config: NESConfig) -> None:
+    if not plan.layers:
+        return  # nothing to compress: the report says why for every layer
+    miss = (plan.planned - plan.target) / plan.target
+    if abs(miss) > BUDGET_TOLERANCE:
+        raise PlanError(
+            f"the plan stores {plan.planned:,} parameters but the budget is {plan.target:,} "
+            f"({miss:+.1%}, tolerance {BUDGET_TOLERANCE:.0%}); pools cannot be shaped to fit "
+            f"({len(plan.pools)} pools with fixed sizes or at their minimum of one kernel window). "
+            f"Adjust the ratio or the per-layer overrides (ratio / pool_shape)."
+        )
