@@ -144,7 +144,7 @@ def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geomet
     O, I, kh, kw = geometry.shape
     bo, bi = geometry.block
     active = geometry.active
-    padded = _pad_for_windows(pool, geometry)
+    padded = _pad_for_windows(pool * scale, geometry)  # scale the small pool, not the large weight
     f = fracs.unbind(-1)  # four (nbo, nbi) tensors
     rows = []
     for j, row in enumerate(starts.tolist()):
@@ -160,7 +160,7 @@ def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geomet
             blocks.append(w)
         rows.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
     w4 = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return to_param_layout(w4[:O, :I] * scale, geometry.layout)
+    return to_param_layout(w4[:O, :I], geometry.layout)
 
 
 def _pad_for_windows(pool: Tensor, geometry: Geometry) -> Tensor:

@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from nesc import meta
+from nesc.capture import ExportedBatchNorm
 from nesc.errors import PassOrderError
 from nesc.sampling import EpitomeSampler
 
@@ -282,13 +283,12 @@ def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
     uses: dict[str, set[str]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            uses.setdefault(node.target, set()).update(_use(u, node) for u in node.users)
+            uses.setdefault(node.target, set()).update(_use(gm, u, node) for u in node.users)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             for pname, _ in mod.named_parameters():
-                uses.setdefault(f"{node.target}.{pname}", set()).add(
-                    f"module {node.target} ({type(mod).__name__}), called as a whole"
-                )
+                # Grouped by class, not instance, so the report has one line per kind of module.
+                uses.setdefault(f"{node.target}.{pname}", set()).add(f"inside {type(mod).__name__} modules")
     out = []
     for name, p in gm.named_parameters():
         if name in consumed or name.startswith("nesc_"):
@@ -299,11 +299,12 @@ def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
     return out
 
 
-def _use(user: fx.Node, attr: fx.Node) -> str:
+def _use(gm: fx.GraphModule, user: fx.Node, attr: fx.Node) -> str:
     """How ``user`` consumes the parameter ``attr``, in words."""
     if user.op == "call_function" and (user.target in _CONV_TARGETS or user.target in _LINEAR_TARGETS):
         return "bias" if _arg(user, 2, "bias") is attr else f"non-parameter use in {user.name}"
     if user.op == "call_module":
-        return f"module {user.target}"
+        mod = gm.get_submodule(user.target)
+        return "batch norm" if isinstance(mod, ExportedBatchNorm) else f"input of {type(mod).__name__}"
     target = getattr(user.target, "__name__", None) or str(user.target)
     return f"input of {target}"
