@@ -170,15 +170,26 @@ def _num_batches_tracked(gm: fx.GraphModule, running_mean: fx.Node):
     return None
 
 
+# Advice for the failures seen most, matched against the exporter's message; the last is the default.
+_HINTS = (
+    ("pytree", "the model returns or takes a type torch.export cannot flatten: register it with "
+               "torch.utils._pytree.register_pytree_node, or configure the model not to return it "
+               "(Hugging Face models: use_cache=False)"),
+    ("", "both capture paths need a forward that makes no Python decision on tensor *values* "
+         "(.item(), .tolist(), numpy conversion, `if tensor:`): move such code out of forward, or "
+         "express it with torch.where / torch.cond"),
+)
+
+
 def _explain(model: nn.Module, trace_error: Exception, export_error: Exception) -> str:
     where = _failing_module(model, export_error) or _failing_module(model, trace_error) or type(model).__name__
+    message = str(export_error)
+    hint = next(advice for pattern, advice in _HINTS if pattern in message)
     return (
         f"nesc could not capture {type(model).__name__}: the failure is in {where}.\n"
         f"  torch.fx.symbolic_trace: {type(trace_error).__name__}: {_first_line(trace_error)}\n"
         f"  torch.export.export:     {type(export_error).__name__}: {_first_line(export_error)}\n"
-        f"Both capture paths need the forward to run without Python decisions on tensor *values* "
-        f"(.item(), .tolist(), numpy conversion, `if tensor:`). Move such code out of forward, or "
-        f"express it with torch.where / torch.cond."
+        f"To fix: {hint}."
     )
 
 

@@ -289,11 +289,15 @@ def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
             for pname, _ in mod.named_parameters():
                 # Grouped by class, not instance, so the report has one line per kind of module.
                 uses.setdefault(f"{node.target}.{pname}", set()).add(f"inside {type(mod).__name__} modules")
+    aliases: dict[int, list[str]] = {}  # tied parameters: one tensor, several names
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
     out = []
     for name, p in gm.named_parameters():
-        if name in consumed or name.startswith("nesc_"):
-            continue  # nesc's own pools and samplers are reported by the plan, not here
-        how = uses.get(name, set())
+        names = aliases[id(p)]
+        if any(n in consumed or n.startswith("nesc_") for n in names):
+            continue  # compressed (nesc's own pools and samplers are reported by the plan)
+        how = set().union(*(uses.get(n, set()) for n in names))
         reason = "; ".join(sorted(how)) if how else "not used by the graph"
         out.append(DenseParam(name, p.numel(), reason))
     return out
@@ -303,6 +307,8 @@ def _use(gm: fx.GraphModule, user: fx.Node, attr: fx.Node) -> str:
     """How ``user`` consumes the parameter ``attr``, in words."""
     if user.op == "call_function" and (user.target in _CONV_TARGETS or user.target in _LINEAR_TARGETS):
         return "bias" if _arg(user, 2, "bias") is attr else f"non-parameter use in {user.name}"
+    if user.op == "call_function" and user.target is aten.addmm.default and user.args[0] is attr:
+        return "bias"
     if user.op == "call_module":
         mod = gm.get_submodule(user.target)
         return "batch norm" if isinstance(mod, ExportedBatchNorm) else f"input of {type(mod).__name__}"
