@@ -44,8 +44,10 @@ class ExportedBatchNorm(nn.Module):
             num_batches_tracked.add_(1)
             if momentum is None:  # cumulative moving average, as nn.BatchNorm
                 momentum = 1.0 / float(num_batches_tracked)
+        # Without running statistics (track_running_stats=False) batch statistics are used in both modes.
+        use_batch_stats = self.training or running_mean is None
         return F.batch_norm(
-            x, running_mean, running_var, weight, bias, self.training, momentum or 0.0, self.eps
+            x, running_mean, running_var, weight, bias, use_batch_stats, momentum or 0.0, self.eps
         )
 
 
@@ -110,6 +112,12 @@ def _check_inputs(model: nn.Module, example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
+def _at_least_batch_2(example_inputs: tuple) -> tuple:
+    """torch.export specialises a size-1 dimension to the constant 1; export a batch of 2 instead
+    (the examples only carry shapes) so the captured graph keeps its batch dimension symbolic."""
+    return tuple(t.expand(2, *t.shape[1:]).clone() if t.dim() > 0 and t.shape[0] == 1 else t for t in example_inputs)
+
+
 def _batch_dims(example_inputs: tuple):
     # Keep the batch dimension symbolic where the exporter can, so one capture serves any batch.
     auto = torch.export.Dim.AUTO
@@ -120,7 +128,8 @@ def _export(model: nn.Module, example_inputs: tuple, trace_error: Exception) -> 
     was_training = model.training
     model.eval()  # export specialises BN/dropout to one mode; eval has no buffer mutation in the graph
     try:
-        ep = torch.export.export(model, example_inputs, dynamic_shapes=_batch_dims(example_inputs))
+        inputs = _at_least_batch_2(example_inputs)
+        ep = torch.export.export(model, inputs, dynamic_shapes=_batch_dims(inputs))
     except Exception as export_error:  # noqa: BLE001 - re-raised with both reasons
         raise CaptureError(_explain(model, trace_error, export_error)) from export_error
     finally:

@@ -139,28 +139,78 @@ def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geomet
 
     Every block's window is a plain slice of the pool padded by wrap-around (channels) and by one
     edge row (spatial), so no index tensor as large as the weight is ever built; interpolation is
-    separable, one ``lerp`` per active axis.
+    separable, one ``lerp`` per active axis. The backward pass is written out (``_Regenerate``):
+    autograd's own would allocate a zero tensor the size of the pool for every slice of every block.
     """
-    O, I, kh, kw = geometry.shape
+    return _Regenerate.apply(pool, fracs, starts, float(scale), geometry)
+
+
+class _Regenerate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float, geometry: Geometry) -> Tensor:
+        O, I = geometry.shape[:2]
+        padded = _pad_for_windows(pool * scale, geometry)  # scale the small pool, not the large weight
+        origins = starts.tolist()
+        f = fracs.detach().tolist()
+        rows = [
+            torch.cat([_interpolate(padded, o, geometry, fr)[-1] for o, fr in zip(row, frow)], dim=1)
+            for row, frow in zip(origins, f)
+        ]
+        w4 = torch.cat(rows, dim=0)[:O, :I]
+        ctx.save_for_backward(padded)
+        ctx.origins, ctx.fracs, ctx.scale, ctx.geometry = origins, f, scale, geometry
+        ctx.pool_shape = pool.shape
+        return to_param_layout(w4, geometry.layout)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (padded,) = ctx.saved_tensors
+        g = ctx.geometry
+        bo, bi = g.block
+        nbo, nbi = g.grid
+        active = g.active
+        grad4 = _from_param_layout(grad, g)  # (O, I, kh, kw)
+        if grad4.shape[0] != nbo * bo or grad4.shape[1] != nbi * bi:  # the last blocks were cropped
+            grad4 = torch.nn.functional.pad(grad4, (0, 0, 0, 0, 0, nbi * bi - grad4.shape[1], 0, nbo * bo - grad4.shape[0]))
+        gpad = torch.zeros_like(padded)
+        gfrac = torch.zeros(nbo, nbi, 4, dtype=padded.dtype, device=padded.device)
+        for j in range(nbo):
+            for k in range(nbi):
+                fr = ctx.fracs[j][k]
+                steps = _interpolate(padded, ctx.origins[j][k], g, fr)
+                gy = grad4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
+                # Walk the lerps backwards: y = lo + f * (hi - lo) along axis d of the step's input x.
+                for d, x in reversed(list(zip([d for d in range(4) if active[d]], steps[:-1]))):
+                    n = x.shape[d] - 1
+                    lo, hi = x.narrow(d, 0, n), x.narrow(d, 1, n)
+                    if ctx.needs_input_grad[1]:
+                        gfrac[j, k, d] = (gy * (hi - lo)).sum()
+                    gx = torch.zeros_like(x)
+                    gx.narrow(d, 0, n).add_(gy, alpha=1 - fr[d])
+                    gx.narrow(d, 1, n).add_(gy, alpha=fr[d])
+                    gy = gx
+                o, i, y, x0 = ctx.origins[j][k]
+                gpad[o : o + gy.shape[0], i : i + gy.shape[1], y : y + gy.shape[2], x0 : x0 + gy.shape[3]] += gy
+        gpool = _fold_padding(gpad, g) * ctx.scale if ctx.needs_input_grad[0] else None
+        return gpool, (gfrac if ctx.needs_input_grad[1] else None), None, None, None
+
+
+def _interpolate(padded: Tensor, origin, geometry: Geometry, fr) -> list[Tensor]:
+    """The window at ``origin`` (with one extra row along each active axis), then the result of each
+    lerp in turn; the last entry is the block ``(bo, bi, kh, kw)``."""
+    _, _, kh, kw = geometry.shape
     bo, bi = geometry.block
     active = geometry.active
-    padded = _pad_for_windows(pool * scale, geometry)  # scale the small pool, not the large weight
-    f = fracs.unbind(-1)  # four (nbo, nbi) tensors
-    rows = []
-    for j, row in enumerate(starts.tolist()):
-        blocks = []
-        for k, (o, i, y, x) in enumerate(row):
-            # The window plus one extra row along each active axis, for the upper interpolation corner.
-            ext = [bo + active[0], bi + active[1], kh + active[2], kw + active[3]]
-            w = padded[o : o + ext[0], i : i + ext[1], y : y + ext[2], x : x + ext[3]]
-            for d in range(4):
-                if active[d]:
-                    n = ext[d] - 1
-                    w = torch.lerp(w.narrow(d, 0, n), w.narrow(d, 1, n), f[d][j, k])
-            blocks.append(w)
-        rows.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
-    w4 = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return to_param_layout(w4[:O, :I], geometry.layout)
+    o, i, y, x = origin
+    ext = [bo + active[0], bi + active[1], kh + active[2], kw + active[3]]
+    w = padded[o : o + ext[0], i : i + ext[1], y : y + ext[2], x : x + ext[3]]
+    steps = [w]
+    for d in range(4):
+        if active[d]:
+            n = ext[d] - 1
+            w = torch.lerp(w.narrow(d, 0, n), w.narrow(d, 1, n), fr[d])
+            steps.append(w)
+    return steps
 
 
 def _pad_for_windows(pool: Tensor, geometry: Geometry) -> Tensor:
@@ -174,6 +224,34 @@ def _pad_for_windows(pool: Tensor, geometry: Geometry) -> Tensor:
     if geometry.active[3]:
         p = torch.cat([p, p[:, :, :, -1:]], dim=3)
     return p
+
+
+def _fold_padding(gpad: Tensor, geometry: Geometry) -> Tensor:
+    """The adjoint of ``_pad_for_windows``: add each padded copy's gradient back onto its source."""
+    Op, Ip, Kh, Kw = geometry.pool
+    bo, bi = geometry.block
+    g = gpad.clone()
+    if geometry.active[3]:
+        g[:, :, :, Kw - 1] += g[:, :, :, Kw]
+        g = g[:, :, :, :Kw]
+    if geometry.active[2]:
+        g[:, :, Kh - 1] += g[:, :, Kh]
+        g = g[:, :, :Kh]
+    if geometry.active[1]:
+        g[:, :bi] += g[:, Ip : Ip + bi]
+        g = g[:, :Ip]
+    if geometry.active[0]:
+        g[:bo] += g[Op : Op + bo]
+        g = g[:Op]
+    return g.contiguous()
+
+
+def _from_param_layout(w: Tensor, geometry: Geometry) -> Tensor:
+    """The parameter's own layout -> (O, I, kh, kw): the inverse of ``to_param_layout``."""
+    O, I, kh, kw = geometry.shape
+    if geometry.layout == "linear_t":
+        w = w.t()
+    return w.reshape(O, I, kh, kw)
 
 
 class TransformationLearner(nn.Module):
