@@ -34,9 +34,16 @@ def transform(model: nn.Module, example_inputs, config: NESConfig | None = None,
     gm.meta[DENSE_REASONS] = dict(plan.dense)
     gm.meta[CONFIG] = config
     if config.init == "dense":
-        dense = dict(model.named_parameters())  # capture keeps the user's qualified names
-        gm.meta[FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in plan.layers})
+        fit_to_model(gm, model)
     return gm
+
+
+def fit_to_model(gm: fx.GraphModule, model: nn.Module) -> dict[str, float]:
+    """Fit ``gm``'s pools to ``model``'s current weights by least squares (``nesc.fit_pools``); the
+    per-layer relative errors are returned and kept in ``gm.meta["nesc_fit_errors"]``."""
+    dense = dict(model.named_parameters())  # capture keeps the user's qualified names
+    gm.meta[FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in gm.meta[meta.PLAN].layers})
+    return gm.meta[FIT_ERRORS]
 
 
 def freeze(gm: fx.GraphModule) -> fx.GraphModule:

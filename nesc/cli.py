@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-from torch import fx, nn
+from torch import fx
 
 import nesc
 from nesc import api, meta
@@ -165,8 +165,9 @@ def run_compress(args: argparse.Namespace, out: Console, err: Console) -> int:
                 nesc.load_checkpoint(model, args.init)
         with stages.stage("capture + plan"):
             gm = nesc.transform(model, inputs, config.replace(init="random"))
-        with stages.stage("fit pools"):
-            _fit(gm, model, config)
+        with stages.stage("fit pools"):  # what transform does for init="dense", timed on its own
+            api.fit_to_model(gm, model)
+            gm.meta[api.CONFIG] = config
         with stages.stage("freeze"):
             frozen = nesc.freeze(gm)
         with stages.stage("save", str(path)):
@@ -184,14 +185,6 @@ def run_compress(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print("time: " + ", ".join(f"{label} {s:.1f}s" for label, s in stages.seconds.items())
               + f"; total {sum(stages.seconds.values()):.1f}s")
     return 0
-
-
-def _fit(gm: fx.GraphModule, model: nn.Module, config: NESConfig) -> None:
-    """What ``nesc.transform`` does for ``init="dense"``, run as its own stage so that the progress
-    display and the timings separate the least-squares fit from capture and planning."""
-    dense = dict(model.named_parameters())  # capture keeps the user's qualified names
-    gm.meta[api.FIT_ERRORS] = nesc.fit_pools(gm, {name: dense[name] for name in gm.meta[meta.PLAN].layers})
-    gm.meta[api.CONFIG] = config
 
 
 def _summarise_artifact(args: argparse.Namespace, out: Console, err: Console) -> int:
