@@ -148,18 +148,22 @@ def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geomet
 class _Regenerate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float, geometry: Geometry) -> Tensor:
-        O, I = geometry.shape[:2]
+        O, I, kh, kw = geometry.shape
+        bo, bi = geometry.block
+        nbo, nbi = geometry.grid
         padded = _pad_for_windows(pool * scale, geometry)  # scale the small pool, not the large weight
         origins = starts.tolist()
         f = fracs.detach().tolist()
-        rows = [
-            torch.cat([_interpolate(padded, o, geometry, fr)[-1] for o, fr in zip(row, frow)], dim=1)
-            for row, frow in zip(origins, f)
-        ]
-        w4 = torch.cat(rows, dim=0)[:O, :I]
+        # Each block's last interpolation step writes straight into its place in the weight.
+        w4 = padded.new_empty(nbo * bo, nbi * bi, kh, kw)
+        for j in range(nbo):
+            for k in range(nbi):
+                block = w4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
+                _interpolate(padded, origins[j][k], geometry, f[j][k], out=block)
+        if w4.shape[0] != O or w4.shape[1] != I:
+            w4 = w4[:O, :I].contiguous()  # the last blocks overhang the weight
         ctx.save_for_backward(padded)
         ctx.origins, ctx.fracs, ctx.scale, ctx.geometry = origins, f, scale, geometry
-        ctx.pool_shape = pool.shape
         return to_param_layout(w4, geometry.layout)
 
     @staticmethod
@@ -185,22 +189,34 @@ class _Regenerate(torch.autograd.Function):
                     lo, hi = x.narrow(d, 0, n), x.narrow(d, 1, n)
                     if ctx.needs_input_grad[1]:
                         gfrac[j, k, d] = (gy * (hi - lo)).sum()
-                    gx = torch.zeros_like(x)
-                    gx.narrow(d, 0, n).add_(gy, alpha=1 - fr[d])
-                    gx.narrow(d, 1, n).add_(gy, alpha=fr[d])
-                    gy = gx
+                    gy = _lerp_adjoint(gy, d, fr[d])
                 o, i, y, x0 = ctx.origins[j][k]
                 gpad[o : o + gy.shape[0], i : i + gy.shape[1], y : y + gy.shape[2], x0 : x0 + gy.shape[3]] += gy
         gpool = _fold_padding(gpad, g) * ctx.scale if ctx.needs_input_grad[0] else None
         return gpool, (gfrac if ctx.needs_input_grad[1] else None), None, None, None
 
 
-def _interpolate(padded: Tensor, origin, geometry: Geometry, fr) -> list[Tensor]:
+def _lerp_adjoint(gy: Tensor, d: int, f: float) -> Tensor:
+    """Gradient w.r.t. ``x`` of ``y = lerp(x[:-1], x[1:], f)`` along axis ``d``, in one pass:
+    ``gx[0] = (1-f) gy[0]``, ``gx[m] = (1-f) gy[m] + f gy[m-1]``, ``gx[n] = f gy[n-1]``."""
+    n = gy.shape[d]
+    shape = list(gy.shape)
+    shape[d] = n + 1
+    gx = gy.new_empty(shape)
+    torch.mul(gy.narrow(d, 0, 1), 1 - f, out=gx.narrow(d, 0, 1))
+    torch.mul(gy.narrow(d, n - 1, 1), f, out=gx.narrow(d, n, 1))
+    if n > 1:
+        torch.lerp(gy.narrow(d, 1, n - 1), gy.narrow(d, 0, n - 1), f, out=gx.narrow(d, 1, n - 1))
+    return gx
+
+
+def _interpolate(padded: Tensor, origin, geometry: Geometry, fr, out: Tensor | None = None) -> list[Tensor]:
     """The window at ``origin`` (with one extra row along each active axis), then the result of each
-    lerp in turn; the last entry is the block ``(bo, bi, kh, kw)``."""
+    lerp in turn; the last entry is the block ``(bo, bi, kh, kw)``, written into ``out`` if given."""
     _, _, kh, kw = geometry.shape
     bo, bi = geometry.block
     active = geometry.active
+    last = max((d for d in range(4) if active[d]), default=None)
     o, i, y, x = origin
     ext = [bo + active[0], bi + active[1], kh + active[2], kw + active[3]]
     w = padded[o : o + ext[0], i : i + ext[1], y : y + ext[2], x : x + ext[3]]
@@ -208,8 +224,10 @@ def _interpolate(padded: Tensor, origin, geometry: Geometry, fr) -> list[Tensor]
     for d in range(4):
         if active[d]:
             n = ext[d] - 1
-            w = torch.lerp(w.narrow(d, 0, n), w.narrow(d, 1, n), fr[d])
+            w = torch.lerp(w.narrow(d, 0, n), w.narrow(d, 1, n), fr[d], out=out if d == last else None)
             steps.append(w)
+    if last is None and out is not None:
+        out.copy_(w)  # a pool exactly one window large: nothing to interpolate
     return steps
 
 
