@@ -41,7 +41,8 @@ def transform(model: nn.Module, example_inputs, config: NESConfig | None = None,
 def fit_to_model(gm: fx.GraphModule, model: nn.Module) -> dict[str, float]:
     """Fit ``gm``'s pools to ``model``'s current weights by least squares (``nesc.fit_pools``); the
     per-layer relative errors are returned and kept in ``gm.meta["nesc_fit_errors"]``."""
-    dense = dict(model.named_parameters())  # capture keeps the user's qualified names
+    # Capture keeps the user's qualified names; a tied weight may be read under any of its names.
+    dense = dict(model.named_parameters(remove_duplicate=False))
     gm.meta[FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in gm.meta[meta.PLAN].layers})
     return gm.meta[FIT_ERRORS]
 

@@ -23,7 +23,7 @@ from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
 from nesc.errors import InputError
-from nesc.sampling import EpitomeSampler
+from nesc.sampling import EpitomeSampler, regenerate
 
 
 def samplers_by_pool(gm: fx.GraphModule) -> dict[str, list[EpitomeSampler]]:
@@ -60,12 +60,10 @@ def fit_pools(gm: fx.GraphModule, dense: Mapping[str, Tensor], iters: int = 30) 
 
 
 def _sample(sampler: EpitomeSampler, pool: Tensor) -> Tensor:
-    was = sampler.training
-    sampler.eval()  # the learner's running offset: the routing that freeze will keep
-    try:
-        return sampler(pool)
-    finally:
-        sampler.train(was)
+    """The weight ``sampler`` makes from ``pool`` with the routing freeze would keep (eval-mode
+    starts, learner offsets averaged); the starts are constants here: only the pool is solved for."""
+    base, frac = sampler.routing()
+    return regenerate(pool, base, frac.to(pool.dtype), sampler.scale, sampler.geometry)
 
 
 def _solve(pool: Tensor, samplers: list[EpitomeSampler], targets: list[Tensor], iters: int) -> Tensor:
@@ -84,6 +82,12 @@ def _solve(pool: Tensor, samplers: list[EpitomeSampler], targets: list[Tensor], 
 
     lumped = adjoint(forward(torch.ones(n, dtype=torch.float64)))
     used = lumped > 0
+    b = torch.cat([t.reshape(-1) for t in targets])
+    keep = pool.detach().reshape(-1).double()  # pool elements no layer reads keep their initial values
+    if all(float(s.routing()[1].abs().max()) == 0 for s in samplers):
+        # Integer starts: every weight element reads one pool element, A^T A is diagonal and equals
+        # the lumped diagonal, so the least-squares solution is a weighted average, in closed form.
+        return torch.where(used, adjoint(b) / lumped.clamp_min(1e-30), keep).view(shape)
     d = torch.where(used, lumped.clamp_min(1e-30).rsqrt(), torch.ones_like(lumped))  # column scaling
     op = LinearOperator(
         (sum(sizes), n),
@@ -91,11 +95,8 @@ def _solve(pool: Tensor, samplers: list[EpitomeSampler], targets: list[Tensor], 
         rmatvec=lambda y: (adjoint(torch.from_numpy(np.asarray(y, dtype=np.float64).ravel())) * d).numpy(),
         dtype=np.float64,
     )
-    b = torch.cat([t.reshape(-1) for t in targets]).numpy()
-    q = lsqr(op, b, atol=1e-8, btol=1e-8, iter_lim=iters)[0]
-    p = torch.from_numpy(q) * d
-    # Pool elements no layer reads keep their initial values (they are free to be used by training).
-    return torch.where(used, p, pool.detach().reshape(-1).double()).view(shape)
+    q = lsqr(op, b.numpy(), atol=1e-8, btol=1e-8, iter_lim=iters)[0]
+    return torch.where(used, torch.from_numpy(q) * d, keep).view(shape)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:

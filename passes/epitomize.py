@@ -27,10 +27,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from nesc import meta
 from nesc.config import NESConfig
-from nesc.errors import PassOrderError
+from nesc.errors import PassOrderError, PlanError
 from nesc.sampling import EpitomeSampler, Geometry, TransformationLearner
 
-from .find_weights import WeightInfo, weight_nodes
+from .find_weights import WeightInfo, canonical_names, weight_nodes
 
 SAMPLERS = "nesc_samplers"
 
@@ -42,31 +42,55 @@ def epitomize(gm: fx.GraphModule, config: NESConfig) -> PassResult:
     gen = torch.Generator().manual_seed(config.seed)
     for name, spec in plan.pools.items():
         if not hasattr(gm, name):
-            gm.register_parameter(name, nn.Parameter(torch.randn(spec.shape, generator=gen)))
+            # A pool takes the dtype and device of the weights it replaces (all members must agree).
+            like = {(p.dtype, p.device) for p in (gm.get_parameter(m) for m in spec.members)}
+            if len(like) != 1:
+                raise PlanError(
+                    f"pool {name} ({spec.label}) would serve weights of different dtypes/devices {sorted(map(str, like))}: "
+                    f"{', '.join(spec.members)}; convert the model to one dtype and device, or give these layers "
+                    f"separate pools (policy='per_layer' or LayerConfig(pool=...))"
+                )
+            dtype, device = like.pop()
+            pool = torch.randn(spec.shape, generator=gen).to(dtype=dtype, device=device)
+            gm.register_parameter(name, nn.Parameter(pool))
     if not hasattr(gm, SAMPLERS):
         gm.add_module(SAMPLERS, nn.Module())
-    nodes = {n.name: n for n in gm.graph.nodes}
-    modified = False
+    # Every read of a planned parameter becomes a sampler call — including reads under another name
+    # of a tied parameter, so tied weights stay tied (one sampler, one pool).
+    canonical = canonical_names(gm)
+    infos = {}  # weight name -> its first WeightInfo
+    op_of = {}  # get_attr node name -> the weight-bearing op it feeds
     for op_node in weight_nodes(gm):
         info: WeightInfo = op_node.meta[meta.WEIGHT]
-        if info.state != "dense" or info.weight_name not in plan.layers:
+        infos.setdefault(info.weight_name, info)
+        op_of[info.weight_node] = op_node
+    modified = False
+    for node in list(gm.graph.nodes):
+        name = canonical.get(node.target) if node.op == "get_attr" else None
+        if name is None or name not in plan.layers:
             continue
-        pool_name, geometry = plan.layers[info.weight_name]
-        w_node = nodes[info.weight_node]
-        key = _sampler_key(gm, info.weight_name)
+        if not node.users:  # a read nothing uses
+            gm.graph.erase_node(node)
+            continue
+        pool_name, geometry = plan.layers[name]
+        key = _sampler_key(name)
         if not hasattr(getattr(gm, SAMPLERS), key):
-            sampler = _make_sampler(gm, info, geometry, config, gen)
-            getattr(gm, SAMPLERS).add_module(key, sampler)
-        _rewire(gm, op_node, w_node, pool_name, f"{SAMPLERS}.{key}", info, config.learner)
+            getattr(gm, SAMPLERS).add_module(key, _make_sampler(gm, infos[name], geometry, config, gen))
+        # The learner reads the input of the op this read feeds; a read that feeds no weight-bearing op
+        # (a tied embedding, say) uses the learner's running average.
+        op_node = op_of.get(node.name)
+        x = op_node.args[0] if config.learner and op_node is not None else None
+        _rewire(gm, node, pool_name, f"{SAMPLERS}.{key}", name, x)
         modified = True
-    for info_name in plan.layers:
-        _delete_param(gm, info_name)
+    for name in plan.layers:
+        for alias in [a for a, c in canonical.items() if c == name]:
+            _delete_param(gm, alias)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, modified)
 
 
-def _sampler_key(gm: fx.GraphModule, weight_name: str) -> str:
+def _sampler_key(weight_name: str) -> str:
     return weight_name.replace(".", "_")
 
 
@@ -94,19 +118,20 @@ def _initial_starts(geometry: Geometry, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([o, i, y, x], dim=-1).float()
 
 
-def _rewire(gm, op_node: fx.Node, w_node: fx.Node, pool_name: str, target: str, info: WeightInfo, learner: bool):
+def _rewire(gm, w_node: fx.Node, pool_name: str, target: str, weight_name: str, x: fx.Node | None) -> None:
+    """Replace the read ``w_node`` by ``target(pool[, x])``, placed before the read's first use."""
     graph = gm.graph
-    first_use = min(w_node.users, key=_position(graph))
-    args_x = ()
-    if learner:
-        x = op_node.args[0]
-        if _position(graph)(x) >= _position(graph)(first_use):
-            raise PassOrderError(f"cannot wire the learner of {info.weight_name}: its input is computed after the weight is read")
-        args_x = (x,)
+    position = _position(graph)
+    first_use = min(w_node.users, key=position)
+    if x is not None and position(x) >= position(first_use):
+        raise PassOrderError(
+            f"cannot wire the transformation learner of {weight_name}: its input {x.name} is computed "
+            f"after the weight is first used ({first_use.name}); use learner=False for this model"
+        )
     with graph.inserting_before(first_use):
         pool = graph.get_attr(pool_name)
-        sampled = graph.call_module(target, (pool, *args_x))
-    sampled.meta[meta.SAMPLED_WEIGHT] = info.weight_name
+        sampled = graph.call_module(target, (pool,) if x is None else (pool, x))
+    sampled.meta[meta.SAMPLED_WEIGHT] = weight_name
     w_node.replace_all_uses_with(sampled)
     graph.erase_node(w_node)
 

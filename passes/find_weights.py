@@ -20,7 +20,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
@@ -83,6 +83,7 @@ def find_weights(gm: fx.GraphModule) -> PassResult:
     _propagate_shapes(gm)
     batch = _batch_size(gm)
     consumed: set[str] = set()
+    canonical = canonical_names(gm)
     order = 0
     for node in gm.graph.nodes:
         node.meta.pop(meta.WEIGHT, None)
@@ -90,11 +91,11 @@ def find_weights(gm: fx.GraphModule) -> PassResult:
         if found is None:
             continue
         x, w_node, family = found
-        source = _weight_source(gm, w_node)
+        source = _weight_source(gm, w_node, canonical)
         if source is None:
             continue
-        name, state, transposed = source
-        info = _describe(gm, node, x, name, state, family, transposed, order, batch, w_node)
+        name, state, transposed, src = source
+        info = _describe(gm, node, x, name, state, family, transposed, order, batch, src)
         if info is None:
             continue
         node.meta[meta.WEIGHT] = info
@@ -176,8 +177,9 @@ def _is_transpose(node: fx.Node) -> bool:
     return False
 
 
-def _weight_source(gm: fx.GraphModule, w: object):
-    """(qualified name, state, transposed) of the parameter behind ``w``, or None if ``w`` is not one."""
+def _weight_source(gm: fx.GraphModule, w: object, canonical: dict[str, str]):
+    """(qualified name, state, transposed, source node) of the parameter behind ``w``, or None if
+    ``w`` is not one. A tied parameter is named by its first name in ``gm.named_parameters()``."""
     transposed = False
     while isinstance(w, fx.Node) and _is_transpose(w) and len(w.args) >= 1:
         transposed = not transposed
@@ -185,15 +187,20 @@ def _weight_source(gm: fx.GraphModule, w: object):
     if not isinstance(w, fx.Node):
         return None
     if w.op == "get_attr":
-        value = _get_attr(gm, w.target)
-        if isinstance(value, nn.Parameter):
-            return w.target, "dense", transposed
+        if w.target in canonical:
+            return canonical[w.target], "dense", transposed, w
         return None
     if w.op == "call_module" and isinstance(gm.get_submodule(w.target), EpitomeSampler):
-        return gm.get_submodule(w.target).weight_name, "sampled", transposed
+        return gm.get_submodule(w.target).weight_name, "sampled", transposed, w
     if w.op == "call_function" and w.target is torch.ops.nesc.regenerate.default:
-        return w.meta.get(meta.SAMPLED_WEIGHT, w.name), "frozen", transposed
+        return w.meta.get(meta.SAMPLED_WEIGHT, w.name), "frozen", transposed, w
     return None
+
+
+def canonical_names(gm: fx.GraphModule) -> dict[str, str]:
+    """Every name of every parameter -> the name ``gm.named_parameters()`` lists it under."""
+    first = {id(p): name for name, p in gm.named_parameters()}
+    return {name: first[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
 
 
 def _get_attr(gm: fx.GraphModule, target: str):
@@ -204,6 +211,7 @@ def _get_attr(gm: fx.GraphModule, target: str):
 
 
 def _describe(gm, node, x, name, state, family, transposed, order, batch, w_node) -> WeightInfo | None:
+    """``w_node`` is the weight's source (get_attr, sampler or regenerate): its shape is the parameter's."""
     w_shape = tuple(_shape(w_node))
     x_shape = tuple(_shape(x)) if isinstance(x, fx.Node) else ()
     out_numel = _numel(_shape(node))
@@ -227,8 +235,8 @@ def _describe(gm, node, x, name, state, family, transposed, order, batch, w_node
         if family == "linear":
             (O, I), layout, op = w_shape, "linear", "linear"
         else:
-            # x @ W: W is (I, O) as stored; x @ W.t(): W is stored (O, I).
-            (O, I), layout, op = (w_shape[::-1], "linear_t", "matmul") if not transposed else (w_shape, "linear", "matmul")
+            # x @ W: the parameter is stored (I, O); x @ W.t(): it is stored (O, I).
+            (O, I), layout, op = (w_shape, "linear", "matmul") if transposed else (w_shape[::-1], "linear_t", "matmul")
         if family == "linear" and transposed:
             return None  # F.linear(x, W.t()): rare; leave dense rather than guess a layout
         shape4 = (O, I, 1, 1)

@@ -74,7 +74,7 @@ class PoolPlan:
 
 
 def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
-    infos = weight_infos(gm)
+    infos = _first_per_weight(weight_infos(gm))
     if not infos and not any(n.op == "get_attr" for n in gm.graph.nodes):
         raise PassOrderError("plan_pools found no weight info on the graph: run passes.find_weights first")
     dense_total = sum(p.numel() for n, p in gm.named_parameters() if not n.startswith("nesc_"))
@@ -94,6 +94,14 @@ def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
 # what stays dense would otherwise take more than this share of the budget (e.g. a 1000-class head
 # holding a third of MobileNetV2's parameters), and the plan says so in its notes.
 KEEP_DENSE_MAX_SHARE = 0.5
+
+
+def _first_per_weight(infos: list[WeightInfo]) -> list[WeightInfo]:
+    """A tied weight read by several ops is one weight to plan: keep its first op."""
+    seen: dict[str, WeightInfo] = {}
+    for info in infos:
+        seen.setdefault(info.weight_name, info)
+    return list(seen.values())
 
 
 def _select(gm, infos: list[WeightInfo], config: NESConfig, target: int, dense_total: int):
@@ -220,8 +228,11 @@ def _check_window(g: _Group, shape: tuple[int, int, int, int]) -> None:
 
 
 def _geometry(info: WeightInfo, pool_shape) -> Geometry:
+    """Blocks as wide as the pool allows, then evened out: as many blocks as pool-wide ones would
+    need, but equal in size, so the last block does not overhang the weight (wasted regeneration)."""
     O, I = info.shape[:2]
-    return Geometry(info.shape, tuple(pool_shape), (min(O, pool_shape[0]), min(I, pool_shape[1])), info.layout)
+    nbo, nbi = -(-O // min(O, pool_shape[0])), -(-I // min(I, pool_shape[1]))
+    return Geometry(info.shape, tuple(pool_shape), (-(-O // nbo), -(-I // nbi)), info.layout)
 
 
 def _routing(g: _Group, shape) -> int:
