@@ -25,6 +25,8 @@ from torch.nn import functional as F
 from nesc import meta
 from nesc.errors import CaptureError, InputError
 
+aten = torch.ops.aten
+
 
 class ExportedBatchNorm(nn.Module):
     """aten.batch_norm of an exported graph, made to follow ``self.training`` again.
@@ -51,10 +53,6 @@ class ExportedBatchNorm(nn.Module):
         )
 
 
-class ExportedDropout(nn.Dropout):
-    """aten.dropout of an exported graph, made to follow ``self.training`` again."""
-
-
 def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """Return a new GraphModule equivalent to ``model`` on inputs like ``example_inputs``.
 
@@ -69,6 +67,7 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     module_types = {name: type(m) for name, m in model.named_modules()}
     try:
         gm, how = torch.fx.symbolic_trace(model), "symbolic_trace"
+        _make_mode_aware(gm, captured_training=was_training, model=model)  # F.dropout(x, p, self.training)
         with torch.no_grad():  # a trace can succeed and still fail on these inputs
             _ = gm.eval()(*example_inputs)
     except Exception as trace_error:  # noqa: BLE001 - any tracing failure sends us to export
@@ -136,25 +135,60 @@ def _export(model: nn.Module, example_inputs: tuple, trace_error: Exception) -> 
         model.train(was_training)
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph)  # a plain GraphModule: train()/eval() work
-    _make_mode_aware(gm)
+    _make_mode_aware(gm, captured_training=False, model=model)
     return gm
 
 
-def _make_mode_aware(gm: fx.GraphModule) -> None:
-    """Rewrite aten.batch_norm / aten.dropout nodes into modules that follow ``gm.training``."""
-    aten = torch.ops.aten
+# Ops whose training flag a captured graph holds as a constant, and the index of that flag: aten forms
+# from torch.export, F forms from symbolic_trace (which records ``self.training`` as a constant).
+_DROPOUTS = {
+    aten.dropout.default: 2, aten.feature_dropout.default: 2, aten.alpha_dropout.default: 2,
+    aten.feature_alpha_dropout.default: 2, F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
+    F.alpha_dropout: 2, F.feature_alpha_dropout: 2,
+}
+
+
+class ModeDropout(nn.Module):
+    """A dropout-like op of a captured graph, made to follow ``self.training`` again."""
+
+    def __init__(self, fn, p: float):
+        super().__init__()
+        self.fn = fn
+        self.p = p
+
+    def forward(self, x):
+        return self.fn(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"{getattr(self.fn, '__name__', self.fn)}, p={self.p}"
+
+
+def _make_mode_aware(gm: fx.GraphModule, captured_training: bool = False, model: nn.Module | None = None) -> None:
+    """Rewrite batch-norm and dropout nodes whose training flag is a constant into modules that follow
+    ``gm.training``.
+
+    ``captured_training`` is the mode the graph was captured in: a flag equal to it is taken to be
+    ``self.training`` frozen by the capture and is rewritten; a flag that differs was written
+    explicitly (``F.dropout(x, p, training=True)`` for Monte-Carlo dropout) and is kept.
+    ``model`` (the captured module) restores what the graph lost: ``momentum=None`` batch norms.
+    """
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target is aten.batch_norm.default:
-            x, w, b, mean, var, _training, momentum, eps, _cudnn = node.args
-            nbt = _num_batches_tracked(gm, mean)
-            mod = ExportedBatchNorm(momentum, eps)
-            args = (x, w, b, mean, var) + ((nbt,) if nbt is not None else ())
-        elif node.target is aten.dropout.default:
-            x, p, _train = node.args
-            mod, args = ExportedDropout(p), (x,)
+        if node.target in (aten.batch_norm.default, F.batch_norm):
+            bn = _batch_norm_args(node)
+            if bn is None or bn["training"] is not captured_training:
+                continue
+            nbt = _num_batches_tracked(gm, bn["running_mean"])
+            mod = ExportedBatchNorm(_momentum(node, bn["momentum"], model), bn["eps"])
+            args = (bn["x"], bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"])
+            args += (nbt,) if nbt is not None else ()
+        elif node.target in _DROPOUTS:
+            flag = _arg(node, _DROPOUTS[node.target], "training" if node.target not in _ATEN_DROPOUTS else "train")
+            if flag is not captured_training:
+                continue
+            mod, args = ModeDropout(node.target, _arg(node, 1, "p", 0.5)), (node.args[0],)
         else:
             continue
         name = f"nesc_mode_{count}"
@@ -167,6 +201,37 @@ def _make_mode_aware(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+
+
+_ATEN_DROPOUTS = {t for t in _DROPOUTS if isinstance(t, torch._ops.OpOverload)}
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _batch_norm_args(node: fx.Node) -> dict | None:
+    if node.target is aten.batch_norm.default:
+        names = ("x", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+        return dict(zip(names, node.args))
+    names = ("x", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    defaults = (None, None, None, None, None, False, 0.1, 1e-5)
+    out = {n: _arg(node, i, "input" if n == "x" else n, d) for i, (n, d) in enumerate(zip(names, defaults))}
+    return out if isinstance(out["training"], bool) else None
+
+
+def _momentum(node: fx.Node, momentum, model: nn.Module | None):
+    """An eval-mode export flattens ``momentum=None`` (cumulative average) to 0.0: ask the module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if model is not None and stack:
+        path = list(stack.values())[-1][0]
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            return momentum
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return mod.momentum
+    return momentum
 
 
 def _num_batches_tracked(gm: fx.GraphModule, running_mean: fx.Node):
@@ -220,4 +285,4 @@ def _failing_module(model: nn.Module, error: Exception) -> str | None:
     return found
 
 
-__all__ = ["capture", "ExportedBatchNorm", "ExportedDropout"]
+__all__ = ["capture", "ExportedBatchNorm", "ModeDropout"]

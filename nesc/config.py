@@ -71,7 +71,8 @@ class NESConfig:
         (one pool per op kind and kernel size), ``per_stage`` (one per feature-map resolution, across
         layer types), ``global`` (one pool for every compressed layer, across layer types).
     min_params: layers whose weight has fewer elements stay dense.
-    keep_first / keep_classifier: the first and the last weight-bearing op stay dense.
+    keep_first / keep_classifier: the first conv and the last weight-bearing op stay dense, unless
+        what stays dense would then take more than half of the budget (the plan's notes say so).
     learner: use the paper's feature-conditioned transformation learner for start indices.
     init: ``dense`` fits the pools to the model's current weights by least squares;
         ``random`` draws them.

@@ -114,7 +114,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+            raise InputError(
+                f"cannot read dense checkpoint {str(path)!r} as a tensor-only state dict ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); nesc refuses checkpoints holding arbitrary "
+                f"Python objects. Save the model's state_dict() (or use .safetensors)."
+            ) from None
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]

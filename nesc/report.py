@@ -6,15 +6,19 @@ because it reads only what find_weights derives from the graph plus the reasons 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from nesc import meta
 from nesc.sampling import EpitomeSampler, Geometry
+
+ROUTING_SCALARS_PER_BLOCK = 8  # int32 (o, i, y, x) + float fractions, once frozen
+_INLINED = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the module types passes.functionalize inlines
 
 # gm.meta key: {weight name: reason} for compressible weights the plan left dense (kept by freeze/save).
 DENSE_REASONS = "nesc_dense_reasons"
@@ -96,8 +100,13 @@ class Report:
 
 def build_report(gm: fx.GraphModule) -> Report:
     from nesc.passes.find_weights import find_weights, weight_infos
+    from nesc.passes.functionalize import functionalize
 
     if not any(meta.WEIGHT in n.meta for n in gm.graph.nodes):
+        # A graph straight from capture may still call nn.Conv2d/nn.Linear as modules: analyse a copy
+        # in the functional form rather than rewrite the caller's graph.
+        if any(n.op == "call_module" and type(gm.get_submodule(n.target)) in _INLINED for n in gm.graph.nodes):
+            gm = functionalize(copy.deepcopy(gm)).graph_module
         find_weights(gm)
     infos = weight_infos(gm)
     geometry_of, pool_of = _sampled_weights(gm)
@@ -117,7 +126,8 @@ def build_report(gm: fx.GraphModule) -> Report:
             continue
         pool = pool_of[info.weight_name]
         share = math.prod(g.pool) / len(members[pool])
-        routing = g.num_blocks * 8
+        # Trainable: 4 start coordinates per block (parameters); frozen: the routing map's 8 scalars.
+        routing = g.num_blocks * (ROUTING_SCALARS_PER_BLOCK if info.state == "frozen" else 4)
         rows.append(LayerRow(info.weight_name, info.op, g_shape(info), info.state, pool, g.pool,
                              len(members[pool]) - 1, info.numel, routing + share, info.madd,
                              len(g.corners) * g.numel))
@@ -125,7 +135,11 @@ def build_report(gm: fx.GraphModule) -> Report:
     for p in gm.meta.get(meta.DENSE_PARAMS, []):
         other[p.reason][0] += 1
         other[p.reason][1] += p.numel
-    dense_total = sum(r.params for r in rows) + sum(v[1] for v in other.values())
+    learners = [m for m in gm.modules() if isinstance(m, EpitomeSampler) and m.learner is not None]
+    if learners:
+        other["transformation learners (training only: freeze drops them)"] = [
+            len(learners), sum(p.numel() for m in learners for p in m.learner.parameters())]
+    dense_total = sum(r.params for r in rows) + sum(v[1] for k, v in other.items() if not k.startswith("transformation"))
     pools = {name: (tuple(gm.get_parameter(name).shape), members[name]) for name in members}
     stored = stored_params(gm)
     return Report(rows, {k: tuple(v) for k, v in other.items()}, dense_total, stored, pools)

@@ -148,7 +148,7 @@ def _match(gm: fx.GraphModule, node: fx.Node):
             return node.args[0], _arg(node, 1, "weight"), "linear"
         if t in _MATMUL_TARGETS:
             return node.args[0], node.args[1], "matmul"
-        if t is aten.addmm.default:
+        if t in (aten.addmm.default, torch.addmm):
             return node.args[1], node.args[2], "matmul"
     elif node.op == "call_method" and node.target in _MATMUL_METHODS:
         return node.args[0], node.args[1], "matmul"

@@ -29,12 +29,11 @@ from torch.fx.passes.infra.pass_base import PassResult
 from nesc import meta
 from nesc.config import Candidate, LayerConfig, NESConfig, resolve_overrides
 from nesc.errors import PassOrderError, PlanError
+from nesc.report import ROUTING_SCALARS_PER_BLOCK
 from nesc.sampling import Geometry
 
 from .find_weights import WeightInfo, weight_infos
 
-# Scalars one block's routing map stores once frozen: int32 start (o, i, y, x) + float fractions.
-ROUTING_SCALARS_PER_BLOCK = 8
 # The plan must land within this fraction of the requested budget.
 BUDGET_TOLERANCE = 0.02
 
@@ -75,9 +74,17 @@ class PoolPlan:
 
 def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
     infos = _first_per_weight(weight_infos(gm))
-    if not infos and not any(n.op == "get_attr" for n in gm.graph.nodes):
-        raise PassOrderError("plan_pools found no weight info on the graph: run passes.find_weights first")
+    if meta.DENSE_PARAMS not in gm.meta:
+        raise PassOrderError(
+            "plan_pools needs the weights found by passes.find_weights: run find_weights(gm) first "
+            "(the transform pipeline, passes.pipeline.TRANSFORM, does)"
+        )
     dense_total = sum(p.numel() for n, p in gm.named_parameters() if not n.startswith("nesc_"))
+    if config.param_budget is not None and config.param_budget > dense_total:
+        raise PlanError(
+            f"param_budget={config.param_budget:,} exceeds the dense model's {dense_total:,} "
+            f"parameters, so there is nothing to compress; pass a smaller budget (or ratio > 1)"
+        )
     target = config.param_budget if config.param_budget is not None else round(dense_total / config.ratio)
     compress, dense, notes = _select(gm, infos, config, target, dense_total)
     groups = _group(compress, config)

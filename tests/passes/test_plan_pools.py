@@ -11,6 +11,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
+import nesc
 from helpers import (
     BUDGET_RTOL,
     COMPRESS_ALL,
@@ -21,15 +24,12 @@ from helpers import (
     num_params,
     stage_net_inputs,
 )
+from nesc import LayerConfig, NESConfig, meta
+from nesc.config import POLICIES
 from nesc.models import list_models
 from nesc.passes.find_weights import find_weights, weight_infos
 from nesc.passes.functionalize import functionalize
 from nesc.passes.plan_pools import PoolPlan, plan_pools
-from torch import nn
-
-import nesc
-from nesc import LayerConfig, NESConfig, meta
-from nesc.config import POLICIES
 
 ROUTING_SCALARS_PER_BLOCK = 8  # int32 (o, i, y, x) + float fractions, per block, once frozen
 
@@ -280,12 +280,6 @@ def test_budget_spent_by_what_stays_dense_is_a_plan_error() -> None:
     assert "stays dense" in msg and "lower the ratio" in msg and "keep_first=False" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a param_budget above the dense model's size is accepted silently (the equivalent of "
-    "ratio < 1, which is a ConfigError): pools grow wider than the layers they serve (Op=132 for O=64) "
-    "and the 'compressed' StageNet stores 56,578 parameters for 28,266 dense ones",
-)
 def test_param_budget_above_the_dense_size_is_an_error() -> None:
     dense = num_params(StageNet())
     with pytest.raises(nesc.NescError, match="param_budget"):
@@ -298,12 +292,6 @@ def test_plan_pools_without_weights_on_an_unfunctionalized_graph_is_a_pass_order
         plan_pools(gm, NESConfig())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: plan_pools only detects a missing find_weights when the graph has no get_attr node; "
-    "after functionalize (where it runs in the pipeline) it silently plans nothing and epitomize then "
-    "compresses nothing",
-)
 def test_plan_pools_without_find_weights_is_a_pass_order_error() -> None:
     gm = nesc.capture(StageNet(), stage_net_inputs())
     functionalize(gm)
