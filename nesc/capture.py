@@ -6,9 +6,11 @@ from the popular libraries), ``torch.export.export(...).module()``, whose aten g
 weight by its fully qualified name and records ``nn_module_stack``.
 
 An exported graph is specialised to the mode it was exported in and, in torch 2.13, its module
-refuses ``.train()``. So the export path exports in eval mode and then rewrites every batch-norm and
-dropout node into a small mode-aware module, and rebuilds a plain ``fx.GraphModule`` whose
-``train()``/``eval()`` switch them as in the user's model.
+refuses ``.train()``. So the export path exports in eval mode, rebuilds a plain ``fx.GraphModule``,
+and rewrites every batch-norm and dropout node (all dropout kinds) into a small mode-aware module,
+so ``train()``/``eval()`` switch them as in the user's model. symbolic_trace has the same problem in
+a smaller form — ``F.dropout(x, p, self.training)`` records the flag as a constant — and gets the same
+rewrite.
 
 The user's model is never modified: capture works on a deep copy.
 """

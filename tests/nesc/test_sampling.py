@@ -217,6 +217,14 @@ def test_custom_op_equals_python_function_and_its_gradients(kind: str) -> None:
     assert gp_op.abs().sum() > 0
 
 
+def _op_args(geometry: Geometry, seed: int) -> tuple:
+    """Arguments of torch.ops.nesc.regenerate for ``geometry``, with float64 pool and fractions to check."""
+    base, frac = split_starts(_interior_starts(geometry, seed), geometry)
+    pool = torch.randn(geometry.pool, dtype=torch.float64, requires_grad=True)
+    frac = frac.detach().requires_grad_()
+    return (pool, base, frac, 0.5, list(geometry.shape), list(geometry.block), geometry.layout)
+
+
 @pytest.mark.parametrize(
     "geometry",
     [
@@ -231,17 +239,7 @@ def test_custom_op_passes_opcheck_schema_autograd_and_fake(geometry: tuple) -> N
     # "uneven": the block grid overhangs the weight; the real kernel must still match the fake one
     # (shape and strides), which torch.export / torch.compile trace with.
     geometry = Geometry(*geometry)
-    base, frac = split_starts(_interior_starts(geometry, 4), geometry)
-    pool = torch.randn(geometry.pool, dtype=torch.float64, requires_grad=True)
-    args = (
-        pool,
-        base,
-        frac.detach().requires_grad_(),
-        0.5,
-        list(geometry.shape),
-        list(geometry.block),
-        geometry.layout,
-    )
+    args = _op_args(geometry, seed=4)
     torch.library.opcheck(REGENERATE, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -254,17 +252,7 @@ def test_custom_op_passes_opcheck_schema_autograd_and_fake(geometry: tuple) -> N
 )
 def test_custom_op_backward_traces_under_aot_autograd() -> None:
     geometry = Geometry((8, 6, 1, 1), (4, 3, 3, 3), (4, 3), "conv2d")  # 1x1 conv from a 3x3 pool
-    base, frac = split_starts(_interior_starts(geometry, 5), geometry)
-    pool = torch.randn(geometry.pool, dtype=torch.float64, requires_grad=True)
-    args = (
-        pool,
-        base,
-        frac.detach().requires_grad_(),
-        0.5,
-        list(geometry.shape),
-        list(geometry.block),
-        geometry.layout,
-    )
+    args = _op_args(geometry, seed=5)
     torch.library.opcheck(REGENERATE, args, test_utils=("test_aot_dispatch_dynamic",))
 
 
