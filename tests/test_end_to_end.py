@@ -1,5 +1,6 @@
 """Every registry model, end to end: transform at ratio 4 -> forward/backward -> five Adam steps lower the
-loss on a fixed batch -> freeze -> the frozen model equals the trained one and stores 1/4 of the bytes.
+loss on a fixed batch -> freeze -> the frozen model equals the trained one and stores 1/4 of the bytes
+-> save/load gives it back bit for bit.
 
 Test-size inputs, batch 2. The three ImageNet-size models take 5-15 s each on a busy 2-core CPU and are
 marked slow; the others always run. mlp and cnn1d start from the default least-squares fit to their
@@ -46,7 +47,7 @@ def _loss(gm, x, y, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", [_case(n) for n in list_models()])
-def test_transform_train_freeze(name: str) -> None:
+def test_transform_train_freeze_save_load(name: str, tmp_path) -> None:
     spec = get_spec(name)
     x, y = registry_inputs(name, BATCH), spec.make_targets(BATCH)
     model, gm = transformed_registry(name)  # ratio 4
@@ -88,3 +89,9 @@ def test_transform_train_freeze(name: str) -> None:
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert abs(nesc.stored_bytes(frozen) - dense_bytes / 4) <= BYTES_RTOL * dense_bytes / 4
     assert nesc.stored_params(frozen) == plan.planned
+
+    # save / load: the artifact rebuilds the frozen model bit for bit, without the model's class
+    nesc.save(frozen, tmp_path / f"{name}.nesc")
+    loaded = nesc.load(tmp_path / f"{name}.nesc")
+    assert_close(run(loaded, x), run(frozen, x), EXACT, f"{name}: loaded vs frozen")
+    assert nesc.stored_params(loaded) == nesc.stored_params(frozen)
