@@ -148,6 +148,7 @@ _DROPOUTS = {
     aten.feature_alpha_dropout.default: 2, F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
     F.alpha_dropout: 2, F.feature_alpha_dropout: 2,
 }
+_ATEN_DROPOUTS = {t for t in _DROPOUTS if isinstance(t, torch._ops.OpOverload)}  # flag named "train"
 
 
 class ModeDropout(nn.Module):
@@ -187,10 +188,10 @@ def _make_mode_aware(gm: fx.GraphModule, captured_training: bool = False, model:
             args = (bn["x"], bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"])
             args += (nbt,) if nbt is not None else ()
         elif node.target in _DROPOUTS:
-            flag = _arg(node, _DROPOUTS[node.target], "training" if node.target not in _ATEN_DROPOUTS else "train")
+            flag = node_arg(node, _DROPOUTS[node.target], "training" if node.target not in _ATEN_DROPOUTS else "train")
             if flag is not captured_training:
                 continue
-            mod, args = ModeDropout(node.target, _arg(node, 1, "p", 0.5)), (node.args[0],)
+            mod, args = ModeDropout(node.target, node_arg(node, 1, "p", 0.5)), (node.args[0],)
         else:
             continue
         name = f"nesc_mode_{count}"
@@ -205,10 +206,8 @@ def _make_mode_aware(gm: fx.GraphModule, captured_training: bool = False, model:
     gm.recompile()
 
 
-_ATEN_DROPOUTS = {t for t in _DROPOUTS if isinstance(t, torch._ops.OpOverload)}
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
+def node_arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument ``index`` of a call node, whether it was passed positionally or as ``name=``."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
@@ -218,7 +217,7 @@ def _batch_norm_args(node: fx.Node) -> dict | None:
         return dict(zip(names, node.args))
     names = ("x", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
     defaults = (None, None, None, None, None, False, 0.1, 1e-5)
-    out = {n: _arg(node, i, "input" if n == "x" else n, d) for i, (n, d) in enumerate(zip(names, defaults))}
+    out = {n: node_arg(node, i, "input" if n == "x" else n, d) for i, (n, d) in enumerate(zip(names, defaults))}
     return out if isinstance(out["training"], bool) else None
 
 

@@ -51,28 +51,30 @@ def fit_pools(gm: fx.GraphModule, dense: Mapping[str, Tensor], iters: int = 30) 
     for pool_name, samplers in samplers_by_pool(gm).items():
         pool = gm.get_parameter(pool_name)
         targets = [dense[s.weight_name].detach().to(torch.float64) for s in samplers]
-        solution = _solve(pool, samplers, targets, iters)
+        # The routing freeze would keep (eval-mode starts, learner offsets averaged): constants here,
+        # only the pool is solved for.
+        routes = [(s, *s.routing()) for s in samplers]
+        solution = _solve(pool, routes, targets, iters)
         pool.copy_(solution.to(pool.dtype))
-        for s, w in zip(samplers, targets):
-            w_hat = _sample(s, pool.double())
-            errors[s.weight_name] = float((w_hat - w).norm() / w.norm().clamp_min(1e-12))
+        for route, w in zip(routes, targets):
+            w_hat = _sample(route, pool.double())
+            errors[route[0].weight_name] = float((w_hat - w).norm() / w.norm().clamp_min(1e-12))
     return errors
 
 
-def _sample(sampler: EpitomeSampler, pool: Tensor) -> Tensor:
-    """The weight ``sampler`` makes from ``pool`` with the routing freeze would keep (eval-mode
-    starts, learner offsets averaged); the starts are constants here: only the pool is solved for."""
-    base, frac = sampler.routing()
+def _sample(route: tuple[EpitomeSampler, Tensor, Tensor], pool: Tensor) -> Tensor:
+    """The weight a sampler makes from ``pool`` along a fixed routing (its int starts and fractions)."""
+    sampler, base, frac = route
     return regenerate(pool, base, frac.to(pool.dtype), sampler.scale, sampler.geometry)
 
 
-def _solve(pool: Tensor, samplers: list[EpitomeSampler], targets: list[Tensor], iters: int) -> Tensor:
+def _solve(pool: Tensor, routes: list[tuple], targets: list[Tensor], iters: int) -> Tensor:
     shape = pool.shape
     n = pool.numel()
     sizes = [t.numel() for t in targets]
 
     def forward(p: Tensor) -> Tensor:
-        return torch.cat([_sample(s, p.view(shape)).reshape(-1) for s in samplers])
+        return torch.cat([_sample(r, p.view(shape)).reshape(-1) for r in routes])
 
     def adjoint(y: Tensor) -> Tensor:
         with torch.enable_grad():
@@ -84,7 +86,7 @@ def _solve(pool: Tensor, samplers: list[EpitomeSampler], targets: list[Tensor], 
     used = lumped > 0
     b = torch.cat([t.reshape(-1) for t in targets])
     keep = pool.detach().reshape(-1).double()  # pool elements no layer reads keep their initial values
-    if all(float(s.routing()[1].abs().max()) == 0 for s in samplers):
+    if all(float(frac.abs().max()) == 0 for _, _, frac in routes):
         # Integer starts: every weight element reads one pool element, A^T A is diagonal and equals
         # the lumped diagonal, so the least-squares solution is a weighted average, in closed form.
         return torch.where(used, adjoint(b) / lumped.clamp_min(1e-30), keep).view(shape)

@@ -12,13 +12,13 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from nesc import meta
 from nesc.sampling import EpitomeSampler, Geometry
 
 ROUTING_SCALARS_PER_BLOCK = 8  # int32 (o, i, y, x) + float fractions, once frozen
-_INLINED = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the module types passes.functionalize inlines
+START_SCALARS_PER_BLOCK = 4  # the trainable start coordinates (o, i, y, x), before freeze
 
 # gm.meta key: {weight name: reason} for compressible weights the plan left dense (kept by freeze/save).
 DENSE_REASONS = "nesc_dense_reasons"
@@ -100,12 +100,12 @@ class Report:
 
 def build_report(gm: fx.GraphModule) -> Report:
     from nesc.passes.find_weights import find_weights, weight_infos
-    from nesc.passes.functionalize import functionalize
+    from nesc.passes.functionalize import INLINED, functionalize
 
     if not any(meta.WEIGHT in n.meta for n in gm.graph.nodes):
         # A graph straight from capture may still call nn.Conv2d/nn.Linear as modules: analyse a copy
         # in the functional form rather than rewrite the caller's graph.
-        if any(n.op == "call_module" and type(gm.get_submodule(n.target)) in _INLINED for n in gm.graph.nodes):
+        if any(n.op == "call_module" and type(gm.get_submodule(n.target)) in INLINED for n in gm.graph.nodes):
             gm = functionalize(copy.deepcopy(gm)).graph_module
         find_weights(gm)
     infos = weight_infos(gm)
@@ -127,7 +127,7 @@ def build_report(gm: fx.GraphModule) -> Report:
         pool = pool_of[info.weight_name]
         share = math.prod(g.pool) / len(members[pool])
         # Trainable: 4 start coordinates per block (parameters); frozen: the routing map's 8 scalars.
-        routing = g.num_blocks * (ROUTING_SCALARS_PER_BLOCK if info.state == "frozen" else 4)
+        routing = g.num_blocks * (ROUTING_SCALARS_PER_BLOCK if info.state == "frozen" else START_SCALARS_PER_BLOCK)
         rows.append(LayerRow(info.weight_name, info.op, g_shape(info), info.state, pool, g.pool,
                              len(members[pool]) - 1, info.numel, routing + share, info.madd,
                              len(g.corners) * g.numel))
@@ -135,11 +135,11 @@ def build_report(gm: fx.GraphModule) -> Report:
     for p in gm.meta.get(meta.DENSE_PARAMS, []):
         other[p.reason][0] += 1
         other[p.reason][1] += p.numel
+    dense_total = sum(r.params for r in rows) + sum(v[1] for v in other.values())
     learners = [m for m in gm.modules() if isinstance(m, EpitomeSampler) and m.learner is not None]
-    if learners:
+    if learners:  # stored while training, not part of the dense model, dropped by freeze
         other["transformation learners (training only: freeze drops them)"] = [
             len(learners), sum(p.numel() for m in learners for p in m.learner.parameters())]
-    dense_total = sum(r.params for r in rows) + sum(v[1] for k, v in other.items() if not k.startswith("transformation"))
     pools = {name: (tuple(gm.get_parameter(name).shape), members[name]) for name in members}
     stored = stored_params(gm)
     return Report(rows, {k: tuple(v) for k, v in other.items()}, dense_total, stored, pools)

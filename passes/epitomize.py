@@ -30,7 +30,7 @@ from nesc.config import NESConfig
 from nesc.errors import PassOrderError, PlanError
 from nesc.sampling import EpitomeSampler, Geometry, TransformationLearner
 
-from .find_weights import WeightInfo, canonical_names, weight_nodes
+from .find_weights import WeightInfo, aliases, canonical_names, weight_nodes
 
 SAMPLERS = "nesc_samplers"
 
@@ -82,8 +82,9 @@ def epitomize(gm: fx.GraphModule, config: NESConfig) -> PassResult:
         x = op_node.args[0] if config.learner and op_node is not None else None
         _rewire(gm, node, pool_name, f"{SAMPLERS}.{key}", name, x)
         modified = True
+    names_of = aliases(canonical)
     for name in plan.layers:
-        for alias in [a for a, c in canonical.items() if c == name]:
+        for alias in names_of.get(name, ()):  # absent once deleted (a second run)
             _delete_param(gm, alias)
     gm.graph.lint()
     gm.recompile()

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from nesc import meta
-from nesc.capture import ExportedBatchNorm
+from nesc.capture import ExportedBatchNorm, node_arg
 from nesc.errors import PassOrderError
 from nesc.sampling import EpitomeSampler
 
@@ -141,11 +141,11 @@ def _match(gm: fx.GraphModule, node: fx.Node):
     if node.op == "call_function":
         t = node.target
         if t in _CONV_TARGETS:
-            if t is aten.convolution.default and _arg(node, 6, "transposed", False):
+            if t is aten.convolution.default and node_arg(node, 6, "transposed", False):
                 return None  # transposed convolution: not a weight nesc samples; reported dense
-            return node.args[0], _arg(node, 1, "weight"), _CONV_TARGETS[t]
+            return node.args[0], node_arg(node, 1, "weight"), _CONV_TARGETS[t]
         if t in _LINEAR_TARGETS:
-            return node.args[0], _arg(node, 1, "weight"), "linear"
+            return node.args[0], node_arg(node, 1, "weight"), "linear"
         if t in _MATMUL_TARGETS:
             return node.args[0], node.args[1], "matmul"
         if t in (aten.addmm.default, torch.addmm):
@@ -153,12 +153,6 @@ def _match(gm: fx.GraphModule, node: fx.Node):
     elif node.op == "call_method" and node.target in _MATMUL_METHODS:
         return node.args[0], node.args[1], "matmul"
     return None
-
-
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _is_transpose(node: fx.Node) -> bool:
@@ -203,11 +197,12 @@ def canonical_names(gm: fx.GraphModule) -> dict[str, str]:
     return {name: first[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
 
 
-def _get_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
+def aliases(canonical: dict[str, str]) -> dict[str, list[str]]:
+    """Inverse of ``canonical_names``: each parameter's canonical name -> all its names."""
+    out: dict[str, list[str]] = {}
+    for name, first in canonical.items():
+        out.setdefault(first, []).append(name)
+    return out
 
 
 def _describe(gm, node, x, name, state, family, transposed, order, batch, w_node) -> WeightInfo | None:
@@ -223,7 +218,7 @@ def _describe(gm, node, x, name, state, family, transposed, order, batch, w_node
             family, shape4, layout = "conv2d", w_shape, "conv2d"
         else:
             return None
-        groups = _arg(node, 8 if node.target is aten.convolution.default else 6, "groups", 1)
+        groups = node_arg(node, 8 if node.target is aten.convolution.default else 6, "groups", 1)
         in_ch = x_shape[1] if len(x_shape) > 1 else shape4[1]
         op = family
         if groups > 1:
@@ -297,12 +292,10 @@ def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
             for pname, _ in mod.named_parameters():
                 # Grouped by class, not instance, so the report has one line per kind of module.
                 uses.setdefault(f"{node.target}.{pname}", set()).add(f"inside {type(mod).__name__} modules")
-    aliases: dict[int, list[str]] = {}  # tied parameters: one tensor, several names
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
+    names_of = aliases(canonical_names(gm))  # tied parameters: one tensor, several names
     out = []
     for name, p in gm.named_parameters():
-        names = aliases[id(p)]
+        names = names_of[name]
         if any(n in consumed or n.startswith("nesc_") for n in names):
             continue  # compressed (nesc's own pools and samplers are reported by the plan)
         how = set().union(*(uses.get(n, set()) for n in names))
@@ -314,7 +307,7 @@ def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
 def _use(gm: fx.GraphModule, user: fx.Node, attr: fx.Node) -> str:
     """How ``user`` consumes the parameter ``attr``, in words."""
     if user.op == "call_function" and (user.target in _CONV_TARGETS or user.target in _LINEAR_TARGETS):
-        return "bias" if _arg(user, 2, "bias") is attr else f"non-parameter use in {user.name}"
+        return "bias" if node_arg(user, 2, "bias") is attr else f"non-parameter use in {user.name}"
     if user.op == "call_function" and user.target is aten.addmm.default and user.args[0] is attr:
         return "bias"
     if user.op == "call_module":

@@ -19,6 +19,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn import functional as F
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
+# The module types this pass inlines (exact types only: a subclass may override forward).
+INLINED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def functionalize(gm: fx.GraphModule) -> PassResult:
@@ -27,8 +29,7 @@ def functionalize(gm: fx.GraphModule) -> PassResult:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        # Exact types only: a subclass may override forward, and inlining would change its meaning.
-        if type(mod) in _CONV or type(mod) is nn.Linear:
+        if type(mod) in INLINED:
             _inline(gm, node, mod)
             modified = True
     if modified:
