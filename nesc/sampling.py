@@ -145,6 +145,56 @@ def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geomet
     return _Regenerate.apply(pool, fracs, starts, float(scale), geometry)
 
 
+def window_index(starts: Tensor, geometry: Geometry) -> Tensor:
+    """Flat pool index of every element of every block's window, interpolation row included.
+
+    starts: int (nbo, nbi, 4), already wrapped/clamped. Returns int64 ``(nbo, nbi, eo, ei, ey, ex)``
+    with ``e = (bo, bi, kh, kw) + active``: channel indices wrap modulo the pool, spatial indices
+    clamp to its last row (the corner past a window at the edge reads that row, weighted 0 or not).
+    Built only from ``starts`` and ``arange``: a graph that keeps this arithmetic (ONNX, TVM) stores
+    the routing map, never an index tensor as large as the weight.
+    """
+    Op, Ip, Kh, Kw = geometry.pool
+    _, _, kh, kw = geometry.shape
+    bo, bi = geometry.block
+    a = geometry.active
+    s = starts.long()
+
+    def axis(d: int, length: int, limit: int, wrap: bool) -> Tensor:
+        idx = s[..., d, None] + torch.arange(length, device=starts.device)
+        return torch.remainder(idx, limit) if wrap else idx.clamp(max=limit - 1)
+
+    io = axis(0, bo + a[0], Op, True)[..., :, None, None, None]
+    ii = axis(1, bi + a[1], Ip, True)[..., None, :, None, None]
+    iy = axis(2, kh + a[2], Kh, False)[..., None, None, :, None]
+    ix = axis(3, kw + a[3], Kw, False)[..., None, None, None, :]
+    return ((io * Ip + ii) * Kh + iy) * Kw + ix
+
+
+def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry) -> Tensor:
+    """``regenerate`` as index arithmetic: one gather of every block's window, then one lerp per
+    active axis over all blocks at once.
+
+    Same formula and the same float operations as ``regenerate`` (bit-identical on CPU), but with
+    no Python loop over blocks and no data-dependent slicing, so tracers (torch.export, the ONNX
+    exporter, TVM's importer) keep it as a small graph over the pool and the routing map. Autograd
+    differentiates it in ``pool`` and ``fracs``.
+    """
+    O, I, kh, kw = geometry.shape
+    bo, bi = geometry.block
+    nbo, nbi = geometry.grid
+    w = (pool * scale).reshape(-1)[window_index(starts, geometry)]  # (nbo, nbi, eo, ei, ey, ex)
+    for d in range(4):
+        if geometry.active[d]:
+            n = w.shape[2 + d] - 1
+            f = fracs[..., d].to(w.dtype).reshape(nbo, nbi, 1, 1, 1, 1)
+            w = torch.lerp(w.narrow(2 + d, 0, n), w.narrow(2 + d, 1, n), f)
+    w4 = w.permute(0, 2, 1, 3, 4, 5).reshape(nbo * bo, nbi * bi, kh, kw)
+    if nbo * bo != O or nbi * bi != I:
+        w4 = w4[:O, :I]  # the last blocks overhang the weight
+    return to_param_layout(w4.contiguous(), geometry.layout)
+
+
 class _Regenerate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float, geometry: Geometry) -> Tensor:

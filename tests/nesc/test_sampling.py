@@ -19,8 +19,10 @@ from nesc.sampling import (
     RoutingMap,
     TransformationLearner,
     regenerate,
+    regenerate_indexed,
     split_starts,
     to_param_layout,
+    window_index,
 )
 
 # name -> (weight (O, I, kh, kw), pool (Op, Ip, Kh, Kw), block (bo, bi), layout)
@@ -106,6 +108,42 @@ def test_regenerate_equals_naive_reference_for_any_geometry(geometry: Geometry, 
     assert_close(
         _sample(pool, starts, scale, geometry), naive_regenerate(pool, starts, scale, geometry), F64, str(geometry)
     )
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(geometry=geometries(), seed=st.integers(0, 2**16), scale=st.floats(0.1, 3.0))
+def test_indexed_regenerate_equals_naive_reference_for_any_geometry(geometry: Geometry, seed: int, scale: float) -> None:
+    # The index-arithmetic form the lowerings (ONNX, TVM) trace: same rule, checked independently.
+    pool = torch.randn(geometry.pool, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    starts = _random_starts(geometry, seed)
+    out = regenerate_indexed(pool, *split_starts(starts, geometry), scale, geometry)
+    assert_close(out, naive_regenerate(pool, starts, scale, geometry), F64, str(geometry))
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_indexed_regenerate_is_bit_identical_to_eager_with_the_same_gradients(name: str) -> None:
+    geometry = Geometry(*GEOMETRIES[name])
+    base, frac = split_starts(_interior_starts(geometry, 3).float(), geometry)
+    pool = torch.randn(geometry.pool, requires_grad=True)
+    frac = frac.detach().requires_grad_()
+    eager, indexed = regenerate(pool, base, frac, 0.5, geometry), regenerate_indexed(pool, base, frac, 0.5, geometry)
+    assert_close(indexed, eager, EXACT, name)
+    grad_out = torch.randn_like(eager)
+    for got, want, what in zip(
+        torch.autograd.grad(indexed, (pool, frac), grad_out),
+        torch.autograd.grad(eager, (pool, frac), grad_out),
+        ("pool gradient", "fraction gradient"),
+    ):
+        assert_close(got, want, CLOSE, f"{name}: {what}")
+
+
+def test_window_index_covers_each_window_plus_one_interpolation_row_per_active_axis() -> None:
+    geometry = Geometry(*GEOMETRIES["conv3x3_from_5x5_pool"])  # every axis active
+    base, _ = split_starts(_random_starts(geometry, 0).float(), geometry)
+    index = window_index(base, geometry)
+    (nbo, nbi), (bo, bi), (kh, kw) = geometry.grid, geometry.block, geometry.shape[2:]
+    assert index.shape == (nbo, nbi, bo + 1, bi + 1, kh + 1, kw + 1) and index.dtype == torch.int64
+    assert int(index.min()) >= 0 and int(index.max()) < torch.Size(geometry.pool).numel()
 
 
 def test_integer_starts_copy_pool_windows_exactly() -> None:
