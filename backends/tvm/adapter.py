@@ -23,3 +23,26 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
     ) from e
 
 __all__ = ["cc", "relax", "s_tir", "te", "tir", "tvm"]
+
+# The torch importer (``from_exported_program``; never ``from_fx``, which miscompiles conv/pool padding
+# in 0.27), its converter table, and ``detach_params``.
+from tvm.relax.frontend import detach_params  # noqa: E402
+from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter  # noqa: E402
+
+
+def var_name(var) -> str:
+    """A Relax/TIR variable's name (``name_hint`` before 0.27, ``name`` since)."""
+    return var.name if hasattr(var, "name") else var.name_hint
+
+
+__all__ += ["ExportedProgramImporter", "detach_params", "from_exported_program", "var_name"]
+
+
+def region_buffer(region):
+    """The buffer a block read/write region refers to (``BufferRegion.buffer``; ``TensorRegion.source``
+    in 0.27)."""
+    return region.source if hasattr(region, "source") else region.buffer
+
+
+__all__ += ["region_buffer"]

@@ -1,0 +1,138 @@
+"""TE kernels for the epitome ops: the weight of a compressed layer, rebuilt from its pool inside the
+compiled code.
+
+``regenerate_te`` is ``nesc.sampling.regenerate_indexed`` written as one TE compute over the
+weight's elements (in the parameter's own layout, so the consumer reads it like any weight):
+
+    W[o, i, u, v] = lerp_x(lerp_y(lerp_i(lerp_o(g(0,0,0,0), g(1,0,0,0), fo), ...), ...), ...)
+    g(co, ci, cy, cx) = (P * scale)[(o0 + a + co) % Op, (i0 + b + ci) % Ip,
+                                    min(y0 + u + cy, Kh - 1), min(x0 + v + cx, Kw - 1)]
+                      = padded[o0 + a + co, i0 + b + ci, y0 + u + cy, x0 + v + cx]
+
+with block ``(j, k) = (o // bo, i // bi)``, offsets ``(a, b) = (o % bo, i % bi)``, ``(o0, i0, y0, x0) =
+starts[j, k]`` and ``f = fracs[j, k]``. The corners and lerps exist only along the geometry's active
+axes, nested in the order o, i, y, x, as the eager formula's one lerp per axis over the whole
+window (channel axes wrap, spatial axes clamp to the last row); results agree with it to rounding.
+
+The pool and the routing map are the kernel's only inputs: no index tensor, no weight-sized
+constant. ``regenerate_rows_te`` is the fast form for the usual geometry (the window moves along
+channels only): the weight as rows ``(O, I*kh*kw)``, each block row one contiguous run.
+"""
+
+from __future__ import annotations
+
+from nesc.sampling import Geometry
+
+from .adapter import te, tir
+
+REGENERATE_NAME = "nesc_regenerate"  # PrimFunc name hint of every regeneration kernel
+PADDED_NAME = "nesc_padded_pool"  # block names the default schedule recognises
+WEIGHT_NAME = "nesc_weight"
+# Block annotation of the weight: [output-block axis, its block size, input-block axis, its block size].
+SPLIT_ATTR = "nesc_split"
+
+
+def lerp(lo, hi, f):
+    """``lo + f (hi - lo)``. ATen's CPU lerp switches to ``hi - (1 - f)(hi - lo)`` for ``f >= 0.5``;
+    the two agree to rounding (an ulp), and the single form keeps the inner loop free of per-element
+    selects: it vectorises to one fused multiply-add."""
+    return lo + f * (hi - lo)
+
+
+def _weight_axes(layout: str, idx) -> tuple:
+    """Indices of the parameter layout -> (o, i, u, v) of the 4-D view."""
+    zero = tir.const(0, "int32")
+    if layout == "conv2d":
+        return tuple(idx)
+    if layout == "conv1d":
+        o, i, v = idx
+        return o, i, zero, v
+    if layout == "linear":
+        o, i = idx
+        return o, i, zero, zero
+    i, o = idx  # linear_t: the parameter is (I, O)
+    return o, i, zero, zero
+
+
+def padded_pool_te(pool: te.Tensor, scale: float, geometry: Geometry) -> te.Tensor:
+    """The scaled pool padded so that every window (with its interpolation row) is a plain slice, as
+    ``sampling._pad_for_windows``: channels wrap by repeating their first ``block`` rows, spatial axes
+    repeat their last row. Pool-sized: computed once per call, then read with affine indices."""
+    Op, Ip, Kh, Kw = geometry.pool
+    bo, bi = geometry.block
+    act = geometry.active
+    s = tir.const(scale, pool.dtype)
+    ext = (Op + bo * act[0], Ip + bi * act[1], Kh + act[2], Kw + act[3])
+    return te.compute(
+        ext, lambda o, i, y, x: pool[o % Op, i % Ip, tir.min(y, Kh - 1), tir.min(x, Kw - 1)] * s, name=PADDED_NAME
+    )
+
+
+def _interpolate(read, fracs, j, k, active, dtype):
+    """The nested lerps over the active axes (o innermost, then i, y, x) of ``read(corner)``."""
+
+    def value(d: int, corner: tuple):
+        if d == 0:
+            return read(corner)
+        d -= 1
+        if not active[d]:
+            return value(d, corner)
+        lo = value(d, corner[:d] + (0,) + corner[d + 1:])
+        hi = value(d, corner[:d] + (1,) + corner[d + 1:])
+        return lerp(lo, hi, fracs[j, k, d].astype(dtype))
+
+    return value(4, (0, 0, 0, 0))
+
+
+def regenerate_te(pool: te.Tensor, starts: te.Tensor, fracs: te.Tensor, *, scale: float, geometry: Geometry):
+    """The weight in its parameter layout (``geometry.param_shape``) from ``pool (Op, Ip, Kh, Kw)``,
+    ``starts`` int32 and ``fracs`` float ``(nbo, nbi, 4)``. Any geometry (spatial axes active or not)."""
+    bo, bi = geometry.block
+    padded = padded_pool_te(pool, scale, geometry)
+
+    def element(*idx):
+        o, i, u, v = _weight_axes(geometry.layout, idx)
+        j, k = o // bo, i // bi
+        base = (o % bo, i % bi, u, v)
+        start = [starts[j, k, d] for d in range(4)]
+        read = lambda c: padded[tuple(start[d] + base[d] + c[d] for d in range(4))]  # noqa: E731
+        return _interpolate(read, fracs, j, k, geometry.active, pool.dtype)
+
+    o_axis, i_axis = (1, 0) if geometry.layout == "linear_t" else (0, 1)
+    attrs = {SPLIT_ATTR: [o_axis, bo, i_axis, bi]}
+    return te.compute(geometry.param_shape, element, name=WEIGHT_NAME, tag=REGENERATE_NAME, attrs=attrs)
+
+
+def rows_form(geometry: Geometry) -> bool:
+    """Whether ``regenerate_rows_te`` applies: the window cannot move along the kernel's spatial axes
+    (the pool's kernel is the weight's), so a block row is one contiguous run of the padded pool."""
+    return not (geometry.active[2] or geometry.active[3])
+
+
+def regenerate_rows_te(pool_rows: te.Tensor, starts: te.Tensor, fracs: te.Tensor, *, scale: float, geometry: Geometry):
+    """The weight as rows ``(O, I * kh * kw)`` (a reshape of the conv/linear layouts, the transpose of
+    ``linear_t``'s), for geometries with ``rows_form``, from the pool as rows ``(Op, Ip * kh * kw)``
+    (a free reshape). Column ``c = k * bi*kh*kw + r`` of block row ``o = j * bo + a`` reads
+    ``padded[o0 + a + co, i0*kh*kw + r + ci*kh*kw]``: affine in ``r``, so a block row is one
+    contiguous, vectorisable run of loads and lerps."""
+    O, I, kh, kw = geometry.shape
+    Op, Ip = geometry.pool[:2]
+    bo, bi = geometry.block
+    act = geometry.active
+    area = kh * kw
+    span = bi * area  # columns per block
+    width = Ip * area
+    s = tir.const(scale, pool_rows.dtype)
+    padded = te.compute(  # channels wrapped: (Op + bo, (Ip + bi) * kh * kw)
+        (Op + bo * act[0], width + span * act[1]), lambda o, c: pool_rows[o % Op, c % width] * s, name=PADDED_NAME
+    )
+
+    def element(o, c):
+        j, k = o // bo, c // span
+        a, r = o % bo, c % span
+        o0, i0 = starts[j, k, 0], starts[j, k, 1]
+        read = lambda cr: padded[o0 + a + cr[0], i0 * area + r + cr[1] * area]  # noqa: E731
+        return _interpolate(read, fracs, j, k, act, pool_rows.dtype)
+
+    attrs = {SPLIT_ATTR: [0, bo, 1, span]}
+    return te.compute((O, I * area), element, name=WEIGHT_NAME, tag=REGENERATE_NAME, attrs=attrs)

@@ -1,0 +1,192 @@
+"""Lower a frozen nesc graph (or any dense ``nn.Module``) to a Relax module whose compressed weights are
+rebuilt from their pools inside the compiled code.
+
+The steps, in order:
+
+1. ``_exportable``: a private eval-mode copy whose buffers (routing maps, batch-norm statistics) are
+   parameters, so that every stored tensor becomes an input of ``main`` rather than a constant the
+   compiler could fold (folding the gather of a pool would bring the dense weight back).
+2. ``_export``: ``torch.export`` with a symbolic batch, then the core-ATen decompositions.
+   ``torch.ops.nesc.regenerate`` is a ``torch.library`` custom op, so it stays one node.
+3. ``_check_supported``: every op the importer cannot convert, listed in one ``LoweringError``.
+4. ``from_exported_program`` with ``keep_params_as_input=True`` and a converter table that turns each
+   ``nesc.regenerate`` into the TE kernel of ``kernels.regenerate_te`` (pool + routing map in, weight
+   out, computed at run time). (``from_fx`` is not used: in TVM 0.27 it miscompiles conv/pool padding.)
+5. ``Lowered``: the module, the parameters in the order ``main`` takes them after the data inputs,
+   and what each parameter is (pool, route or dense).
+
+Batch norm stays a scale/shift on the conv output: it is never folded into a weight, let alone into
+a pool that other layers share.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from nesc.errors import NescError
+from nesc.sampling import Geometry
+
+from .adapter import ExportedProgramImporter, detach_params, from_exported_program, relax, tvm, var_name
+from .kernels import REGENERATE_NAME, regenerate_rows_te, regenerate_te, rows_form
+
+POOL_PREFIX = "nesc_pool"
+ROUTES_PREFIX = "nesc_routes."
+
+
+class LoweringError(NescError):
+    """A model, or some of its ops, cannot be lowered to TVM."""
+
+
+@dataclass(frozen=True)
+class Lowered:
+    mod: tvm.IRModule  # Relax module, entry "main"; params are function inputs after the data inputs
+    params: dict[str, np.ndarray]  # qualified name -> array, in the order "main" takes them
+    input_names: tuple[str, ...]
+    kinds: dict[str, str]  # param name -> "pool" | "route" | "dense"
+
+
+def lower(model: nn.Module | fx.GraphModule, example_inputs: tuple, *, dynamic_batch: bool = True) -> Lowered:
+    """Lower ``model`` (a frozen nesc graph or any dense module) on ``example_inputs`` to Relax.
+
+    With ``dynamic_batch`` the batch dimension of every input stays symbolic (where the model allows),
+    so one compiled module serves any batch size. Raises ``LoweringError`` listing every op that
+    cannot be lowered, with its node and module.
+    """
+    example_inputs = _check_inputs(model, example_inputs)
+    ep = _export(_exportable(model), example_inputs, dynamic_batch)
+    _check_supported(ep)
+    mod = from_exported_program(
+        ep, keep_params_as_input=True, custom_convert_map=CONVERTERS, run_ep_decomposition=False
+    )
+    mod, _ = detach_params(mod)  # ours come from the exported program, by name
+    params = _params_in_order(ep)
+    main = mod["main"]
+    num_inputs = int(main.attrs["num_input"])
+    if len(main.params) - num_inputs != len(params):
+        raise LoweringError(
+            f"internal: main takes {len(main.params) - num_inputs} parameters after its {num_inputs} inputs, "
+            f"but the exported program lifted {len(params)}; the importer's parameter order has changed"
+        )
+    input_names = tuple(var_name(v) for v in main.params[:num_inputs])
+    return Lowered(mod, params, input_names, {name: _kind(name) for name in params})
+
+
+# --------------------------------------------------------------------------------- export
+
+
+def _check_inputs(model: nn.Module, example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple | list) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise LoweringError(
+            f"lower({type(model).__name__}): example_inputs must be a tuple of tensors, got "
+            f"{type(example_inputs).__name__}; pass e.g. (torch.randn(1, 3, 32, 32),)"
+        )
+    return tuple(example_inputs)
+
+
+def _exportable(model: nn.Module) -> nn.Module:
+    """An eval-mode copy whose buffers are (frozen) parameters, so that they stay inputs of the lowered
+    function. Integer buffers other than routing maps (batch norm's ``num_batches_tracked``) are never
+    read in eval mode and stay buffers; unused, they disappear from the lowered module."""
+    copied = copy.deepcopy(model).eval()
+    for name, buf in list(copied.named_buffers()):
+        if buf.is_floating_point() or name.startswith(ROUTES_PREFIX):
+            owner_name, _, attr = name.rpartition(".")
+            owner = copied.get_submodule(owner_name)
+            delattr(owner, attr)
+            owner.register_parameter(attr, nn.Parameter(buf.detach().clone(), requires_grad=False))
+    return copied
+
+
+def _export(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    if dynamic_batch:
+        # torch.export specialises a size-1 dimension: export a batch of 2 so the batch stays symbolic.
+        inputs = tuple(t.expand(2, *t.shape[1:]).clone() if t.dim() and t.shape[0] == 1 else t for t in example_inputs)
+        dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in inputs)
+    else:
+        inputs, dynamic = example_inputs, None
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, inputs, dynamic_shapes=dynamic)
+    except Exception as e:  # noqa: BLE001 - re-raised with the model named and the cause attached
+        raise LoweringError(
+            f"torch.export could not capture {type(model).__name__} for lowering: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. A frozen nesc graph exports as it is; a model "
+            "with data-dependent control flow must be rewritten or captured with nesc.capture first."
+        ) from e
+    return ep.run_decompositions()
+
+
+# ---------------------------------------------------------------------------- converters
+
+
+def _convert_regenerate(node: fx.Node, importer) -> relax.Var:
+    """``nesc.regenerate(pool, starts, fracs, scale, shape, block, layout)`` -> the TE kernel; in rows
+    form (the common case) followed by a reshape (free) or, for ``linear_t``, a transpose."""
+    pool, starts, fracs, scale, shape, block, layout = node.args
+    geometry = Geometry(tuple(shape), tuple(pool.meta["val"].shape), tuple(block), layout)
+    env, bb = importer.env, importer.block_builder
+    rows = rows_form(geometry)
+    te_func = regenerate_rows_te if rows else regenerate_te
+
+    def kernel(p, s, f):  # emit_te converts keyword arguments to TIR values; geometry is not one
+        return te_func(p, s, f, scale=float(scale), geometry=geometry)
+
+    O, I, kh, kw = geometry.shape
+    Op, Ip = geometry.pool[:2]
+    p = bb.emit(relax.op.reshape(env[pool], (Op, Ip * kh * kw))) if rows else env[pool]
+    weight = bb.emit_te(kernel, p, env[starts], env[fracs], primfunc_name_hint=REGENERATE_NAME)
+    if not rows:
+        return weight
+    if layout == "linear_t":
+        return bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(weight, (O, I))), [1, 0]))
+    return bb.emit(relax.op.reshape(weight, geometry.param_shape))
+
+
+# The importer's table, extended by ours; keys are OpOverload names as the importer spells them.
+CONVERTERS = {"regenerate.default": _convert_regenerate}
+
+
+def _check_supported(ep: torch.export.ExportedProgram) -> None:
+    """Raise one error naming every op (with node and module) that the importer cannot convert."""
+    known = set(ExportedProgramImporter().convert_map) | set(CONVERTERS)
+    missing = []
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", str(node.target)) not in known:
+            stack = node.meta.get("nn_module_stack") or {}
+            module = next(reversed(stack.values()))[0] if stack else "<top level>"
+            missing.append(f"  {node.name} in {module or '<top level>'}: {node.target}")
+    if missing:
+        raise LoweringError(
+            f"{len(missing)} op(s) cannot be lowered to TVM Relax (apache-tvm 0.27's torch importer has no "
+            "converter for them):\n" + "\n".join(missing) + "\nRewrite those parts of the model with supported "
+            "ops, or add a converter to nesc.backends.tvm.lower.CONVERTERS."
+        )
+
+
+# ------------------------------------------------------------------------------ parameters
+
+
+def _params_in_order(ep: torch.export.ExportedProgram) -> dict[str, np.ndarray]:
+    """Lifted parameters in the order of the graph signature, which is the order of ``main``'s inputs."""
+    kind = torch.export.graph_signature.InputKind.PARAMETER
+    state = ep.state_dict
+    return {
+        spec.target: state[spec.target].detach().cpu().contiguous().numpy()
+        for spec in ep.graph_signature.input_specs
+        if spec.kind is kind
+    }
+
+
+def _kind(name: str) -> str:
+    if name.startswith(POOL_PREFIX):
+        return "pool"
+    if name.startswith(ROUTES_PREFIX):
+        return "route"
+    return "dense"

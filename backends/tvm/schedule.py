@@ -1,0 +1,292 @@
+"""Default CPU schedules: fast compiled code from a lowered module without any tuning.
+
+``tvm.compile`` on a CPU target only legalizes (serial, unvectorised loops, 20-90x slower than torch
+eager), and dlight's CPU rules leave convolutions alone. ``prepare`` runs the passes between import
+and ``tvm.compile`` — batch norm decomposed into a scale/shift, legalization, fusion — and then gives
+every PrimFunc a rule-based schedule read off its blocks, never off op names:
+
+* ``tiled`` — a reduction whose inputs are contiguous along its last spatial axis (conv2d, depthwise
+  and grouped conv, conv1d, matmul, batched matmul, pooling windows): tile the last spatial axis
+  (vector lanes) and the one before it (a register block of output channels or rows), keep the
+  reduction loops between the tile loops and the register block, accumulate in a small local
+  buffer, decompose the reduction, parallelise the outer loops, vectorise the inner axis, unroll the
+  register block, and compute the elementwise epilogue (bias, batch-norm scale/shift, activation,
+  residual add) on the tile while it is in cache.
+* ``rows`` — a reduction along the contiguous axis (softmax, layer norm, global mean): parallel rows,
+  serial reduction.
+* ``elementwise`` — everything else (injective ops, the epitome ``nesc_regenerate`` kernels): intermediate
+  blocks inlined, outer loops fused and parallelised, the innermost static axis vectorised.
+
+A function that no rule can schedule keeps its legalized form and is reported by ``schedule_func``
+(``rule == "none"``); tests check that this never happens on the registry models.
+"""
+
+from __future__ import annotations
+
+from .adapter import region_buffer, relax, s_tir, tir, tvm
+from .kernels import PADDED_NAME, SPLIT_ATTR, WEIGHT_NAME
+
+VECTOR_LANES = 8  # float32 lanes of AVX2; 16-wide inner tiles are two registers
+MAX_INNER = 16  # widest vectorised inner tile
+REGISTER_TILE = 64  # accumulator elements per register block (AVX2 has 16 ymm registers)
+RULES = ("tiled", "rows", "elementwise", "none")
+OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled function again
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize, fuse and schedule every PrimFunc of ``mod``; the result goes straight into
+    ``tvm.compile(mod, target)``. No tuning, no constants created from parameters."""
+    with target:
+        mod = tvm.transform.Sequential(
+            [
+                # Batch norm as an elementwise scale/shift that fuses into the conv's epilogue; never
+                # folded into a weight (parameters are inputs, and a pool may be shared).
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                relax.transform.DeadCodeElimination(),
+            ]
+        )(mod)
+    return schedule_module(mod)[0]
+
+
+def schedule_module(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, str]]:
+    """Schedule every PrimFunc of ``mod``; returns the module and {function name: rule used}."""
+    out = tvm.IRModule(mod.functions, attrs=mod.attrs)
+    rules = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tir.PrimFunc):
+            scheduled, rules[gv.name_hint] = schedule_func(func)
+            out[gv] = scheduled
+    return out, rules
+
+
+def schedule_func(func: tir.PrimFunc) -> tuple[tir.PrimFunc, str]:
+    """The scheduled function and the rule that scheduled it (one of ``RULES``)."""
+    if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
+        return func, "none"
+    for rule in _candidates(func):
+        sch = s_tir.Schedule(func)
+        try:
+            rule(sch)
+        except (RuntimeError, ValueError):  # s_tir.ScheduleError and TVM's internal checks
+            continue  # the next, simpler rule
+        name = rule.__name__.removeprefix("_")
+        done = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
+        return done, name
+    return func, "none"
+
+
+def _candidates(func: tir.PrimFunc):
+    sch = s_tir.Schedule(func)
+    if any(sch.get(b).name_hint == WEIGHT_NAME for b in _blocks(sch)):
+        return (_regenerate, _elementwise)
+    kinds = [_kind(sch, b) for b in _blocks(sch)]
+    if "tiled" in kinds:
+        return (_tiled, _rows, _elementwise)
+    if "rows" in kinds:
+        return (_rows, _elementwise)
+    return (_elementwise,)
+
+
+# --------------------------------------------------------------------------------- analysis
+
+
+def _blocks(sch):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(iv.iter_type == tir.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _static(extent) -> int | None:
+    return int(extent) if isinstance(extent, tir.IntImm) else None
+
+
+def _num_spatial(sch, block) -> int:
+    return sum(iv.iter_type == tir.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def _contiguous_reads(stmt, var) -> list:
+    """Input regions (the accumulator excluded) whose innermost index depends on ``var``."""
+    out = region_buffer(stmt.writes[0])
+    return [
+        r for r in stmt.reads
+        if not region_buffer(r).same_as(out) and any(v.same_as(var) for v in tir.analysis.undefined_vars(r.region[-1].min))
+    ]
+
+
+def _kind(sch, block) -> str:
+    """tiled: a reduction with an input read contiguously along its last spatial axis; rows: another
+    reduction; elementwise: no reduction."""
+    stmt = sch.get(block)
+    if not _is_reduction(sch, block):
+        return "elementwise"
+    spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
+    if not spatial or _static(spatial[-1].dom.extent) in (None, 1):
+        return "rows"
+    return "tiled" if _contiguous_reads(stmt, spatial[-1].var) else "rows"
+
+
+def _divisor(n: int | None, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit`` (1 when ``n`` is symbolic)."""
+    if n is None:
+        return 1
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+# ------------------------------------------------------------------------------------ rules
+
+
+def _tiled(sch) -> None:
+    blocks = _blocks(sch)
+    anchor = max((b for b in blocks if _kind(sch, b) == "tiled"), key=lambda b: _work(sch, b))
+    index = [b.same_as(anchor) for b in blocks].index(True)
+    producers, consumers = blocks[:index], blocks[index + 1 :]
+    for b in producers:
+        _parallel_vectorize(sch, b)  # pad, transposes: their own parallel pass over the input
+    epilogue = _inline_chain(sch, consumers)
+
+    loops = sch.get_loops(anchor)
+    n_spatial = _num_spatial(sch, anchor)
+    spatial, reduce = list(loops[:n_spatial]), list(loops[n_spatial:])
+    extents = [_static(sch.get(lp).extent) for lp in spatial]
+    lanes = _divisor(extents[-1], MAX_INNER)
+    xo, xi = sch.split(spatial[-1], [None, lanes])
+    t = _register_axis(sch, anchor, extents)
+    fo = fi = None
+    if t is not None:
+        fo, fi = sch.split(spatial[t], [None, _divisor(extents[t], max(1, REGISTER_TILE // lanes))])
+    outer = [fo if i == t else lp for i, lp in enumerate(spatial[:-1])]
+    sch.reorder(*outer, xo, *reduce, *([fi] if fi is not None else []), xi)
+    # Accumulate the register block in a tile-sized buffer; write it back (with the epilogue) once per tile.
+    if epilogue is None:
+        epilogue = sch.cache_write(anchor, 0, "global")
+    sch.reverse_compute_at(epilogue, xo)
+    sch.vectorize(xi)
+    if fi is not None and (_static(sch.get(fi).extent) or 1) > 1:
+        sch.unroll(fi)
+    sch.vectorize(sch.get_loops(epilogue)[-1])
+    _parallel(sch, outer)  # before decompose_reduction: parallel needs the block to be a whole reduction
+    if reduce:
+        init = sch.decompose_reduction(anchor, reduce[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _register_axis(sch, block, extents) -> int | None:
+    """The spatial axis (not the last) to block in registers: one with a static extent that the
+    contiguous input does not depend on (output channels of a conv, rows of a matmul), else the
+    static one just before the last."""
+    stmt = sch.get(block)
+    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
+    used = set()
+    for region in _contiguous_reads(stmt, spatial[-1]):
+        for r in region.region:
+            used |= {v.name for v in tir.analysis.undefined_vars(r.min)}
+    free = [i for i in range(len(spatial) - 1) if extents[i] and extents[i] > 1 and spatial[i].name not in used]
+    if free:
+        return free[-1]
+    static = [i for i in range(len(spatial) - 1) if extents[i] and extents[i] > 1]
+    return static[-1] if static else None
+
+
+def _regenerate(sch) -> None:
+    """The epitome kernel: the padded pool in parallel; the weight split into its blocks, so that its
+    reads of the padded pool are affine (block start + offset); parallel over blocks and output rows,
+    the rest of a block row (contiguous in the weight and, in rows form, in the padded pool) vectorised."""
+    _parallel_vectorize(sch, sch.get_sblock(PADDED_NAME))
+    weight = sch.get_sblock(WEIGHT_NAME)
+    o_axis, bo, i_axis, bi = (int(v) for v in sch.get(weight).annotations[SPLIT_ATTR])
+    loops = sch.get_loops(weight)
+    rest = [lp for d, lp in enumerate(loops) if d not in (o_axis, i_axis)]
+    j, a = sch.split(loops[o_axis], [None, bo])
+    k, b = sch.split(loops[i_axis], [None, bi])
+    # The loop of the weight's innermost split axis runs along memory; the other one goes outside.
+    outer, row = ([j, k, a], [b, *rest]) if i_axis > o_axis else ([j, k, b], [a, *rest])
+    sch.reorder(*outer, *row)
+    row = sch.fuse(*row) if len(row) > 1 else row[0]
+    lanes = _divisor(_static(sch.get(row).extent), MAX_INNER)
+    if lanes > 1:
+        _, vec = sch.split(row, [None, lanes])
+        sch.vectorize(vec)
+    _parallel(sch, outer)
+
+
+def _rows(sch) -> None:
+    blocks = _blocks(sch)
+    for b in blocks[:-1]:
+        if not _is_reduction(sch, b):
+            _try_inline(sch, b)
+    for b in _blocks(sch):
+        if _is_reduction(sch, b):
+            _parallel(sch, sch.get_loops(b)[: _num_spatial(sch, b)])
+        else:
+            _parallel_vectorize(sch, b)
+
+
+def _elementwise(sch) -> None:
+    blocks = _blocks(sch)
+    for b in blocks[:-1]:
+        _try_inline(sch, b)
+    for b in _blocks(sch):
+        _parallel_vectorize(sch, b)
+
+
+# ------------------------------------------------------------------------------- primitives
+
+
+def _work(sch, block) -> int:
+    """Static iteration count of a block's loop nest (symbolic extents count 1)."""
+    n = 1
+    for lp in sch.get_loops(block):
+        n *= _static(sch.get(lp).extent) or 1
+    return n
+
+
+def _inline_chain(sch, consumers):
+    """Inline every consumer but the last into its successor; return the last (or None)."""
+    if not consumers:
+        return None
+    for b in consumers[:-1]:
+        sch.compute_inline(b)
+    return consumers[-1]
+
+
+def _try_inline(sch, block) -> None:
+    try:
+        sch.compute_inline(block)
+    except s_tir.ScheduleError:
+        pass  # a block that cannot be inlined (several consumers, a reduction) keeps its own loops
+
+
+def _parallel(sch, loops) -> None:
+    """Fuse the outer loops and run them in parallel."""
+    loops = [lp for lp in loops]
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    sch.parallel(fused)
+
+
+def _parallel_vectorize(sch, block) -> None:
+    """Parallel outer loops; the innermost loop vectorised when static (split to at most MAX_INNER)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    extent = _static(sch.get(inner).extent)
+    if extent is not None and extent > 1 and len(loops) > 1:
+        lanes = _divisor(extent, MAX_INNER)
+        if lanes < extent:
+            io, inner = sch.split(inner, [None, lanes])
+            loops = list(loops[:-1]) + [io]
+        else:
+            loops = list(loops[:-1])
+        sch.vectorize(inner)
+        _parallel(sch, loops)
+    else:
+        _parallel(sch, loops)
