@@ -46,3 +46,36 @@ def region_buffer(region):
 
 
 __all__ += ["region_buffer"]
+
+
+def relax_constants(mod) -> list:
+    """Every constant tensor of the Relax functions in ``mod``, as numpy arrays. In 0.27 a tensor
+    constant is a ``tvm.ir.GenericConst`` (``relax.Constant`` is gone) holding its data in ``.value``;
+    scalar ``IntImm``/``FloatImm`` are constants too, but no tensors."""
+    const_cls = getattr(tvm.ir, "Constant", None) or relax.Constant
+    found = []
+
+    def visit(e):
+        data = getattr(e, "value", None) if isinstance(e, const_cls) else None
+        if data is None and isinstance(e, const_cls):
+            data = getattr(e, "data", None)
+        if data is not None and hasattr(data, "numpy"):
+            found.append(data.numpy())
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+__all__ += ["relax_constants"]
+
+
+def var_shape(var) -> tuple:
+    """A Relax variable's static shape (symbolic dims as TIR expressions): ``.ty`` in 0.27 (was
+    ``.struct_info``)."""
+    info = var.ty if hasattr(var, "ty") else var.struct_info
+    return tuple(int(d) if hasattr(d, "value") else d for d in info.shape)
+
+
+__all__ += ["var_shape"]

@@ -149,8 +149,18 @@ def _convert_regenerate(node: fx.Node, importer) -> relax.Var:
     return bb.emit(relax.op.reshape(weight, geometry.param_shape))
 
 
+def _convert_amax(node: fx.Node, importer) -> relax.Var:
+    """``aten.amax(x, dim=[], keepdim=False)``, which the 0.27 importer lacks (``x.amax(-1)``, max pooling
+    over time in signal models); an empty ``dim`` reduces every axis."""
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return importer.block_builder.emit(relax.op.max(x, axis=dims or None, keepdims=bool(keepdim)))
+
+
 # The importer's table, extended by ours; keys are OpOverload names as the importer spells them.
-CONVERTERS = {"regenerate.default": _convert_regenerate}
+CONVERTERS = {"regenerate.default": _convert_regenerate, "amax.default": _convert_amax}
 
 
 def _check_supported(ep: torch.export.ExportedProgram) -> None:

@@ -36,8 +36,14 @@ OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled fun
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalize, fuse and schedule every PrimFunc of ``mod``; the result goes straight into
     ``tvm.compile(mod, target)``. No tuning, no constants created from parameters."""
+    return schedule_module(fuse(mod, target))[0]
+
+
+def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Relax ops -> fused, unscheduled PrimFuncs (the CPU backend's legalize passes, with batch norm
+    decomposed first)."""
     with target:
-        mod = tvm.transform.Sequential(
+        return tvm.transform.Sequential(
             [
                 # Batch norm as an elementwise scale/shift that fuses into the conv's epilogue; never
                 # folded into a weight (parameters are inputs, and a pool may be shared).
@@ -50,7 +56,6 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
                 relax.transform.DeadCodeElimination(),
             ]
         )(mod)
-    return schedule_module(mod)[0]
 
 
 def schedule_module(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, str]]:

@@ -1,0 +1,297 @@
+"""TVM lowering: the regeneration kernels against the eager formula and an independent per-element
+reference, what the lowered module stores, the default schedules, one error for every unsupported
+op, and parity of compiled registry models with the frozen torch models."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import helpers
+import nesc
+from helpers import BACKEND_REL, CLOSE, COMPRESS_ALL, assert_close, naive_regenerate
+
+tvm_adapter = pytest.importorskip("nesc.backends.tvm.adapter", reason="needs the tvm extra")
+
+from nesc.backends.tvm.adapter import relax, relax_constants, te, tvm, var_shape  # noqa: E402
+from nesc.backends.tvm.kernels import regenerate_rows_te, regenerate_te, rows_form  # noqa: E402
+from nesc.backends.tvm.lower import Lowered, LoweringError, lower  # noqa: E402
+from nesc.backends.tvm.schedule import fuse, prepare, schedule_func, schedule_module  # noqa: E402
+from nesc.models import get_spec, list_models  # noqa: E402
+from nesc.sampling import Geometry, regenerate_indexed, split_starts  # noqa: E402
+
+TARGET = tvm.target.Target({"kind": "llvm"})
+
+# ------------------------------------------------------------------------------ the kernels
+
+GEOMETRIES = {
+    # every axis active: channels wrap, the pool is spatially larger than the kernel
+    "conv2d_all_axes": Geometry((10, 7, 3, 3), (6, 5, 5, 4), (4, 3), "conv2d"),
+    # the usual case: windows move along channels only; blocks overhang the weight (10 = 4 + 4 + 2)
+    "conv2d_channels": Geometry((10, 12, 3, 3), (6, 8, 3, 3), (4, 5), "conv2d"),
+    "conv1d": Geometry((9, 6, 1, 5), (5, 4, 1, 5), (3, 2), "conv1d"),
+    "conv1d_all_axes": Geometry((9, 6, 1, 3), (5, 4, 1, 5), (3, 2), "conv1d"),
+    "linear": Geometry((20, 13, 1, 1), (7, 6, 1, 1), (5, 4), "linear"),
+    "linear_t": Geometry((20, 13, 1, 1), (7, 6, 1, 1), (5, 4), "linear_t"),
+    "one_block": Geometry((4, 3, 1, 1), (4, 3, 1, 1), (4, 3), "linear"),  # nothing to interpolate
+}
+
+
+def _routing(geometry: Geometry, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(geometry.pool, generator=g)
+    starts = torch.rand(*geometry.grid, 4, generator=g) * 20 - 5  # wraps and clamps
+    base, frac = split_starts(starts, geometry)
+    return pool, starts, base, frac
+
+
+def _run_kernel(te_func, pool_shape, geometry: Geometry, scale: float, pool, base, frac) -> torch.Tensor:
+    P = te.placeholder(pool_shape, "float32", "pool")
+    S = te.placeholder((*geometry.grid, 4), "int32", "starts")
+    Fr = te.placeholder((*geometry.grid, 4), "float32", "fracs")
+    W = te_func(P, S, Fr, scale=scale, geometry=geometry)
+    func, rule = schedule_func(te.create_prim_func([P, S, Fr, W]))
+    assert rule == "regenerate", rule
+    lib = tvm.compile(func, target=TARGET)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in W.shape], "float32"), dev)
+    args = [pool.reshape(pool_shape).numpy(), base.numpy(), frac.numpy()]
+    lib(*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return torch.from_numpy(out.numpy())
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_regenerate_kernel_matches_eager_and_naive(name):
+    geometry = GEOMETRIES[name]
+    pool, starts, base, frac = _routing(geometry)
+    scale = 0.7
+    got = _run_kernel(regenerate_te, geometry.pool, geometry, scale, pool, base, frac)
+    assert_close(got, regenerate_indexed(pool, base, frac, scale, geometry), CLOSE, f"{name} vs regenerate_indexed")
+    assert_close(got.double(), naive_regenerate(pool, starts, scale, geometry), CLOSE, f"{name} vs naive")
+
+
+@pytest.mark.parametrize("name", [n for n, g in GEOMETRIES.items() if rows_form(g)])
+def test_rows_kernel_matches_eager(name):
+    geometry = GEOMETRIES[name]
+    O, I, kh, kw = geometry.shape
+    Op, Ip = geometry.pool[:2]
+    pool, starts, base, frac = _routing(geometry, seed=1)
+    got = _run_kernel(regenerate_rows_te, (Op, Ip * kh * kw), geometry, 1.3, pool, base, frac)
+    want = regenerate_indexed(pool, base, frac, 1.3, geometry)
+    want = want.t() if geometry.layout == "linear_t" else want
+    assert_close(got, want.reshape(O, I * kh * kw), CLOSE, name)
+
+
+def test_rows_form_needs_a_fixed_kernel_window():
+    assert not rows_form(GEOMETRIES["conv2d_all_axes"])
+    assert rows_form(GEOMETRIES["conv2d_channels"])
+
+
+# ------------------------------------------------------------------ compiling and running
+
+
+def compile_lowered(low: Lowered):
+    """``prepare`` + ``tvm.compile`` on llvm; returns ``run(*inputs) -> np.ndarray``."""
+    ex = tvm.compile(prepare(low.mod, TARGET), TARGET)
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    params = [tvm.runtime.tensor(v, dev) for v in low.params.values()]
+
+    def run(*inputs: torch.Tensor) -> np.ndarray:
+        out = vm["main"](*[tvm.runtime.tensor(x.numpy(), dev) for x in inputs], *params)
+        return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+    return run
+
+
+def assert_backend_close(got: np.ndarray, want: torch.Tensor, what: str) -> None:
+    want = want.detach().numpy()
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    scale = max(float(np.abs(want).max()), 1e-12)
+    err = float(np.abs(got - want).max())
+    assert err <= BACKEND_REL * scale, f"{what}: max abs error {err:.3g} > {BACKEND_REL} x output scale {scale:.3g}"
+
+
+class ConvZoo(nn.Module):
+    """Every conv form the registry uses, small: strided, depthwise, grouped + dilated, 1x1, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.grouped = nn.Conv2d(16, 32, 3, padding=2, dilation=2, groups=2)
+        self.pw = nn.Conv2d(32, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu6(self.bn(self.stem(x)))  # (B, 16, H/2, W/2)
+        x = F.relu(self.grouped(self.dw(x)))  # (B, 32, H/2, W/2)
+        x = self.pw(x).mean((2, 3))  # (B, 32)
+        return self.head(x)
+
+
+class Signal(nn.Module):
+    """conv1d (strided, padded) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 16, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(16, 24, 3, padding=1, bias=False)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = F.gelu(self.c2(F.relu(self.c1(x))))  # (B, 24, L/2)
+        return self.fc(x.amax(-1))
+
+
+def _frozen(model: nn.Module, inputs: tuple, **config) -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    gm = nesc.transform(model, inputs, ratio=2, init="random", **config)
+    return nesc.freeze(gm)
+
+
+@pytest.mark.parametrize(
+    "make, shape, compressed", [(ConvZoo, (2, 3, 16, 16), 5), (Signal, (2, 2, 32), 3)], ids=["conv2d", "conv1d"]
+)
+def test_every_conv_form_compiles_with_parity(make, shape, compressed):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = (torch.randn(shape),)
+    frozen = _frozen(model, x, **COMPRESS_ALL)
+    assert len(helpers.regenerate_nodes(frozen)) == compressed  # every conv and linear
+    run = compile_lowered(lower(frozen, x))
+    with torch.no_grad():
+        for batch in (1, 2):  # one symbolic-batch module serves both
+            xb = x[0][:batch]
+            assert_backend_close(run(xb), frozen(xb), f"{make.__name__} batch {batch}")
+            # and against the independent dense computation: the eager model with the regenerated weights
+            assert_backend_close(run(xb), helpers.dense_twin(frozen, model).eval()(xb), f"{make.__name__} dense twin")
+
+
+# --------------------------------------------------------------------- what the module stores
+
+
+def _lowered_registry(name: str):
+    model = helpers.registry_model(name).eval()
+    x = helpers.registry_inputs(name, 2)
+    return model, x, _frozen(model, x)
+
+
+@functools.lru_cache(maxsize=None)
+def _lowered(name: str):
+    model, x, frozen = _lowered_registry(name)
+    return model, x, frozen, lower(frozen, x)
+
+
+def test_params_are_pools_routes_and_what_stayed_dense():
+    model, x, frozen, low = _lowered("resnet18_cifar")
+    # no dense copy of a compressed weight: parameters are exactly the stored model (+ BN statistics,
+    # which stored_params leaves out because the dense model has them too), and no constants
+    bn_stats = sum(b.numel() for n, b in frozen.named_buffers() if b.is_floating_point() and "nesc_routes" not in n)
+    assert sum(a.size for a in low.params.values()) == nesc.stored_params(frozen) + bn_stats
+    assert sum(a.size for n, a in low.params.items() if low.kinds[n] == "pool") == sum(
+        p.numel() for n, p in frozen.named_parameters() if n.startswith("nesc_pool")
+    )
+    routes = dict(frozen.named_buffers())
+    assert {n for n, k in low.kinds.items() if k == "route"} == {n for n in routes if n.startswith("nesc_routes.")}
+    sampled = set(helpers.sampled_weights(frozen))
+    assert sampled and not sampled & set(low.params), "a compressed weight is a parameter of the module"
+    smallest = min(w.numel() for w in helpers.sampled_weights(frozen).values())
+    for mod in (low.mod, prepare(low.mod, TARGET)):
+        big = [c.shape for c in relax_constants(mod) if c.size >= smallest]
+        assert not big, f"weight-sized constants in the module: {big}"
+    # and main takes the data inputs, then the parameters in the order of Lowered.params
+    main = low.mod["main"]
+    assert len(main.params) == len(low.input_names) + len(low.params)
+    assert [var_shape(p) for p in main.params[1:]] == [a.shape for a in low.params.values()]
+
+
+def test_dense_module_lowers_with_dense_params_only():
+    model, x, _ = _lowered_registry("cnn1d")
+    low = lower(model, x)
+    assert set(low.kinds.values()) == {"dense"}
+    assert sum(a.size for a in low.params.values()) == sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in model.buffers() if b.is_floating_point()
+    )
+    run = compile_lowered(low)
+    with torch.no_grad():
+        assert_backend_close(run(x[0]), model(x[0]), "dense cnn1d")
+
+
+# ------------------------------------------------------------------------- unsupported ops
+
+
+@torch.library.custom_op("nesc_test::mystery", mutates_args=())
+def _mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Mysterious(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.ops.nesc_test.mystery(self.a(torch.ops.nesc_test.mystery(x))))
+
+
+def test_every_unsupported_op_is_listed_in_one_error():
+    with pytest.raises(LoweringError) as err:
+        lower(Mysterious(), (torch.randn(2, 4),))
+    message = str(err.value)
+    assert "2 op(s) cannot be lowered" in message
+    assert message.count("nesc_test.mystery") == 2 and "CONVERTERS" in message
+
+
+def test_bad_example_inputs_are_an_error():
+    with pytest.raises(LoweringError, match="tuple of tensors"):
+        lower(nn.Linear(2, 2), ([1.0, 2.0],))
+
+
+# ----------------------------------------------------------------------- registry parity
+
+# Compile time grows with the number of distinct layers; these are the slow ones on 2 cores.
+SLOW_MODELS = {"mobilenetv2", "efficientnet_b0", "resnet18", "vit_tiny"}
+UNLOWERABLE: dict[str, str] = {}  # name -> reason; every registry model lowers today
+
+
+def _registry_cases():
+    for name in list_models():
+        if name in UNLOWERABLE:
+            continue
+        marks = [pytest.mark.slow] if name in SLOW_MODELS else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_registry_cases()))
+def test_registry_model_parity(name):
+    model, x, frozen, low = _lowered(name)
+    mod = prepare(low.mod, TARGET)
+    _, fresh = schedule_module(fuse(low.mod, TARGET))
+    assert "none" not in fresh.values(), f"unscheduled functions: {[k for k, v in fresh.items() if v == 'none']}"
+    ex = tvm.compile(mod, TARGET)
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    params = [tvm.runtime.tensor(v, dev) for v in low.params.values()]
+    spec = get_spec(name)
+    with torch.no_grad():
+        for batch in (1, 2):
+            xb = spec.example_inputs(batch, test=True, seed=3)
+            out = vm["main"](*[tvm.runtime.tensor(t.numpy(), dev) for t in xb], *params)
+            got = (out if hasattr(out, "numpy") else out[0]).numpy()
+            assert_backend_close(got, frozen(*xb), f"{name} batch {batch}")
+
+
+def test_unlowerable_models_are_real_registry_models():
+    assert set(UNLOWERABLE) <= set(list_models())
