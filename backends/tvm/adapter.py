@@ -79,3 +79,14 @@ def var_shape(var) -> tuple:
 
 
 __all__ += ["var_shape"]
+
+
+def host_target() -> "tvm.target.Target":
+    """LLVM for this machine's CPU (``mcpu`` set, so AVX2/AVX-512 and FMA are used; a bare
+    ``{"kind": "llvm"}`` compiles for baseline x86-64: SSE2, no FMA)."""
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+
+
+__all__ += ["host_target"]

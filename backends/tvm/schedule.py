@@ -137,6 +137,17 @@ def _kind(sch, block) -> str:
     return "tiled" if _contiguous_reads(stmt, spatial[-1].var) else "rows"
 
 
+def _lanes(n: int | None) -> int:
+    """Vector lanes for an inner axis of ``n``: a multiple of the register width when one divides
+    ``n`` (16, 8), else the whole axis when it is short, else its largest divisor up to ``MAX_INNER``."""
+    if n is None:
+        return 1
+    for lanes in (MAX_INNER, VECTOR_LANES):
+        if n % lanes == 0:
+            return lanes
+    return n if n <= MAX_INNER else _divisor(n, MAX_INNER)
+
+
 def _divisor(n: int | None, limit: int) -> int:
     """The largest divisor of ``n`` that is at most ``limit`` (1 when ``n`` is symbolic)."""
     if n is None:
@@ -160,7 +171,7 @@ def _tiled(sch) -> None:
     n_spatial = _num_spatial(sch, anchor)
     spatial, reduce = list(loops[:n_spatial]), list(loops[n_spatial:])
     extents = [_static(sch.get(lp).extent) for lp in spatial]
-    lanes = _divisor(extents[-1], MAX_INNER)
+    lanes = _lanes(extents[-1])
     xo, xi = sch.split(spatial[-1], [None, lanes])
     t = _register_axis(sch, anchor, extents)
     fo = fi = None
@@ -170,7 +181,9 @@ def _tiled(sch) -> None:
     sch.reorder(*outer, xo, *reduce, *([fi] if fi is not None else []), xi)
     # Accumulate the register block in a tile-sized buffer; write it back (with the epilogue) once per tile.
     if epilogue is None:
-        epilogue = sch.cache_write(anchor, 0, "global")
+        epilogue = sch.cache_write(anchor, 0, "local")
+    else:
+        sch.set_scope(anchor, 0, "local")
     sch.reverse_compute_at(epilogue, xo)
     sch.vectorize(xi)
     if fi is not None and (_static(sch.get(fi).extent) or 1) > 1:

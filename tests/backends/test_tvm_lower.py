@@ -18,14 +18,14 @@ from helpers import BACKEND_REL, CLOSE, COMPRESS_ALL, assert_close, naive_regene
 
 tvm_adapter = pytest.importorskip("nesc.backends.tvm.adapter", reason="needs the tvm extra")
 
-from nesc.backends.tvm.adapter import relax, relax_constants, te, tvm, var_shape  # noqa: E402
+from nesc.backends.tvm.adapter import host_target, relax, relax_constants, te, tvm, var_shape  # noqa: E402
 from nesc.backends.tvm.kernels import regenerate_rows_te, regenerate_te, rows_form  # noqa: E402
 from nesc.backends.tvm.lower import Lowered, LoweringError, lower  # noqa: E402
 from nesc.backends.tvm.schedule import fuse, prepare, schedule_func, schedule_module  # noqa: E402
 from nesc.models import get_spec, list_models  # noqa: E402
 from nesc.sampling import Geometry, regenerate_indexed, split_starts  # noqa: E402
 
-TARGET = tvm.target.Target({"kind": "llvm"})
+TARGET = host_target()
 
 # ------------------------------------------------------------------------------ the kernels
 
