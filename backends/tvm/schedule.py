@@ -48,6 +48,9 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
                 # Batch norm as an elementwise scale/shift that fuses into the conv's epilogue; never
                 # folded into a weight (parameters are inputs, and a pool may be shared).
                 relax.transform.DecomposeOpsForInference(),
+                # x @ w.T as one NT matmul reading w in its stored (out, in) layout, rather than a
+                # transpose of every linear weight on every call
+                relax.transform.FuseTransposeMatmul(),
                 relax.transform.LegalizeOps(),
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(),
@@ -90,9 +93,11 @@ def _candidates(func: tir.PrimFunc):
     if any(sch.get(b).name_hint == WEIGHT_NAME for b in _blocks(sch)):
         return (_regenerate, _elementwise)
     kinds = [_kind(sch, b) for b in _blocks(sch)]
+    if kinds.count("dot") == 1 and not ({"tiled", "rows"} & set(kinds)):
+        return (_dot, _rows, _elementwise)
     if "tiled" in kinds:
         return (_tiled, _rows, _elementwise)
-    if "rows" in kinds:
+    if "rows" in kinds or "dot" in kinds:
         return (_rows, _elementwise)
     return (_elementwise,)
 
@@ -133,8 +138,13 @@ def _kind(sch, block) -> str:
         return "elementwise"
     spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
     if not spatial or _static(spatial[-1].dom.extent) in (None, 1):
-        return "rows"
-    return "tiled" if _contiguous_reads(stmt, spatial[-1].var) else "rows"
+        return "rows"  # a global reduction (mean over H, W)
+    if _contiguous_reads(stmt, spatial[-1].var):
+        return "tiled"
+    reduce = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.CommReduce]
+    if len(_contiguous_reads(stmt, reduce[-1].var)) >= 2 and (_static(reduce[-1].dom.extent) or 1) % VECTOR_LANES == 0:
+        return "dot"  # x @ w.T: both operands contiguous along the reduction
+    return "rows"
 
 
 def _lanes(n: int | None) -> int:
@@ -227,11 +237,56 @@ def _regenerate(sch) -> None:
     outer, row = ([j, k, a], [b, *rest]) if i_axis > o_axis else ([j, k, b], [a, *rest])
     sch.reorder(*outer, *row)
     row = sch.fuse(*row) if len(row) > 1 else row[0]
-    lanes = _divisor(_static(sch.get(row).extent), MAX_INNER)
-    if lanes > 1:
-        _, vec = sch.split(row, [None, lanes])
-        sch.vectorize(vec)
+    _vectorize_with_tail(sch, row)
     _parallel(sch, outer)
+
+
+def _vectorize_with_tail(sch, loop) -> None:
+    """Vectorise a static loop in full registers: the largest multiple of MAX_INNER lanes, then the
+    rest as one short vector (a block row of 262 columns is 16 x 16 + 6, not 131 x 2)."""
+    extent = _static(sch.get(loop).extent)
+    if not extent or extent <= 1:
+        return
+    lanes = min(MAX_INNER, extent)
+    main = extent - extent % lanes
+    if main < extent:
+        loop, tail = sch.loop_partition(loop, [main, None])
+        sch.vectorize(tail)
+    if main > lanes:
+        _, loop = sch.split(loop, [None, lanes])
+    sch.vectorize(loop)
+
+
+def _dot(sch) -> None:
+    """x @ w.T: both operands run along the reduction. Split it into vector lanes and rfactor them, so
+    that each lane accumulates its own partial dot product (contiguous loads, one FMA per lane) for a
+    register block of outputs; the lanes are summed once per output at the end, with the epilogue."""
+    blocks = _blocks(sch)
+    index = [_kind(sch, b) for b in blocks].index("dot")
+    anchor = blocks[index]
+    for b in blocks[:index]:
+        _parallel_vectorize(sch, b)
+    epilogue = _inline_chain(sch, blocks[index + 1 :])
+    n_spatial = _num_spatial(sch, anchor)
+    loops = sch.get_loops(anchor)
+    spatial, reduce = list(loops[:n_spatial]), list(loops[n_spatial:])
+    lanes = MAX_INNER if _static(sch.get(reduce[-1]).extent) % MAX_INNER == 0 else VECTOR_LANES
+    ko, ki = sch.split(reduce[-1], [None, lanes])
+    rf = sch.rfactor(ki, factor_axis=n_spatial)
+    rf_loops = sch.get_loops(rf)  # spatial..., reduce[:-1]..., ko, ki
+    extents = [_static(sch.get(lp).extent) for lp in rf_loops[:n_spatial]]
+    jo, ji = sch.split(rf_loops[n_spatial - 1], [None, _divisor(extents[-1], 4)])
+    # The block of w outermost: it stays in L1 while every row of x (the batch) streams past it.
+    outer = [jo, *rf_loops[: n_spatial - 1]]
+    sch.reorder(*outer, *rf_loops[n_spatial:-1], ji, rf_loops[-1])
+    sch.vectorize(rf_loops[-1])
+    sch.unroll(ji)
+    sch.set_scope(rf, 0, "local")
+    sch.reverse_compute_at(anchor, outer[-1])
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, outer[-1])
+    _parallel(sch, outer)
+    sch.decompose_reduction(rf, rf_loops[n_spatial])
 
 
 def _rows(sch) -> None:
