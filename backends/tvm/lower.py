@@ -44,7 +44,8 @@ class LoweringError(NescError):
 
 @dataclass(frozen=True)
 class Lowered:
-    mod: tvm.IRModule  # Relax module, entry "main"; params are function inputs after the data inputs
+    mod: tvm.IRModule  # Relax module, entry "main"; params are function inputs after the data inputs;
+    # main returns the model's outputs as a tuple
     params: dict[str, np.ndarray]  # qualified name -> array, in the order "main" takes them
     input_names: tuple[str, ...]
     kinds: dict[str, str]  # param name -> "pool" | "route" | "dense"
