@@ -28,6 +28,7 @@ from .adapter import te, tir
 REGENERATE_NAME = "nesc_regenerate"  # PrimFunc name hint of every regeneration kernel
 PADDED_NAME = "nesc_padded_pool"  # block names the default schedule recognises
 WEIGHT_NAME = "nesc_weight"
+CROP_NAME = "nesc_weight_crop"
 # Block annotation of the weight: [output-block axis, its block size, input-block axis, its block size].
 SPLIT_ATTR = "nesc_split"
 
@@ -135,4 +136,10 @@ def regenerate_rows_te(pool_rows: te.Tensor, starts: te.Tensor, fracs: te.Tensor
         return _interpolate(read, fracs, j, k, act, pool_rows.dtype)
 
     attrs = {SPLIT_ATTR: [0, bo, 1, span]}
-    return te.compute((O, I * area), element, name=WEIGHT_NAME, tag=REGENERATE_NAME, attrs=attrs)
+    # Whole blocks along the columns: a last block that overhangs the weight would put a bounds check
+    # in the vectorised inner loop (measured 9x slower); it is computed whole and cropped instead.
+    cols = -(-I // bi) * span
+    weight = te.compute((O, cols), element, name=WEIGHT_NAME, tag=REGENERATE_NAME, attrs=attrs)
+    if cols == I * area:
+        return weight
+    return te.compute((O, I * area), lambda o, c: weight[o, c], name=CROP_NAME)

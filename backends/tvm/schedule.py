@@ -24,12 +24,12 @@ A function that no rule can schedule keeps its legalized form and is reported by
 from __future__ import annotations
 
 from .adapter import region_buffer, relax, s_tir, tir, tvm
-from .kernels import PADDED_NAME, SPLIT_ATTR, WEIGHT_NAME
+from .kernels import CROP_NAME, PADDED_NAME, SPLIT_ATTR, WEIGHT_NAME
 
 VECTOR_LANES = 8  # float32 lanes of AVX2; 16-wide inner tiles are two registers
 MAX_INNER = 16  # widest vectorised inner tile
 REGISTER_TILE = 64  # accumulator elements per register block (AVX2 has 16 ymm registers)
-RULES = ("tiled", "rows", "elementwise", "none")
+RULES = ("tiled", "dot", "rows", "regenerate", "elementwise", "reshape", "none")
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled function again
 
 
@@ -67,6 +67,10 @@ def schedule_module(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, str]]:
     rules = {}
     for gv, func in mod.functions_items():
         if isinstance(func, tir.PrimFunc):
+            if relax.analysis.has_reshape_pattern(func):
+                # left as it is: tvm.compile's RewriteDataflowReshape turns it into a view (no copy)
+                rules[gv.name_hint] = "reshape"
+                continue
             scheduled, rules[gv.name_hint] = schedule_func(func)
             out[gv] = scheduled
     return out, rules
@@ -227,6 +231,8 @@ def _regenerate(sch) -> None:
     reads of the padded pool are affine (block start + offset); parallel over blocks and output rows,
     the rest of a block row (contiguous in the weight and, in rows form, in the padded pool) vectorised."""
     _parallel_vectorize(sch, sch.get_sblock(PADDED_NAME))
+    if any(sch.get(b).name_hint == CROP_NAME for b in _blocks(sch)):
+        _parallel_vectorize(sch, sch.get_sblock(CROP_NAME))
     weight = sch.get_sblock(WEIGHT_NAME)
     o_axis, bo, i_axis, bi = (int(v) for v in sch.get(weight).annotations[SPLIT_ATTR])
     loops = sch.get_loops(weight)
@@ -338,7 +344,7 @@ def _try_inline(sch, block) -> None:
 
 def _parallel(sch, loops) -> None:
     """Fuse the outer loops and run them in parallel."""
-    loops = [lp for lp in loops]
+    loops = list(loops)
     if not loops:
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
