@@ -4,7 +4,8 @@ The default schedules need no tuning. ``tune=`` spends a budget of measured tria
 on the fused kernels of one model and one target; the records go to a JSON database under
 ``cache_dir/<target hash>/`` (default ``~/.cache/nesc/tvm``). A kernel that already has a record
 there, from any earlier compile of any model, is not tuned again: a second compile of the same model
-runs no trial and builds from the database.
+runs no trial and builds from the database. Only kernels with at least ``MIN_FLOP_SHARE`` of the
+model's FLOPs are tuned; the others keep their default schedules.
 
 MetaSchedule measures candidate kernels in worker processes and needs static shapes, so a tuned
 model is built for the batch size of its example inputs. It needs psutil and cloudpickle (the
@@ -25,6 +26,12 @@ from nesc.errors import ConfigError
 DEFAULT_CACHE = Path("~/.cache/nesc/tvm")
 # Trials per kernel and round when tuning for a time budget: the budget is checked between rounds.
 ROUND_TRIALS = 8
+# Kernels below this share of the model's FLOPs (reshapes, index arithmetic, small gathers) are left
+# to the default schedules: a trial costs the same seconds whatever the kernel, and these gain nothing.
+MIN_FLOP_SHARE = 0.01
+# Seconds a worker may take to build or to run one candidate. MetaSchedule's 30 s default is too
+# short on a busy 2-core machine: every worker process imports TVM (and torch, which tvm_ffi imports).
+WORKER_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,14 @@ def as_tune_config(tune) -> TuneConfig | None:
 
 @dataclass
 class TuneReport:
-    """What a tuning step did: kernels found, tuned now, taken from the cache; trials run; where."""
+    """What a tuning step did: kernels found, tuned now, already in the cache, too small to tune;
+    trials run now; where the database is."""
 
     database: Path
     kernels: list[str] = field(default_factory=list)
     tuned: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    small: list[str] = field(default_factory=list)
     trials: int = 0
     seconds: float = 0.0
 
@@ -93,10 +102,14 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, config: TuneConfig
         mod = relax.get_pipeline("zero")(mod)  # legalize + fuse, as MetaSchedule's relax pipeline does
     database = _database(folder)
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    report = TuneReport(folder, kernels=[t.task_name for t in tasks])
-    todo = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
-    report.tuned = [t.task_name for t in todo]
-    report.reused = [t.task_name for t in tasks if t not in todo]
+    flops = {t.task_name: s_tir.analysis.estimate_tir_flops(t.dispatched[0]) * t.weight for t in tasks}
+    total = sum(flops.values()) or 1.0
+    big = [t for t in tasks if flops[t.task_name] >= MIN_FLOP_SHARE * total]
+    # A workload the database knows was tuned by an earlier compile (with whatever budget it had).
+    todo = [t for t in big if not database.has_workload(t.dispatched[0])]
+    report = TuneReport(folder, kernels=[t.task_name for t in tasks], tuned=[t.task_name for t in todo],
+                        reused=[t.task_name for t in big if t not in todo],
+                        small=[t.task_name for t in tasks if t not in big])
     before, start = len(database), time.perf_counter()
     if todo:
         _run_budget(todo, folder, database, config, start)
@@ -125,8 +138,8 @@ def _run_budget(tasks: list, folder: Path, database, config: TuneConfig, start: 
             tasks=contexts, task_weights=weights, work_dir=str(folder), database=database,
             max_trials_global=per_task * len(contexts) if config.trials is None else config.trials,
             max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 64),
-            builder=ms.builder.LocalBuilder(max_workers=workers),
-            runner=ms.runner.LocalRunner(),
+            builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=WORKER_TIMEOUT_S),
+            runner=ms.runner.LocalRunner(timeout_sec=WORKER_TIMEOUT_S),
         )
         if config.trials is not None or time.perf_counter() - start >= config.seconds:
             return
