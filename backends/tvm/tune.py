@@ -97,7 +97,6 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, config: TuneConfig
     default schedules."""
     ms = s_tir.meta_schedule
     folder = cache_folder(cache_dir, target)
-    folder.mkdir(parents=True, exist_ok=True)
     with target:
         mod = relax.get_pipeline("zero")(mod)  # legalize + fuse, as MetaSchedule's relax pipeline does
     database = _database(folder)
@@ -120,6 +119,7 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, config: TuneConfig
 
 
 def _database(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
     return s_tir.meta_schedule.database.JSONDatabase(
         path_workload=str(folder / "database_workload.json"),
         path_tuning_record=str(folder / "database_tuning_record.json"),
