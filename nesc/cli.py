@@ -359,6 +359,8 @@ def _add_compile_command(commands, config: argparse.ArgumentParser) -> None:
     compile_.add_argument("--cache-dir", type=Path, help="tuning database folder (default ~/.cache/nesc/tvm)")
     compile_.add_argument("--init", metavar="CHECKPOINT", type=Path,
                           help="local dense checkpoint (.safetensors or .pt state_dict) to start from")
+    compile_.add_argument("--compare-dense", action="store_true",
+                          help="also build the dense registry model the same way and print its deployed size")
     compile_.set_defaults(run=run_compile)
 
 
@@ -373,6 +375,9 @@ def run_compile(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.out.suffix != ".so":
         raise InputError(f"-o {str(args.out)!r} must end in .so (a shared library)")
     _check_writable(args.out)
+    if args.compare_dense and _is_artifact(args.model):
+        raise InputError(f"--compare-dense needs a registry model name, not the artifact {args.model!r}: "
+                         f"an artifact holds no dense weights to build")
     stages = Stages(err)
     with stages.progress():
         with stages.stage("load" if _is_artifact(args.model) else "compress", args.model):
@@ -381,6 +386,9 @@ def run_compile(args: argparse.Namespace, out: Console, err: Console) -> int:
             compiled = tvm_compile(frozen, inputs, target, tune=tune, cache_dir=args.cache_dir)
         with stages.stage("export", str(args.out)):
             files = compiled.export_library(args.out)
+        if args.compare_dense:
+            with stages.stage("dense", "compile and export the dense model the same way"):
+                dense_bytes = _dense_deployed_bytes(args, inputs, target, tune)
     report = nesc.summary(frozen, print_table=False)
     _print_heading(out, args.model, f"compiled for {target.name} ({target.describe}), input {_shape(inputs[0].shape)}")
     kinds = ", ".join(f"{kind} {n:,}" for kind, n in compiled.bytes_by_kind().items())
@@ -388,12 +396,31 @@ def run_compile(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(f"library: {files.library} {_bytes(files.library_bytes)}")
     out.print(f"parameters: {files.params} {_bytes(files.params_bytes)} ({kinds} bytes)")
     out.print(f"dense float32 weights {_bytes(dense)}; parameters {dense / max(compiled.param_bytes, 1):.2f}x smaller")
+    if args.compare_dense:
+        out.print(f"deployed: {_bytes(files.total_bytes)}; the dense model built the same way: {_bytes(dense_bytes)} "
+                  f"({dense_bytes / max(files.total_bytes, 1):.2f}x)")
     if compiled.tuning is not None:
         t = compiled.tuning
         out.print(f"tuning: {len(t.tuned)} kernels tuned ({t.trials} trials, {t.seconds:.0f}s), {len(t.reused)} "
                   f"from the cache, {len(t.small)} too small to tune; database {t.database}")
     out.print("time: " + ", ".join(f"{label} {s:.1f}s" for label, s in stages.seconds.items()))
     return 0
+
+
+def _dense_deployed_bytes(args: argparse.Namespace, inputs: tuple, target, tune) -> int:
+    """Library + parameters file of the dense registry model (the weights compress started from)."""
+    import tempfile
+
+    from nesc.backends.tvm.build import compile as tvm_compile
+
+    torch.manual_seed(_config(args).seed)
+    model = _spec(args.model).create()
+    if args.init is not None:
+        nesc.load_checkpoint(model, args.init)
+    with tempfile.TemporaryDirectory() as folder:
+        files = tvm_compile(model.eval(), inputs, target, tune=tune, cache_dir=args.cache_dir).export_library(
+            Path(folder) / "dense.so")
+        return files.total_bytes
 
 
 def _frozen_for_compile(args: argparse.Namespace) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:

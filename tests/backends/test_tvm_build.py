@@ -234,11 +234,11 @@ def _pipe_width(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_compile_registry_model(tmp_path: Path, capsys: pytest.CaptureFixture, _pipe_width) -> None:
     out_path = tmp_path / "cnn1d.so"
-    code = main(["compile", "cnn1d", "-o", str(out_path), "--input-size", "1", "48"])
+    code = main(["compile", "cnn1d", "-o", str(out_path), "--input-size", "1", "48", "--compare-dense"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out_path.is_file() and runtime.params_path(out_path).is_file()
-    assert "dense float32" in out and "smaller" in out
+    assert "dense float32" in out and "smaller" in out and "the dense model built the same way" in out
     deployed = runtime.load(out_path)
     x = np.random.default_rng(0).standard_normal((3, 1, 48)).astype(np.float32)
     assert deployed(x).shape == (3, 10)
@@ -261,6 +261,8 @@ def test_cli_compile_saved_artifact(tmp_path: Path, capsys: pytest.CaptureFixtur
     (["compile", "mlpp", "-o", "x.so"], "did you mean 'mlp'"),
     (["compile", "mlp", "-o", "x.so", "--tune", "soon"], "tune must be"),
     (["compile", "mlp", "-o", "x.so", "--batch", "0"], "--batch must be"),
+    (["compile", "mlp", "-o", "x.txt"], "must end in .so"),
+    (["compile", "saved.nesc", "-o", "x.so", "--compare-dense"], "--compare-dense needs a registry model"),
 ])
 def test_cli_compile_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture, _pipe_width) -> None:
     code = main(argv)
