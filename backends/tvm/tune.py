@@ -9,18 +9,20 @@ model's FLOPs are tuned; the others keep their default schedules.
 
 MetaSchedule measures candidate kernels in worker processes and needs static shapes, so a tuned
 model is built for the batch size of its example inputs. It needs psutil and cloudpickle (the
-``tvm`` extra) and apache-tvm-ffi 0.1.14.post0 (0.1.15.post2 segfaults serialising IR).
+``tvm`` extra) and apache-tvm-ffi 0.1.14.post0 (0.1.15.post2 segfaults serialising IR); it uses
+the XGBoost cost model when ``xgboost`` is installed (``pip install xgboost``), random picks otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nesc.backends.tvm.adapter import relax, s_tir, tvm
+from nesc.backends.tvm.adapter import import_tensor_intrinsics, relax, s_tir, tvm
 from nesc.errors import ConfigError
 
 DEFAULT_CACHE = Path("~/.cache/nesc/tvm")
@@ -79,6 +81,7 @@ class TuneReport:
     tuned: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     small: list[str] = field(default_factory=list)
+    cost_model: str = ""
     trials: int = 0
     seconds: float = 0.0
 
@@ -96,6 +99,7 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, config: TuneConfig
     every kernel with a record comes back scheduled (``tir.is_scheduled``); the rest is left for the
     default schedules."""
     ms = s_tir.meta_schedule
+    import_tensor_intrinsics()  # before MetaSchedule imports them: 10 minutes otherwise, with torch loaded
     folder = cache_folder(cache_dir, target)
     with target:
         mod = relax.get_pipeline("zero")(mod)  # legalize + fuse, as MetaSchedule's relax pipeline does
@@ -110,8 +114,9 @@ def tune_module(mod: tvm.IRModule, target: tvm.target.Target, config: TuneConfig
                         reused=[t.task_name for t in big if t not in todo],
                         small=[t.task_name for t in tasks if t not in big])
     before, start = len(database), time.perf_counter()
+    report.cost_model = cost_model()
     if todo:
-        _run_budget(todo, folder, database, config, start)
+        _run_budget(todo, folder, database, config, start, report.cost_model)
     report.trials, report.seconds = len(database) - before, time.perf_counter() - start
     with target, database:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
@@ -127,7 +132,13 @@ def _database(folder: Path):
     )
 
 
-def _run_budget(tasks: list, folder: Path, database, config: TuneConfig, start: float) -> None:
+def cost_model() -> str:
+    """MetaSchedule's XGBoost cost model where xgboost is installed; otherwise candidates are picked
+    at random among the evolutionary search's valid ones (fine for small budgets, worse for large)."""
+    return "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
+
+
+def _run_budget(tasks: list, folder: Path, database, config: TuneConfig, start: float, model: str) -> None:
     ms = s_tir.meta_schedule
     workers = max(1, min(os.cpu_count() or 1, 4))
     while True:
@@ -138,8 +149,10 @@ def _run_budget(tasks: list, folder: Path, database, config: TuneConfig, start: 
             tasks=contexts, task_weights=weights, work_dir=str(folder), database=database,
             max_trials_global=per_task * len(contexts) if config.trials is None else config.trials,
             max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 64),
-            builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=WORKER_TIMEOUT_S),
-            runner=ms.runner.LocalRunner(timeout_sec=WORKER_TIMEOUT_S),
+            # Each build worker imports the tensor intrinsics too (with torch loaded, via tvm_ffi).
+            builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=WORKER_TIMEOUT_S,
+                                            initializer=import_tensor_intrinsics),
+            runner=ms.runner.LocalRunner(timeout_sec=WORKER_TIMEOUT_S), cost_model=model,
         )
         if config.trials is not None or time.perf_counter() - start >= config.seconds:
             return
