@@ -63,6 +63,7 @@ class CompiledModel:
     params: dict[str, np.ndarray]  # in the order "main" takes them after the inputs
     kinds: dict[str, str]  # param name -> "pool" | "route" | "dense"
     input_specs: tuple[runtime.InputSpec, ...]
+    tvm_target: str = ""  # the TVM target it was built with, as JSON (recorded in the export)
     tuning: TuneReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> build time
     _runner: runtime.Runner | None = field(default=None, repr=False)
@@ -100,12 +101,8 @@ class CompiledModel:
             raise InputError(f"cannot export to {str(path)!r}: folder {str(path.parent)!r} does not exist")
         self.executable.export_library(str(path), fcompile=self.target.fcompile())
         meta = {"inputs": [s.to_json() for s in self.input_specs], "kinds": self.kinds,
-                "device": self.target.device, "target": {"name": self.target.name, "tvm": str(self._tvm_target)}}
+                "device": self.target.device, "target": {"name": self.target.name, "tvm": self.tvm_target}}
         return ExportedFiles(path, runtime.save_params(path, self.params, meta))
-
-    @property
-    def _tvm_target(self) -> tvm.target.Target:
-        return self.target.tvm_target()
 
     def cuda_source(self) -> str:
         """The generated CUDA C of a CUDA build (what can be checked on a machine without a GPU)."""
@@ -154,7 +151,8 @@ def compile(
     with _timed(seconds, "build"):
         executable = tvm.compile(mod, tvm_target)
     return CompiledModel(executable, spec, dict(lowered.params), dict(lowered.kinds),
-                         _input_specs(lowered, example_inputs, dynamic=config is None), report, seconds)
+                         _input_specs(lowered, example_inputs, dynamic=config is None), str(tvm_target), report,
+                         seconds)
 
 
 def _check_example_inputs(example_inputs) -> tuple[torch.Tensor, ...]:

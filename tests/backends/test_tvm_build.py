@@ -89,6 +89,7 @@ def test_export_writes_library_and_safetensors_parameters(tmp_path: Path) -> Non
     for name, a in compiled.params.items():
         np.testing.assert_array_equal(params[name], a)
     assert meta["kinds"] == compiled.kinds
+    assert meta["target"]["name"] == "llvm" and '"kind":"llvm"' in meta["target"]["tvm"]
     assert files.params_bytes < compiled.param_bytes + 64 * 1024  # the arrays plus a JSON header
     assert files.total_bytes == files.library_bytes + files.params_bytes
 
