@@ -157,8 +157,9 @@ def bench_model(name: str, s: Settings, progress: Progress) -> Result:
                 with torch.no_grad():
                     model(x)
 
-            fns = {"tvm_epitome": lambda: compiled["tvm_epitome"](xn), "tvm_dense": lambda: compiled["tvm_dense"](xn),
-                   "torch_dense": torch_dense, "ort_dense": lambda: ort_run(xn)}
+            fns = {"tvm_epitome": lambda xn=xn: compiled["tvm_epitome"](xn),
+                   "tvm_dense": lambda xn=xn: compiled["tvm_dense"](xn),
+                   "torch_dense": torch_dense, "ort_dense": lambda xn=xn: ort_run(xn)}
             run.ms = interleaved(fns, s, progress, f"{name} batch {batch}").ms
             result.runs.append(run)
     return result

@@ -250,7 +250,7 @@ def test_cli_compile_saved_artifact(tmp_path: Path, capsys: pytest.CaptureFixtur
     artifact = tmp_path / "mlp.nesc"
     nesc.save(frozen, artifact)
     code = main(["compile", str(artifact), "-o", str(tmp_path / "mlp.so"), "--batch", "4"])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert code == 0, err
     inputs = registry_inputs("mlp", 4)
     deployed = runtime.load(tmp_path / "mlp.so")
