@@ -84,3 +84,15 @@ def load(path: str | Path) -> fx.GraphModule:
     gm = _load(path)
     gm.meta[DENSE_REASONS] = gm.meta.get("nesc_extra", {}).get("dense_reasons", {})
     return gm
+
+
+def compile(frozen: nn.Module, example_inputs, target="llvm", *, tune=None, cache_dir: str | Path | None = None):
+    """Build ``frozen`` (a ``nesc.freeze``d model, or any dense module) with Apache TVM for ``target``
+    ("llvm": this CPU; "aarch64": cross-compiled 64-bit ARM Linux; "cuda") and return a
+    ``CompiledModel``: call it on numpy arrays or tensors, ``export_library("model.so")`` to deploy
+    (the library plus ``model.params.safetensors``; ``nesc/backends/tvm/runtime.py`` runs them with
+    tvm and numpy only). ``tune``: an opt-in MetaSchedule budget, trials (int) or seconds ("120s"),
+    cached under ``cache_dir`` (default ``~/.cache/nesc/tvm``). Needs the ``tvm`` extra."""
+    from nesc.backends.tvm.build import compile as tvm_compile
+
+    return tvm_compile(frozen, example_inputs, target, tune=tune, cache_dir=cache_dir)

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", metavar="PATH", type=Path,
                           help=f"where to write the artifact (default: ./MODEL{ARTIFACT_SUFFIX})")
     compress.set_defaults(run=run_compress)
+    _add_compile_command(commands, config)
     return parser
 
 
@@ -339,6 +340,104 @@ def _shape(shape: Sequence[int]) -> str:
 
 def _bytes(n: int) -> str:
     return f"{n:,} bytes ({n / 2**20:.2f} MiB)"
+
+
+# ----------------------------------------------------------------------------- compile (TVM backend)
+
+
+def _add_compile_command(commands, config: argparse.ArgumentParser) -> None:
+    compile_ = commands.add_parser(
+        "compile", parents=[config], help="build a model with TVM into a deployable .so (+ .params.safetensors)",
+        description="Compress a registry model (or load a saved .nesc artifact), build it with Apache TVM "
+                    "and export the library and its parameters file; runtime.py runs them with tvm and numpy.")
+    compile_.add_argument("model", metavar="MODEL_OR_ARTIFACT",
+                          help=f"a registry model name or a {ARTIFACT_SUFFIX} artifact path")
+    compile_.add_argument("-o", "--out", metavar="PATH", type=Path, required=True, help="the library to write (.so)")
+    compile_.add_argument("--target", default="llvm", help="llvm (this CPU, default), aarch64 (cross) or cuda")
+    compile_.add_argument("--tune", metavar="N|Ss", help="MetaSchedule budget: N trials or S seconds ('120s')")
+    compile_.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (default 1)")
+    compile_.add_argument("--cache-dir", type=Path, help="tuning database folder (default ~/.cache/nesc/tvm)")
+    compile_.add_argument("--init", metavar="CHECKPOINT", type=Path,
+                          help="local dense checkpoint (.safetensors or .pt state_dict) to start from")
+    compile_.add_argument("--compare-dense", action="store_true",
+                          help="also build the dense registry model the same way and print its deployed size")
+    compile_.set_defaults(run=run_compile)
+
+
+def run_compile(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from nesc.backends.tvm.build import compile as tvm_compile
+    from nesc.backends.tvm.targets import get_target
+    from nesc.backends.tvm.tune import as_tune_config
+
+    if args.batch < 1:
+        raise InputError(f"--batch must be >= 1; got {args.batch}")
+    target, tune = get_target(args.target), as_tune_config(args.tune)  # fail before the work
+    if args.out.suffix != ".so":
+        raise InputError(f"-o {str(args.out)!r} must end in .so (a shared library)")
+    _check_writable(args.out)
+    if args.compare_dense and _is_artifact(args.model):
+        raise InputError(f"--compare-dense needs a registry model name, not the artifact {args.model!r}: "
+                         f"an artifact holds no dense weights to build")
+    stages = Stages(err)
+    with stages.progress():
+        with stages.stage("load" if _is_artifact(args.model) else "compress", args.model):
+            frozen, inputs = _frozen_for_compile(args)
+        with stages.stage("compile", f"for {target.name}" + (f", tuning {args.tune}" if tune else "")):
+            compiled = tvm_compile(frozen, inputs, target, tune=tune, cache_dir=args.cache_dir)
+        with stages.stage("export", str(args.out)):
+            files = compiled.export_library(args.out)
+        if args.compare_dense:
+            with stages.stage("dense", "compile and export the dense model the same way"):
+                dense_bytes = _dense_deployed_bytes(args, inputs, target, tune)
+    report = nesc.summary(frozen, print_table=False)
+    _print_heading(out, args.model, f"compiled for {target.name} ({target.describe}), input {_shape(inputs[0].shape)}")
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in compiled.bytes_by_kind().items())
+    dense = report.dense_params * FLOAT32_BYTES
+    out.print(f"library: {files.library} {_bytes(files.library_bytes)}")
+    out.print(f"parameters: {files.params} {_bytes(files.params_bytes)} ({kinds} bytes)")
+    out.print(f"dense float32 weights {_bytes(dense)}; parameters {dense / max(compiled.param_bytes, 1):.2f}x smaller")
+    if args.compare_dense:
+        out.print(f"deployed: {_bytes(files.total_bytes)}; the dense model built the same way: {_bytes(dense_bytes)} "
+                  f"({dense_bytes / max(files.total_bytes, 1):.2f}x)")
+    if compiled.tuning is not None:
+        t = compiled.tuning
+        out.print(f"tuning: {len(t.tuned)} kernels tuned ({t.trials} trials, {t.seconds:.0f}s), {len(t.reused)} "
+                  f"from the cache, {len(t.small)} too small to tune; database {t.database}")
+    out.print("time: " + ", ".join(f"{label} {s:.1f}s" for label, s in stages.seconds.items()))
+    return 0
+
+
+def _dense_deployed_bytes(args: argparse.Namespace, inputs: tuple, target, tune) -> int:
+    """Library + parameters file of the dense registry model (the weights compress started from)."""
+    import tempfile
+
+    from nesc.backends.tvm.build import compile as tvm_compile
+
+    torch.manual_seed(_config(args).seed)
+    model = _spec(args.model).create()
+    if args.init is not None:
+        nesc.load_checkpoint(model, args.init)
+    with tempfile.TemporaryDirectory() as folder:
+        files = tvm_compile(model.eval(), inputs, target, tune=tune, cache_dir=args.cache_dir).export_library(
+            Path(folder) / "dense.so")
+        return files.total_bytes
+
+
+def _frozen_for_compile(args: argparse.Namespace) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """(frozen model, example inputs at --batch) from a saved artifact or a freshly compressed registry model."""
+    if _is_artifact(args.model):
+        frozen = nesc.load(args.model)
+        generator = torch.Generator().manual_seed(0)
+        specs = frozen.meta[meta.INPUT_SPECS]
+        return frozen, tuple(torch.randn((args.batch, *shape[1:]), generator=generator, dtype=getattr(torch, dtype))
+                             for shape, dtype in specs)
+    spec, config = _spec(args.model), _config(args)
+    inputs = tuple(x.expand(args.batch, *x.shape[1:]).contiguous() for x in _example_inputs(spec, args.input_size))
+    torch.manual_seed(config.seed)
+    model = spec.create()
+    if args.init is not None:
+        nesc.load_checkpoint(model, args.init)
+    return nesc.freeze(nesc.transform(model, inputs, config)), inputs
 
 
 if __name__ == "__main__":

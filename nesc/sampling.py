@@ -162,7 +162,7 @@ def window_index(starts: Tensor, geometry: Geometry) -> Tensor:
 
     def axis(d: int, length: int, limit: int, wrap: bool) -> Tensor:
         idx = s[..., d, None] + torch.arange(length, device=starts.device)
-        return torch.remainder(idx, limit) if wrap else idx.clamp(max=limit - 1)
+        return torch.remainder(idx, limit) if wrap else idx.clamp(0, limit - 1)
 
     io = axis(0, bo + a[0], Op, True)[..., :, None, None, None]
     ii = axis(1, bi + a[1], Ip, True)[..., None, :, None, None]

@@ -314,3 +314,14 @@ def transformed_registry(name: str) -> tuple[nn.Module, fx.GraphModule]:
     fitted to the dense weights for ``DENSE_INIT_MODELS`` and random for the others."""
     model, gm = _transformed_registry(name)
     return copy.deepcopy(model), copy.deepcopy(gm)
+
+
+# ----------------------------------------------------------------------------- compiled backends
+
+def assert_backend_close(actual, expected: Tensor, what: str = "") -> None:
+    """``actual`` (numpy or torch) matches eager ``expected`` within ``BACKEND_REL`` of the output scale."""
+    got = torch.as_tensor(actual)
+    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    scale = expected.detach().abs().max().item()
+    err = (got.double() - expected.detach().double()).abs().max().item()
+    assert err <= BACKEND_REL * max(scale, 1e-30), f"{what}: max abs error {err:.3g} > {BACKEND_REL} x {scale:.3g}"

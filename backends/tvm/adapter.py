@@ -90,3 +90,39 @@ def host_target() -> "tvm.target.Target":
 
 
 __all__ += ["host_target"]
+
+# ------------------------------------------------------------------- tensor intrinsics, imported fast
+
+import contextlib  # noqa: E402
+import inspect  # noqa: E402
+import linecache  # noqa: E402
+import sys  # noqa: E402
+
+
+def _stack_without_modules(context: int = 1) -> list[inspect.FrameInfo]:
+    """``inspect.stack()`` without its ``getmodule`` lookups: same frames, files, lines and code lines."""
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        filename, lineno = frame.f_code.co_filename, frame.f_lineno
+        line = linecache.getline(filename, lineno)
+        frames.append(inspect.FrameInfo(frame, filename, lineno, frame.f_code.co_name,
+                                        [line] if line else None, 0 if line else None, positions=None))
+        frame = frame.f_back
+    return frames
+
+
+def import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (MetaSchedule does on its first tuning context) quickly.
+
+    Its import parses a few hundred TVMScript functions, and each ``@T.prim_func`` calls
+    ``inspect.stack()``, whose ``getmodule`` scans ``sys.modules`` for every frame: with torch
+    loaded (thousands of modules) that import took 10 minutes on a 2-core machine. The frames and
+    code lines the parser reads are the same with the lookup left out.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    with contextlib.ExitStack() as restore:
+        original = inspect.stack
+        inspect.stack = _stack_without_modules
+        restore.callback(setattr, inspect, "stack", original)
+        import tvm.s_tir.tensor_intrin  # noqa: F401
