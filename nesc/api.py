@@ -86,7 +86,8 @@ def load(path: str | Path) -> fx.GraphModule:
     return gm
 
 
-def compile(frozen: nn.Module, example_inputs, target="llvm", *, tune=None, cache_dir: str | Path | None = None):
+def compile(frozen: nn.Module, example_inputs, target="llvm", *, tune=None, cache_dir: str | Path | None = None,
+            dynamic_batch: bool = False):
     """Build ``frozen`` (a ``nesc.freeze``d model, or any dense module) with Apache TVM for ``target``
     ("llvm": this CPU; "aarch64": cross-compiled 64-bit ARM Linux; "cuda") and return a
     ``CompiledModel``: call it on numpy arrays or tensors, ``export_library("model.so")`` to deploy
@@ -95,4 +96,4 @@ def compile(frozen: nn.Module, example_inputs, target="llvm", *, tune=None, cach
     cached under ``cache_dir`` (default ``~/.cache/nesc/tvm``). Needs the ``tvm`` extra."""
     from nesc.backends.tvm.build import compile as tvm_compile
 
-    return tvm_compile(frozen, example_inputs, target, tune=tune, cache_dir=cache_dir)
+    return tvm_compile(frozen, example_inputs, target, tune=tune, cache_dir=cache_dir, dynamic_batch=dynamic_batch)

@@ -355,7 +355,9 @@ def _add_compile_command(commands, config: argparse.ArgumentParser) -> None:
     compile_.add_argument("-o", "--out", metavar="PATH", type=Path, required=True, help="the library to write (.so)")
     compile_.add_argument("--target", default="llvm", help="llvm (this CPU, default), aarch64 (cross) or cuda")
     compile_.add_argument("--tune", metavar="N|Ss", help="MetaSchedule budget: N trials or S seconds ('120s')")
-    compile_.add_argument("--batch", type=int, default=1, help="batch size of the example inputs (default 1)")
+    compile_.add_argument("--batch", type=int, default=1, help="batch size the library is built for (default 1)")
+    compile_.add_argument("--dynamic-batch", action="store_true",
+                          help="one library for any batch size (about 2x slower in the VM; no tuning)")
     compile_.add_argument("--cache-dir", type=Path, help="tuning database folder (default ~/.cache/nesc/tvm)")
     compile_.add_argument("--init", metavar="CHECKPOINT", type=Path,
                           help="local dense checkpoint (.safetensors or .pt state_dict) to start from")
@@ -371,6 +373,8 @@ def run_compile(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1; got {args.batch}")
+    if args.dynamic_batch and args.tune:
+        raise InputError("--dynamic-batch and --tune exclude each other: tuning needs a static batch (--batch B)")
     target, tune = get_target(args.target), as_tune_config(args.tune)  # fail before the work
     if args.out.suffix != ".so":
         raise InputError(f"-o {str(args.out)!r} must end in .so (a shared library)")
@@ -383,7 +387,8 @@ def run_compile(args: argparse.Namespace, out: Console, err: Console) -> int:
         with stages.stage("load" if _is_artifact(args.model) else "compress", args.model):
             frozen, inputs = _frozen_for_compile(args)
         with stages.stage("compile", f"for {target.name}" + (f", tuning {args.tune}" if tune else "")):
-            compiled = tvm_compile(frozen, inputs, target, tune=tune, cache_dir=args.cache_dir)
+            compiled = tvm_compile(frozen, inputs, target, tune=tune, cache_dir=args.cache_dir,
+                                   dynamic_batch=args.dynamic_batch)
         with stages.stage("export", str(args.out)):
             files = compiled.export_library(args.out)
         if args.compare_dense:
@@ -418,8 +423,8 @@ def _dense_deployed_bytes(args: argparse.Namespace, inputs: tuple, target, tune)
     if args.init is not None:
         nesc.load_checkpoint(model, args.init)
     with tempfile.TemporaryDirectory() as folder:
-        files = tvm_compile(model.eval(), inputs, target, tune=tune, cache_dir=args.cache_dir).export_library(
-            Path(folder) / "dense.so")
+        files = tvm_compile(model.eval(), inputs, target, tune=tune, cache_dir=args.cache_dir,
+                            dynamic_batch=args.dynamic_batch).export_library(Path(folder) / "dense.so")
         return files.total_bytes
 
 

@@ -28,7 +28,7 @@ from nesc.backends.tvm.lower import Lowered, lower
 from nesc.backends.tvm.schedule import prepare
 from nesc.backends.tvm.targets import TargetError, TargetSpec, get_target
 from nesc.backends.tvm.tune import TuneReport, as_tune_config, tune_module
-from nesc.errors import InputError
+from nesc.errors import ConfigError, InputError
 
 KINDS = ("pool", "route", "dense")
 
@@ -127,20 +127,26 @@ def compile(
     *,
     tune=None,
     cache_dir: str | Path | None = None,
+    dynamic_batch: bool = False,
 ) -> CompiledModel:
     """Build ``frozen`` (a ``nesc.freeze``d GraphModule, or any dense nn.Module) with TVM for ``target``.
 
-    The batch dimension stays dynamic, except with ``tune`` (MetaSchedule needs static shapes): then
-    the model is built for the example inputs' batch size. ``tune``: None (default schedules only),
+    The model is built for the example inputs' batch size. ``dynamic_batch=True`` keeps the batch
+    dimension symbolic (one library for every batch size) at a cost: measured here, a symbolic batch
+    ran ResNet-18/CIFAR about 2x slower in the Relax VM than the same model built static
+    (benchmarks/results/tvm_schedules_dynamic.md); tuning needs static shapes, so it excludes it. ``tune``: None (default schedules only),
     a number of trials, or ``TuneConfig(trials=..., seconds=...)``; records are cached under
     ``cache_dir`` (default ``~/.cache/nesc/tvm``) and reused by the next compile of the same kernels.
     """
     spec, config = get_target(target), as_tune_config(tune)
+    if dynamic_batch and config is not None:
+        raise ConfigError("tune= and dynamic_batch=True exclude each other: MetaSchedule tunes kernels for "
+                          "static shapes; build with dynamic_batch=False (the example inputs' batch) to tune")
     example_inputs = _check_example_inputs(example_inputs)
     seconds: dict[str, float] = {}
     tvm_target = spec.tvm_target()
     with _timed(seconds, "lower"):
-        lowered = lower(frozen, example_inputs, dynamic_batch=config is None)
+        lowered = lower(frozen, example_inputs, dynamic_batch=dynamic_batch)
     report = None
     mod = lowered.mod
     if config is not None:
@@ -151,7 +157,7 @@ def compile(
     with _timed(seconds, "build"):
         executable = tvm.compile(mod, tvm_target)
     return CompiledModel(executable, spec, dict(lowered.params), dict(lowered.kinds),
-                         _input_specs(lowered, example_inputs, dynamic=config is None), str(tvm_target), report,
+                         _input_specs(lowered, example_inputs, dynamic=dynamic_batch), str(tvm_target), report,
                          seconds)
 
 

@@ -20,6 +20,7 @@ from tvm_deploy_cases import SMALL_MODELS, compiled_registry, eager, frozen_regi
 from nesc.backends.tvm import runtime, targets, tune
 from nesc.backends.tvm.build import compile
 from nesc.cli import USAGE_ERROR, main
+from nesc.errors import ConfigError, NescError
 
 EM_AARCH64 = 183  # ELF e_machine of 64-bit ARM
 
@@ -30,16 +31,37 @@ EM_AARCH64 = 183  # ELF e_machine of 64-bit ARM
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_compiled_matches_frozen_model(name: str) -> None:
     _, frozen = frozen_registry(name)
-    compiled = compiled_registry(name)
-    for batch in (2, 1, 5):  # the batch dimension stays dynamic
+    inputs = registry_inputs(name)
+    assert_backend_close(compiled_registry(name)(*inputs), eager(frozen, inputs), name)
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_dynamic_batch_build_runs_every_batch_size(name: str) -> None:
+    _, frozen = frozen_registry(name)
+    compiled = compiled_registry(name, dynamic_batch=True)
+    assert compiled.input_specs[0].shape[0] is None
+    for batch in (2, 1, 5):
         inputs = registry_inputs(name, batch)
         assert_backend_close(compiled(*inputs), eager(frozen, inputs), f"{name} batch {batch}")
+
+
+def test_static_build_refuses_another_batch_size() -> None:
+    compiled = compiled_registry("mlp")  # built for registry_inputs' batch
+    batch = compiled.input_specs[0].shape[0]
+    assert isinstance(batch, int)
+    with pytest.raises(NescError, match="rebuild with matching example inputs"):
+        compiled(*registry_inputs("mlp", batch + 1))
+
+
+def test_tuning_needs_a_static_batch() -> None:
+    with pytest.raises(ConfigError, match="exclude each other"):
+        compile(nn.Linear(2, 2), (torch.randn(1, 2),), tune=1, dynamic_batch=True)
 
 
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_compiled_dense_model_matches_eager(name: str) -> None:
     model, _ = frozen_registry(name)
-    inputs = registry_inputs(name, 3)
+    inputs = registry_inputs(name)
     assert_backend_close(compiled_registry(name, dense=True)(*inputs), eager(model, inputs), f"dense {name}")
 
 
@@ -106,7 +128,7 @@ def test_export_rejects_a_path_that_is_not_a_shared_library(tmp_path: Path) -> N
     [
         ((), r"takes 1 input\(s\) \(\w+\); got 0"),
         ((np.zeros((2, 1, 28, 28), np.float64),), "dtype float64, expected float32"),
-        ((np.zeros((2, 28, 28), np.float32),), r"shape 2x28x28, expected Bx1x28x28"),
+        ((np.zeros((2, 28, 28), np.float32),), r"shape 2x28x28, expected 2x1x28x28"),
     ],
 )
 def test_bad_inputs_are_rejected(inputs: tuple, message: str) -> None:
@@ -235,7 +257,8 @@ def _pipe_width(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_compile_registry_model(tmp_path: Path, capsys: pytest.CaptureFixture, _pipe_width) -> None:
     out_path = tmp_path / "cnn1d.so"
-    code = main(["compile", "cnn1d", "-o", str(out_path), "--input-size", "1", "48", "--compare-dense"])
+    code = main(["compile", "cnn1d", "-o", str(out_path), "--input-size", "1", "48", "--compare-dense",
+                 "--dynamic-batch"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out_path.is_file() and runtime.params_path(out_path).is_file()

@@ -52,7 +52,7 @@ TORCH_FREE_SCRIPT = textwrap.dedent("""
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """cnn1d compiled for this CPU and exported: (folder with cnn1d.so + cnn1d.params.safetensors)."""
     folder = tmp_path_factory.mktemp("deployed")
-    compiled_registry("cnn1d").export_library(folder / "cnn1d.so")
+    compiled_registry("cnn1d", dynamic_batch=True).export_library(folder / "cnn1d.so")
     return folder / "cnn1d.so"
 
 
@@ -88,8 +88,8 @@ def test_load_in_process(exported: Path) -> None:
     _, frozen = frozen_registry("cnn1d")
     inputs = registry_inputs("cnn1d", 4)
     assert_backend_close(model(inputs[0].numpy()), eager(frozen, inputs), "runtime.load")
-    assert model.kinds == compiled_registry("cnn1d").kinds
-    assert model.param_bytes == compiled_registry("cnn1d").param_bytes
+    assert model.kinds == compiled_registry("cnn1d", dynamic_batch=True).kinds
+    assert model.param_bytes == compiled_registry("cnn1d", dynamic_batch=True).param_bytes
     assert model.artifact_bytes == exported.stat().st_size + runtime.params_path(exported).stat().st_size
 
 

@@ -28,9 +28,9 @@ def frozen_registry(name: str) -> tuple[nn.Module, fx.GraphModule]:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_registry(name: str, target: str = "llvm", dense: bool = False) -> CompiledModel:
+def compiled_registry(name: str, target: str = "llvm", dense: bool = False, dynamic_batch: bool = False) -> CompiledModel:
     model, frozen = frozen_registry(name)
-    return compile(model if dense else frozen, registry_inputs(name), target)
+    return compile(model if dense else frozen, registry_inputs(name), target, dynamic_batch=dynamic_batch)
 
 
 def eager(module: nn.Module, inputs: tuple) -> torch.Tensor:
