@@ -122,7 +122,7 @@ def execute(run: Run, settings: Settings, command: str, log=print) -> dict:
               "train_config": dataclasses.asdict(config), "command": command, "budget": ctx.budget,
               "dense_params": ctx.dense_params, "tolerance": method.tolerance, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "commit": _commit()}
+              "commit": COMMIT}
     t0 = time.perf_counter()
     try:
         model = baselines.build(run.method, ctx)
@@ -160,6 +160,10 @@ def _commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+# The revision of the code this process loaded (a later commit does not change what runs).
+COMMIT = _commit()
 
 
 def train_config_dir(run: Run) -> Path:

@@ -20,9 +20,8 @@ How ``wsnet`` differs from the paper's WSNet (Jin et al., ICML 2018): WSNet samp
 filters from that layer's own condensed filter, with overlapping windows at a fixed stride along the
 spatial and channel axes, and adds integral-image computation reuse. Here the windows are nesc's
 (channel blocks over a pool planned by ``NESConfig``, wrap-around for channel repetition) and the
-stride is fixed: block ``j`` of ``nbo`` starts at row ``floor(j * Op / nbo)`` of the pool, block ``k`` of
-``nbi`` at column ``floor(k * Ip / nbi)``, shifted by ``floor(l * Op / L)`` for the ``l``-th of ``L`` layers
-sharing the pool, spatial windows centred. Only the index learning separates it from ``nesc``, so the
+stride is fixed (``stride_starts``): consecutive output blocks start a fixed number of pool rows
+apart, wrapping around, and one input column apart (a diagonal stride); spatial windows centred. Only the index learning separates it from ``nesc``, so the
 comparison isolates what learning the indices buys. Its frozen start indices are still counted as
 parameters (4 per block), as nesc's are, although a stride rule needs none: that costs ``wsnet`` the
 routing share of the budget (under 3% in our plans).
@@ -227,17 +226,26 @@ def _wsnet(ctx: BuildContext) -> fx.GraphModule:
 
 
 def stride_starts(sampler: EpitomeSampler, layer: int, layers: int) -> Tensor:
-    """WSNet-style starts ``(nbo, nbi, 4)``: evenly strided over the pool's channel axes, shifted per
-    layer, spatial windows centred."""
+    """WSNet-style starts ``(nbo, nbi, 4)``: a fixed stride over the pool's channel axes.
+
+    Output block ``j`` starts ``so = max(1, Op // nbo)`` rows after block ``j - 1`` (overlapping windows
+    when the pool is narrower than the layer, as WSNet's filters overlap at their sampling stride),
+    wrapping around the pool, and one column after it: a diagonal stride. Without the column step, two
+    output blocks whose row windows are rotations of each other (a pool of 3 rows serving 10 classes)
+    would give some outputs identical weights. Input blocks stride ``si = max(1, Ip // nbi)`` columns.
+    Layers sharing a pool are shifted by ``floor(l * Op / L)`` rows. Spatial windows are centred.
+    """
     g = sampler.geometry
     nbo, nbi = g.grid
     Op, Ip = g.pool[:2]
     ylim, xlim = g.start_limits
-    o = (torch.arange(nbo) * Op // nbo + layer * Op // layers) % Op
-    i = torch.arange(nbi) * Ip // nbi
+    so, si = max(1, Op // nbo), max(1, Ip // nbi)
+    rows = torch.arange(nbo) * so + layer * Op // layers  # (nbo,)
+    o = rows % Op
+    i = (torch.arange(nbi)[None, :] * si + torch.arange(nbo)[:, None]) % Ip  # (nbo, nbi)
     starts = torch.zeros(nbo, nbi, 4)
     starts[..., 0] = o[:, None]
-    starts[..., 1] = i[None, :]
+    starts[..., 1] = i
     starts[..., 2] = ylim // 2
     starts[..., 3] = xlim // 2
     return starts
