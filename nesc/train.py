@@ -4,7 +4,7 @@
     result.test_acc, result.stored_params, result.stored_bytes, result.madd, result.seconds
 
 Every epoch appends its metrics to ``metrics.json`` and ``metrics.csv`` and writes a checkpoint:
-``checkpoint.safetensors`` (model state, optimizer tensors, RNG states) and ``checkpoint.json``
+``checkpoint-<epoch>.safetensors`` (model state, optimizer tensors, RNG states) and ``checkpoint.json``
 (epoch, optimizer hyper-parameters, scheduler state, metrics, config). No pickle anywhere. Calling
 ``fit`` again with the same ``out_dir`` resumes after the last finished epoch and ends with weights
 bit-identical to an uninterrupted run: the data order of an epoch is a function of ``(seed, epoch)``
@@ -38,7 +38,7 @@ from nesc.errors import ConfigError, InputError
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-CHECKPOINT = "checkpoint"  # checkpoint.safetensors + checkpoint.json
+CHECKPOINT = "checkpoint"  # checkpoint-<epoch>.safetensors + checkpoint.json
 METRICS = "metrics"  # metrics.json + metrics.csv
 EVAL_BATCH = 500
 FORMAT = "nesc-train-checkpoint"
@@ -373,13 +373,19 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig,
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
-    tmp = out / f"{CHECKPOINT}.safetensors.tmp"
+    # The tensors of epoch k go to their own file, named by the JSON written after it: an interruption
+    # between the two writes leaves the previous, consistent pair in place.
+    name = f"{CHECKPOINT}-{epoch}.safetensors"
+    tmp = out / f"{name}.tmp"
     save_file(tensors, str(tmp))
-    os.replace(tmp, out / f"{CHECKPOINT}.safetensors")
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "epoch": epoch, "elapsed": elapsed,
+    os.replace(tmp, out / name)
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "epoch": epoch, "tensors": name, "elapsed": elapsed,
            "config": dataclasses.asdict(config), "param_groups": opt_state["param_groups"],
            "optimizer_state": opt_meta, "scheduler": _jsonable(scheduler.state_dict()), "history": history}
     _atomic_write(out / f"{CHECKPOINT}.json", json.dumps(doc, indent=1))
+    for old in out.glob(f"{CHECKPOINT}-*.safetensors"):
+        if old.name != name:
+            old.unlink()
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig) -> tuple[int, list[dict], float]:
@@ -395,7 +401,8 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig)
         diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}
         raise InputError(f"cannot resume from {str(out)!r}: the checkpoint was written with other settings "
                          f"(saved, now): {diff}; pass the same settings, another --out, or --no-resume")
-    tensors = load_file(str(out / f"{CHECKPOINT}.safetensors"))
+    # Checkpoints written before tensors were named per epoch used one fixed file name.
+    tensors = load_file(str(out / doc.get("tensors", f"{CHECKPOINT}.safetensors")))
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)

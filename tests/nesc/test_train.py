@@ -163,7 +163,7 @@ def test_logs_and_checkpoint_files(data, tmp_path) -> None:
     assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in rows]
     doc = json.loads((tmp_path / "checkpoint.json").read_text())
     assert doc["epoch"] == 2 and doc["config"]["lr"] == FAST.lr
-    assert (tmp_path / "checkpoint.safetensors").is_file()
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["checkpoint-2.safetensors"]
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
     # The cosine schedule runs to 0 over the whole run.
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
