@@ -447,8 +447,10 @@ def _progress(config: TrainConfig):
         show = sys.stderr.isatty() and not os.environ.get("CI")
     if not show:
         return _NoBar()
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # stderr, as the command line's other progress output: stdout keeps only the tables.
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=False)
+                    console=Console(stderr=True), transient=False)
 

@@ -218,3 +218,9 @@ def test_nothing_to_train_is_an_error(data) -> None:
         p.requires_grad_(False)
     with pytest.raises(InputError, match="no trainable parameters"):
         fit(model, data, FAST)
+
+
+def test_progress_bars_go_to_stderr(data, capsys) -> None:
+    fit(small_net(), data, FAST.replace(epochs=1, progress=True))
+    out, err = capsys.readouterr()
+    assert out == "" and "epoch 1/1" in err
