@@ -12,7 +12,7 @@ parameters (within the method's ``tolerance``), counted by its own rule:
 | ``thinner`` | the same architecture with every width scaled so it fits the budget | its parameters |
 | ``wsnet`` | WSNet-style fixed sampling: nesc's pools and sampler with start indices fixed to a hand-crafted stride pattern, never learned | ``nesc.stored_params`` of the frozen model |
 | ``hashed`` | HashedNets: each weight element reads a shared bucket chosen by a hash, times a sign hash, per layer | the buckets + what is not hashed |
-| ``prune`` | global magnitude pruning (``torch.nn.utils.prune``) of a trained dense model, then fine-tuning with the mask fixed | non-zeros x (1 + ``INDEX_OVERHEAD``) + what is not pruned |
+| ``prune`` | layer-wise magnitude pruning (``torch.nn.utils.prune``, the same kept fraction in every conv and linear weight) of a trained dense model, then fine-tuning with the mask fixed | non-zeros x (1 + ``INDEX_OVERHEAD``) + what is not pruned |
 | ``nesc_fixed`` | nesc with its random initial integer start indices frozen | ``nesc.stored_params`` of the frozen model |
 | ``nesc`` | nesc with learned start indices | ``nesc.stored_params`` of the frozen model |
 
@@ -320,17 +320,32 @@ def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def _prune(ctx: BuildContext) -> nn.Module:
+    """Layer-wise magnitude pruning: every conv and linear weight keeps the same fraction of its
+    largest-magnitude elements. Global pruning (one threshold for the whole model) would empty small-
+    magnitude layers such as the classifier at high ratios, and the network with them."""
     model = ctx.dense_model()
     model.load_state_dict(ctx.dense_state)
     targets = prunable(model)
     weights = sum(m.weight.numel() for m, _ in targets)
     other = num_params(model) - weights
     keep = math.floor((ctx.budget - other) / (1 + INDEX_OVERHEAD))
-    if keep < 1:
-        raise PlanError(f"prune: the budget {ctx.budget:,} is spent by the {other:,} parameters that are not "
-                        f"pruned; lower the ratio")
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=weights - keep)
+    if keep < len(targets):
+        raise PlanError(f"prune: the budget {ctx.budget:,} leaves {max(keep, 0):,} weights for {len(targets)} layers "
+                        f"after the {other:,} parameters that are not pruned; lower the ratio")
+    for (m, name), kept in zip(targets, _shares([m.weight.numel() for m, _ in targets], keep)):
+        prune.l1_unstructured(m, name, amount=m.weight.numel() - kept)
     return model
+
+
+def _shares(sizes: list[int], total: int) -> list[int]:
+    """``total`` split in proportion to ``sizes`` (largest remainders), at least 1 each."""
+    exact = [total * n / sum(sizes) for n in sizes]
+    shares = [max(1, math.floor(e)) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True):
+        if sum(shares) >= total:
+            break
+        shares[i] += 1
+    return shares
 
 
 def _prune_count(model: nn.Module) -> int:
@@ -351,7 +366,7 @@ for _method in (
     Method("wsnet", _wsnet, _nesc_count, 0.02, description="WSNet-style fixed strided sampling from nesc pools"),
     Method("hashed", _hashed, num_params, 0.02, description="HashedNets: hashed buckets with sign hashes, per layer"),
     Method("prune", _prune, _prune_count, 0.01, needs_dense_state=True,
-           description="global magnitude pruning of the trained dense model, then fine-tuning"),
+           description="layer-wise magnitude pruning of the trained dense model, then fine-tuning"),
     Method("nesc_fixed", _nesc_fixed, _nesc_count, 0.02, description="nesc, random start indices frozen"),
     Method("nesc", _nesc, _nesc_count, 0.02, description="nesc, learned start indices"),
 ):
