@@ -78,13 +78,13 @@ def fmnist_tables(results: dict) -> tuple[list[str], dict]:
         dense = cell(results, runs_for(model, "dense", 1))
         data[model] = {"dense": dense}
         lines += [f"### Fashion-MNIST, `{model}` ({_params(dense)} parameters dense)", "",
-                  "| method | " + " | ".join(f"{r}x" for r in RATIOS) + " |",
-                  "|---|" + "--:|" * len(RATIOS),
-                  f"| dense (1x) | {fmt(dense)} |" + " |" * (len(RATIOS) - 1)]
+                  "| method | 1x | " + " | ".join(f"{r}x" for r in RATIOS) + " |",
+                  "|---|--:|" + "--:|" * len(RATIOS),
+                  f"| dense | {fmt(dense)} | " + " | ".join("-" for _ in RATIOS) + " |"]
         for method in FMNIST_METHODS:
             cells = {r: cell(results, runs_for(model, method, r)) for r in RATIOS}
             data[model][method] = cells
-            lines.append(f"| {LABELS[method]} | " + " | ".join(fmt(c) for c in cells.values()) + " |")
+            lines.append(f"| {LABELS[method]} | - | " + " | ".join(fmt(c) for c in cells.values()) + " |")
         lines += [""] + _targets(model, data[model]) + [""]
     return lines, data
 
