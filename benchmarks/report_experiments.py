@@ -244,7 +244,12 @@ def main() -> int:
         "below full Fashion-MNIST training (about 91-93% for these models); the comparison is between methods "
         "under identical budgets and schedules.",
         f"- commands: {'; '.join(f'`{c}`' for c in commands)}",
-        f"- source revisions: {', '.join(f'`{c[:12]}`' for c in commits)}",
+        f"- source revisions: {', '.join(f'`{c[:12]}`' for c in commits)}. The suite was restarted twice while "
+        "it ran, after fixes to two baselines (the WSNet-style stride, then layer-wise instead of global "
+        "pruning); every result of the earlier code of those baselines was deleted and rerun. Between these "
+        "revisions the training code is otherwise identical (the other changes are the command line, tests "
+        "and checkpoint file naming). The first worker recorded the repository's revision at the end of each "
+        "run rather than the one it had loaded, which labels one run `81ac2f2` that ran `78b04a7` code.",
         f"- {len(results)} result files, {len([r for r in results.values() if r['status'] == 'ok'])} trained runs, "
         f"{secs / 60:.0f} CPU-thread minutes of build + training.", "",
     ]
