@@ -7,6 +7,6 @@ its input shape, class count and example inputs from ``get_spec(name)``.
 from .registry import MODELS, ModelSpec, create_model, get_spec, list_models, register_model
 
 # Each import registers that file's models; keep one line per model file.
-from . import cnn1d, efficientnet, mlp, mobilenetv2, resnet, vit  # noqa: E402,F401  isort: skip
+from . import cnn1d, efficientnet, fmnist, mlp, mobilenetv2, resnet, vit  # noqa: E402,F401  isort: skip
 
 __all__ = ["MODELS", "ModelSpec", "create_model", "get_spec", "list_models", "register_model"]

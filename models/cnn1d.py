@@ -54,5 +54,7 @@ class CNN1d(nn.Module):
 
 
 @register_model("cnn1d", input_shape=(1, 40), num_classes=10, family="cnn1d")
-def cnn1d(num_classes: int = 10, dropout: float = 0.1) -> CNN1d:
-    return CNN1d(num_classes=num_classes, dropout=dropout)
+def cnn1d(num_classes: int = 10, dropout: float = 0.1, width_mult: float = 1.0) -> CNN1d:
+    # width_mult scales every channel count (rounded, at least 1): the thinner baselines use it.
+    channels = tuple(max(1, round(c * width_mult)) for c in (32, 64, 128))
+    return CNN1d(num_classes=num_classes, channels=channels, dropout=dropout)

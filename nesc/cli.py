@@ -4,6 +4,8 @@
     nesc summary resnet18 --ratio 4               # plan + fit a model, print the per-layer table
     nesc summary resnet18_cifar.nesc              # summarise a saved artifact
     nesc compress resnet18_cifar --init dense.pt  # transform, fit, freeze, save resnet18_cifar.nesc
+    nesc train resnet_fmnist --dataset fashion_mnist                   # train a dense model (nesc/cli_train.py)
+    nesc compress resnet_fmnist --dataset fashion_mnist --ratio 4      # train, compress, fine-tune, freeze, save
 
 Tables go to stdout, progress and errors to stderr. Every ``nesc.NescError`` (and an unknown model
 name) is printed as one red message without a traceback and exits with 2, like an argparse usage
@@ -29,7 +31,7 @@ from rich.text import Text
 from torch import fx
 
 import nesc
-from nesc import api, meta
+from nesc import api, cli_train, meta
 from nesc.config import POLICIES, NESConfig
 from nesc.errors import ConfigError, InputError, NescError
 from nesc.models import ModelSpec, get_spec, list_models
@@ -85,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("model", metavar="MODEL", help=f"a registry model name or a {ARTIFACT_SUFFIX} artifact path")
     summary.set_defaults(run=run_summary)
 
+    training = cli_train.training_flags()
     compress = commands.add_parser(
-        "compress", parents=[config], help="transform, fit, freeze and save a model as a .nesc artifact",
+        "compress", parents=[config, training], help="transform, fit, freeze and save a model as a .nesc artifact",
         description="Build a registry model (optionally from a local dense checkpoint), fit its epitome "
                     "pools to the dense weights, freeze the routing maps and save one .nesc artifact.")
     compress.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL,
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"where to write the artifact (default: ./MODEL{ARTIFACT_SUFFIX})")
     compress.set_defaults(run=run_compress)
     _add_compile_command(commands, config)
+    cli_train.add_compress_flags(compress)
+    cli_train.add_train_parser(commands, [training])
     return parser
 
 
@@ -153,6 +158,9 @@ def run_summary(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def run_compress(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.dataset is not None:  # train dense, compress, fine-tune, freeze, save: nesc/cli_train.py
+        return cli_train.run_compress_trained(args, out, err)
+    cli_train.check_training_flags_unused(args)
     spec, config = _spec(args.model), _config(args)
     inputs = _example_inputs(spec, args.input_size)
     path = args.out if args.out is not None else Path(f"{spec.name}{ARTIFACT_SUFFIX}")

@@ -17,7 +17,8 @@ BATCH = 2
 ALL_MODELS = list_models()
 
 # Every model the package is expected to ship; a file missing from models/__init__.py shows up here.
-EXPECTED_MODELS = {"cnn1d", "efficientnet_b0", "mlp", "mobilenetv2", "resnet18", "resnet18_cifar", "vit_tiny"}
+EXPECTED_MODELS = {"cnn1d", "efficientnet_b0", "mlp", "mobilenetv2", "mobilenetv2_fmnist", "resnet18", "resnet18_cifar",
+                   "resnet_fmnist", "vit_tiny"}
 
 # Parameter counts of the reference implementations (torchvision) at the default class counts.
 KNOWN_PARAM_COUNTS = {

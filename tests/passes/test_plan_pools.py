@@ -26,6 +26,7 @@ from helpers import (
 )
 from nesc import LayerConfig, NESConfig, meta
 from nesc.config import POLICIES
+from nesc.errors import PlanError
 from nesc.models import list_models
 from nesc.passes.find_weights import find_weights, weight_infos
 from nesc.passes.functionalize import functionalize
@@ -85,8 +86,17 @@ def _check_plan_is_consistent(gm, plan: PoolPlan) -> None:
 # -------------------------------------------------------------------------- budgets, registry-wide
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", list_models())
+# Known planner misses, by (model, policy): the test runs and must fail (strict xfail) until fixed.
+KNOWN_RATIO_4_MISSES = {
+    ("mobilenetv2_fmnist", "global"): "one global pool for 19 small layers: at its smallest block grid the "
+                                      "routing maps alone overshoot the 4x budget (13,904 vs 13,558 planned)",
+}
+
+
+@pytest.mark.parametrize("name,policy", [
+    pytest.param(n, p, marks=pytest.mark.xfail(raises=PlanError, strict=True, reason=KNOWN_RATIO_4_MISSES[n, p])
+                 if (n, p) in KNOWN_RATIO_4_MISSES else ())
+    for n in list_models() for p in POLICIES])
 def test_ratio_4_met_within_2_percent(name: str, policy: str) -> None:
     gm = analysed_registry(name)
     plan = _plan(gm, ratio=4, policy=policy)

@@ -1,0 +1,456 @@
+"""Train a dense model or a nesc GraphModule on a registered dataset, with exact resume.
+
+    result = nesc.train.fit(model, dataset, TrainConfig(epochs=5), out_dir="runs/r1", teacher=dense)
+    result.test_acc, result.stored_params, result.stored_bytes, result.madd, result.seconds
+
+Every epoch appends its metrics to ``metrics.json`` and ``metrics.csv`` and writes a checkpoint:
+``checkpoint-<epoch>.safetensors`` (model state, optimizer tensors, RNG states) and ``checkpoint.json``
+(epoch, optimizer hyper-parameters, scheduler state, metrics, config). No pickle anywhere. Calling
+``fit`` again with the same ``out_dir`` resumes after the last finished epoch and ends with weights
+bit-identical to an uninterrupted run: the data order of an epoch is a function of ``(seed, epoch)``
+only, and the global RNG (dropout) is restored from the checkpoint.
+
+The model may be a plain ``nn.Module`` or a GraphModule from ``nesc.transform`` (pools and start
+indices train; ``train()``/``eval()`` switch batch norm and dropout as on the original model).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from nesc.data import Dataset, balanced_indices
+from nesc.dense_init import distillation_loss
+from nesc.errors import ConfigError, InputError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINT = "checkpoint"  # checkpoint-<epoch>.safetensors + checkpoint.json
+METRICS = "metrics"  # metrics.json + metrics.csv
+EVAL_BATCH = 500
+FORMAT = "nesc-train-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    epochs, batch_size, lr: the usual. optimizer: ``sgd`` (momentum 0.9, Nesterov) or ``adamw``.
+    weight_decay: L2 / decoupled decay on every trainable parameter.
+    schedule: ``cosine`` (to 0 over all steps, per step), ``step`` (times ``gamma`` every ``step_epochs``
+        epochs) or ``constant``.
+    seed: model-independent randomness of the run: data order, dropout.
+    distill_alpha, distill_temperature: with a teacher, the loss is ``nesc.distillation_loss`` with these.
+    device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
+    limit: train on a class-balanced seeded subset of this many samples (quick runs).
+    bn_recalibration: before each evaluation, recompute batch-norm running statistics as exact
+        averages over this many train batches (``torch.optim.swa_utils.update_bn``); 0 keeps the
+        running averages of training. Short runs (tens of steps) need it: momentum-0.1 averages of
+        statistics that moved with every step describe no single set of weights.
+    progress: rich progress bars; None = only on a terminal and outside CI.
+    """
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_epochs: int = 30
+    gamma: float = 0.1
+    seed: int = 0
+    distill_alpha: float = 0.9
+    distill_temperature: float = 4.0
+    device: str = "auto"
+    limit: int | None = None
+    bn_recalibration: int = 0
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "step_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"TrainConfig.{name} must be an int >= 1; got {value!r}")
+        for name, low in (("lr", 0.0), ("distill_temperature", 0.0)):
+            if not getattr(self, name) > low:
+                raise ConfigError(f"TrainConfig.{name} must be > {low}; got {getattr(self, name)!r}")
+        for name in ("weight_decay", "momentum"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0; got {getattr(self, name)!r}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"TrainConfig.gamma must be in (0, 1]; got {self.gamma!r}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ConfigError(f"TrainConfig.distill_alpha must be in [0, 1]; got {self.distill_alpha!r}")
+        for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("device", DEVICES)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {', '.join(valid)}")
+        if isinstance(self.bn_recalibration, bool) or not isinstance(self.bn_recalibration, int) \
+                or self.bn_recalibration < 0:
+            raise ConfigError(f"TrainConfig.bn_recalibration must be an int >= 0; got {self.bn_recalibration!r}")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError(f"TrainConfig.limit must be a positive number of samples or None; got {self.limit!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("TrainConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class TrainResult:
+    """The final report of a run."""
+
+    test_acc: float
+    test_loss: float
+    stored_params: int
+    stored_bytes: int
+    madd: int | None
+    seconds: float
+    epochs: int
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- fit
+
+
+def fit(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *, out_dir: str | Path | None = None,
+        teacher: nn.Module | None = None, resume: bool = True,
+        stop_after: int | None = None) -> TrainResult:
+    """Train ``model`` in place on ``dataset`` and return the final report.
+
+    ``out_dir``: where logs and the per-epoch checkpoint go (None: no files, no resume).
+    ``teacher``: a dense model for distillation (kept in eval mode, never updated).
+    ``resume``: continue from ``out_dir``'s checkpoint when there is one.
+    ``stop_after``: stop after this many epochs in total (the schedule still spans ``config.epochs``);
+        what an interrupted run looks like, for tests and for sharing work across sessions.
+    """
+    config = config or TrainConfig()
+    device = config.resolved_device()
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    x_train, y_train = _train_split(dataset, config)
+    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    groups = param_groups(model, config)
+    if not any(g["params"] for g in groups):
+        raise InputError(f"{type(model).__name__} has no trainable parameters; nothing to train")
+    optimizer = _optimizer(groups, config)
+    scheduler = _scheduler(optimizer, config, steps_per_epoch)
+    out = Path(out_dir) if out_dir is not None else None
+    history: list[dict] = []
+    start_epoch, elapsed = 0, 0.0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and (out / f"{CHECKPOINT}.json").is_file():
+            start_epoch, history, elapsed = load_checkpoint(out, model, optimizer, scheduler, config)
+    if start_epoch == 0:
+        torch.manual_seed(config.seed)  # dropout masks; a resumed run restored the generator instead
+    last = config.epochs if stop_after is None else min(config.epochs, stop_after)
+    with _progress(config) as bar:
+        for epoch in range(start_epoch, last):
+            t0 = time.perf_counter()
+            train_loss, train_acc = _train_epoch(model, teacher, optimizer, scheduler, x_train, y_train,
+                                                 epoch, config, device, bar)
+            recalibrate_bn(model, x_train, config, device)
+            test_loss, test_acc = evaluate(model, dataset, device)
+            elapsed += time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+                   "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed}
+            history.append(row)
+            if out is not None:
+                write_metrics(out, history)
+                save_checkpoint(out, model, optimizer, scheduler, config, epoch + 1, history, elapsed)
+    return _report(model, dataset, history, elapsed, device)
+
+
+def _train_split(dataset: Dataset, config: TrainConfig) -> tuple[Tensor, Tensor]:
+    x, y = dataset.x_train, dataset.y_train
+    if config.limit is not None and config.limit < len(y):
+        keep = balanced_indices(y, config.limit, config.seed)
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The permutation of the train set in ``epoch``: a function of (seed, epoch) alone, so a resumed
+    run sees the same batches as an uninterrupted one."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def _train_epoch(model, teacher, optimizer, scheduler, x, y, epoch, config, device, bar) -> tuple[float, float]:
+    model.train()
+    order = epoch_order(len(y), config.seed, epoch)
+    total_loss, correct = 0.0, 0
+    task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(order)) if bar is not None else None
+    for lo in range(0, len(order), config.batch_size):
+        idx = order[lo : lo + config.batch_size]
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        logits = model(xb)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(xb)
+            loss = distillation_loss(logits, t_logits, yb, config.distill_temperature, config.distill_alpha)
+        else:
+            loss = F.cross_entropy(logits, yb)
+        if not torch.isfinite(loss):
+            raise InputError(f"training diverged in epoch {epoch + 1}: loss is {loss.item()}; lower --lr "
+                             f"(now {config.lr}) or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == yb).sum())
+        if bar is not None:
+            bar.update(task, advance=len(idx), description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
+    return total_loss / len(order), correct / len(order)
+
+
+def recalibrate_bn(model: nn.Module, x: Tensor, config: TrainConfig, device) -> None:
+    """Batch-norm running statistics as exact averages over the first ``config.bn_recalibration``
+    train batches (a fixed set: the result depends on the weights only)."""
+    if config.bn_recalibration == 0:
+        return
+    from torch.optim.swa_utils import update_bn
+
+    n = config.bn_recalibration * config.batch_size
+    batches = [x[lo : lo + config.batch_size].to(device) for lo in range(0, min(n, len(x)), config.batch_size)]
+    was = model.training
+    update_bn(batches, model)
+    model.train(was)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on the test split, in eval mode."""
+    was = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for lo in range(0, len(dataset.y_test), EVAL_BATCH):
+        xb = dataset.x_test[lo : lo + EVAL_BATCH].to(device)
+        yb = dataset.y_test[lo : lo + EVAL_BATCH].to(device)
+        logits = model(xb)
+        total += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was)
+    n = len(dataset.y_test)
+    return total / n, correct / n
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """One group per epitome pool with its learning rate rescaled, and one group for the rest.
+
+    A sampled weight is ``W = scale * R(P)`` with a unit-variance pool P and ``scale`` the dense weight's
+    std (``passes/epitomize.py``). A step of size ``lr`` on P moves W by ``scale * lr`` (Adam) or
+    ``scale**2 * lr`` (SGD), 10-100x less than the same step on a dense weight; dividing the pool's
+    rate by ``scale`` (Adam) or ``scale**2`` (SGD), with ``scale`` averaged over the pool's layers, makes
+    the weights move as a dense model's would at the same ``lr``.
+    """
+    from nesc.dense_init import samplers_by_pool
+
+    pools: dict[int, float] = {}
+    if isinstance(model, torch.fx.GraphModule):
+        for pool_name, samplers in samplers_by_pool(model).items():
+            scale = sum(s.scale for s in samplers) / len(samplers)
+            power = 2 if config.optimizer == "sgd" else 1
+            pools[id(model.get_parameter(pool_name))] = config.lr / scale**power
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in pools]
+    groups = [{"params": rest, "lr": config.lr}]
+    for p in model.parameters():
+        if id(p) in pools and p.requires_grad:
+            groups.append({"params": [p], "lr": pools[id(p)]})
+    return groups
+
+
+def _optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               nesterov=config.momentum > 0)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    """Stepped once per batch: cosine over every step of the run; step decay every ``step_epochs``."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_epochs * steps_per_epoch,
+                                               gamma=config.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _report(model: nn.Module, dataset: Dataset, history: list[dict], elapsed: float, device) -> TrainResult:
+    test_loss, test_acc = evaluate(model, dataset, device)
+    params, nbytes, madd = model_size(model, dataset)
+    return TrainResult(test_acc, test_loss, params, nbytes, madd, elapsed, len(history), history)
+
+
+def model_size(model: nn.Module, dataset: Dataset | None = None) -> tuple[int, int, int | None]:
+    """(stored parameters, stored bytes, MAdd per example) via ``nesc.report``. A plain module is
+    captured first to count its MAdd (which needs an example input: ``dataset``'s shape)."""
+    from torch import fx
+
+    from nesc.capture import capture
+    from nesc.report import build_report, stored_bytes, stored_params
+
+    if isinstance(model, fx.GraphModule):
+        gm = model
+    elif dataset is not None:
+        example = dataset.x_test[:2].to(next(model.parameters()).device)
+        try:
+            gm = capture(model, (example,))
+        except Exception:  # noqa: BLE001 - a model nesc cannot capture still trains; only MAdd is unknown
+            n = sum(p.numel() for p in model.parameters())
+            return n, sum(p.numel() * p.element_size() for p in model.parameters()), None
+    else:
+        n = sum(p.numel() for p in model.parameters())
+        return n, sum(p.numel() * p.element_size() for p in model.parameters()), None
+    return stored_params(gm), stored_bytes(gm), build_report(gm).madd
+
+
+# ------------------------------------------------------------------------------------------ logs
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """Every finished epoch's metrics, as JSON (a list of rows) and CSV; written atomically."""
+    _atomic_write(out / f"{METRICS}.json", json.dumps(history, indent=1))
+    tmp = out / f"{METRICS}.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out / f"{METRICS}.csv")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig, epoch: int,
+                    history: list[dict], elapsed: float) -> None:
+    """Tensors to safetensors (model, optimizer state, RNG), everything else to JSON. The JSON is written
+    last, so a checkpoint is complete when its JSON names the epoch."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    opt_meta: dict[str, dict] = {}
+    for pid, state in opt_state["state"].items():
+        opt_meta[str(pid)] = {}
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                opt_meta[str(pid)][key] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    # The tensors of epoch k go to their own file, named by the JSON written after it: an interruption
+    # between the two writes leaves the previous, consistent pair in place.
+    name = f"{CHECKPOINT}-{epoch}.safetensors"
+    tmp = out / f"{name}.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / name)
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "epoch": epoch, "tensors": name, "elapsed": elapsed,
+           "config": dataclasses.asdict(config), "param_groups": opt_state["param_groups"],
+           "optimizer_state": opt_meta, "scheduler": _jsonable(scheduler.state_dict()), "history": history}
+    _atomic_write(out / f"{CHECKPOINT}.json", json.dumps(doc, indent=1))
+    for old in out.glob(f"{CHECKPOINT}-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, config: TrainConfig) -> tuple[int, list[dict], float]:
+    """Restore model, optimizer, scheduler and RNG from ``out``; returns (epochs done, history, seconds)."""
+    doc = json.loads((out / f"{CHECKPOINT}.json").read_text())
+    if doc.get("format") != FORMAT or doc.get("version") != FORMAT_VERSION:
+        raise InputError(f"{str(out)!r} holds no nesc training checkpoint of version {FORMAT_VERSION} "
+                         f"(found format {doc.get('format')!r} version {doc.get('version')!r}); use another --out "
+                         f"directory or delete the old checkpoint")
+    saved = {k: v for k, v in doc["config"].items() if k not in ("epochs", "progress", "device")}
+    now = {k: v for k, v in dataclasses.asdict(config).items() if k in saved}
+    if saved != now:
+        diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}
+        raise InputError(f"cannot resume from {str(out)!r}: the checkpoint was written with other settings "
+                         f"(saved, now): {diff}; pass the same settings, another --out, or --no-resume")
+    # Checkpoints written before tensors were named per epoch used one fixed file name.
+    tensors = load_file(str(out / doc.get("tensors", f"{CHECKPOINT}.safetensors")))
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError(f"the checkpoint in {str(out)!r} does not fit this model: {e}. Resume with the same "
+                         f"model and compression settings, or use another --out directory") from None
+    opt_state: dict = {"state": {}, "param_groups": doc["param_groups"]}
+    for pid, values in doc["optimizer_state"].items():
+        opt_state["state"][int(pid)] = dict(values)
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(doc["scheduler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return int(doc["epoch"]), list(doc["history"]), float(doc["elapsed"])
+
+
+def _jsonable(state: dict) -> dict:
+    """A scheduler's state dict without its callables (LambdaLR's lambdas are rebuilt from the config)."""
+    return {k: v for k, v in state.items() if not callable(v) and k != "lr_lambdas"}
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _progress(config: TrainConfig):
+    show = config.progress
+    if show is None:
+        show = sys.stderr.isatty() and not os.environ.get("CI")
+    if not show:
+        return _NoBar()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # stderr, as the command line's other progress output: stdout keeps only the tables.
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=False)
+
