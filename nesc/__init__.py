@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from nesc import sampling  # noqa: F401  (registers torch.ops.nesc.regenerate)
 from nesc.api import freeze, load, save, summary, transform
+from nesc.api import export_onnx
 from nesc.capture import capture
 from nesc.config import LayerConfig, NESConfig
 from nesc.dense_init import distillation_loss, fit_pools, load_checkpoint
@@ -34,3 +35,4 @@ __all__ = [
     "PassOrderError", "PlanError", "capture", "distillation_loss", "fit_pools", "freeze", "load",
     "load_checkpoint", "save", "stored_bytes", "stored_params", "summary", "transform",
 ]
+__all__ += ["export_onnx"]
