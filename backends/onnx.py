@@ -175,32 +175,53 @@ def capture(module: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) 
 
 
 def check_supported(program: torch.export.ExportedProgram, opset: int) -> None:
-    """Raise one error listing every op of ``program`` that torch.onnx can neither translate (its registry,
-    torchlib) nor decompose (its decomposition table, or an op's own composite implementation), with
-    the nodes (and modules) that call each. Checked before translation, which would stop at the first.
+    """Raise one error listing every op of ``program`` that torch.onnx cannot translate, with the nodes
+    (and modules) that call each; checked before translation, which would stop at the first one.
 
-    The check reads the captured graph, not a decomposed one: decomposing takes as long as the
-    translation itself. An op a decomposition introduces that has no translation (none seen in the
-    registry models) still fails, in ``translate``, as an ``OnnxExportError``."""
-    registry, decompositions = _exporter_tables(opset)
+    Fast path: the captured graph against the exporter's registry (torchlib), its decomposition table
+    and the ops' own composite implementations. When that finds a gap, the program is decomposed the
+    way the exporter decomposes it (seconds to minutes: as long as the translation) and every op of the
+    result is checked, so that ops a decomposition introduces (``cdist`` -> ``_cdist_forward``) are
+    listed too. ``translate`` runs the same full check when the exporter fails anyway.
+    """
+    if _unsupported(program.graph, opset, decomposable=True):
+        raise unsupported_error(program, opset)
+
+
+def unsupported_error(program: torch.export.ExportedProgram, opset: int) -> OnnxExportError | None:
+    """The error naming every op of the decomposed ``program`` that has no translation, or None."""
+    _, table = _exporter_tables(opset)
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # as the exporter decomposes
+        decomposed = program.run_decompositions(table)
+    missing = _unsupported(decomposed.graph, opset, decomposable=False)
+    if not missing:
+        return None
+    lines = [f"  {op}: {len(at)} call(s) at {', '.join(at[:5])}{', ...' if len(at) > 5 else ''}"
+             for op, at in sorted(missing.items())]
+    return OnnxExportError(
+        f"export_onnx: {len(missing)} op(s) have no ONNX translation (torch.onnx, opset {opset}):\n"
+        + "\n".join(lines) + "\n"
+        "Replace the modules that call them with ops the exporter supports, or keep those parts out of "
+        "the exported model."
+    )
+
+
+def _unsupported(graph: fx.Graph, opset: int, decomposable: bool) -> dict[str, list[str]]:
+    """op name -> where it is called, for every op without a translation (``decomposable``: an op the
+    exporter will decompose counts as supported)."""
+    registry, table = _exporter_tables(opset)
     missing: dict[str, list[str]] = defaultdict(list)
-    for node in program.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_function" or node.target in PLUMBING:
             continue
         op = node.target
-        if isinstance(op, torch._ops.OpOverload) and (registry.is_registered(op) or op in decompositions
-                                                      or op.has_kernel_for_dispatch_key(_COMPOSITE)):
+        if isinstance(op, torch._ops.OpOverload) and (
+            registry.is_registered(op)
+            or (decomposable and (op in table or op.has_kernel_for_dispatch_key(_COMPOSITE)))
+        ):
             continue
         missing[_op_name(op)].append(_where(node))
-    if missing:
-        lines = [f"  {op}: {len(at)} call(s) at {', '.join(at[:5])}{', ...' if len(at) > 5 else ''}"
-                 for op, at in sorted(missing.items())]
-        raise OnnxExportError(
-            f"export_onnx: {len(missing)} op(s) have no ONNX translation (torch.onnx, opset {opset}):\n"
-            + "\n".join(lines) + "\n"
-            "Replace the modules that call them with ops the exporter supports, or keep those parts out of "
-            "the exported model."
-        )
+    return missing
 
 
 def translate(program: torch.export.ExportedProgram, opset: int) -> onnx.ModelProto:
@@ -210,15 +231,29 @@ def translate(program: torch.export.ExportedProgram, opset: int) -> onnx.ModelPr
     try:
         onnx_program = torch.onnx.export(program, (), None, dynamo=True, optimize=False, external_data=False,
                                          opset_version=opset, verbose=False, report=False)
-    except Exception as e:  # noqa: BLE001 - the support check ran; this is an exporter failure
-        raise OnnxExportError(f"export_onnx: torch.onnx failed to translate the captured graph: "
-                              f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - an op a decomposition introduced, or an exporter failure
+        raise unsupported_error(program, opset) or OnnxExportError(
+            f"export_onnx: torch.onnx failed to translate the captured graph: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     model = onnx_program.model_proto
+    _name_batch(model)
     for node in model.graph.node:
         # Per-node debug records (fx node text, module path, stack trace): a few hundred bytes per
         # node, more than the tensors of a small model; nothing reads them at run time.
         del node.metadata_props[:]
     return model
+
+
+def _name_batch(model: onnx.ModelProto) -> None:
+    """Call the symbolic batch dimension ``BATCH`` everywhere (the exporter names it after its symbol, ``s77``)."""
+    dims = [v.type.tensor_type.shape.dim for v in model.graph.input]
+    symbol = next((d[0].dim_param for d in dims if len(d) and d[0].dim_param), None)
+    if symbol is None:
+        return  # static batch
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = BATCH
 
 
 def simplify_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -389,7 +424,7 @@ def _check_path(path) -> Path:
 def _where(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     module = next(reversed(stack.values()))[0] if stack else ""
-    return f"{node.name} (in {module})" if module else node.name
+    return f"{node.name} (in {module})" if module else f"{node.name} (in the top-level forward)"
 
 
 def _op_name(target) -> str:
