@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from nesc.passes.pipeline import PASSES
 from torch import Tensor, fx, nn
 
 from nesc.errors import InputError, NescError
-from nesc.passes.pipeline import PASSES
 from nesc.report import stored_bytes
 
 try:
@@ -165,7 +165,7 @@ def capture(module: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) 
     try:
         with torch.no_grad():
             return torch.export.export(module, inputs, dynamic_shapes=dims, strict=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with what export was doing and how to proceed
+    except Exception as e:
         hint = (" If the model fixes its batch size (a reshape to a constant batch), pass dynamic_batch=False."
                 if dynamic_batch else "")
         raise OnnxExportError(
@@ -231,7 +231,7 @@ def translate(program: torch.export.ExportedProgram, opset: int) -> onnx.ModelPr
     try:
         onnx_program = torch.onnx.export(program, (), None, dynamo=True, optimize=False, external_data=False,
                                          opset_version=opset, verbose=False, report=False)
-    except Exception as e:  # noqa: BLE001 - an op a decomposition introduced, or an exporter failure
+    except Exception as e:
         raise unsupported_error(program, opset) or OnnxExportError(
             f"export_onnx: torch.onnx failed to translate the captured graph: "
             f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
@@ -265,7 +265,7 @@ def simplify_model(model: onnx.ModelProto) -> onnx.ModelProto:
     # would keep the regeneration too, but also every foldable shape computation.
     try:
         simplified, ok = onnxsim.simplify(model, initializers_as_constants=False, check_n=0)
-    except Exception as e:  # noqa: BLE001 - reported with the stage it failed in
+    except Exception as e:
         raise OnnxExportError(f"export_onnx: onnxsim failed on the exported model: {type(e).__name__}: {e}. "
                               f"Export with simplify=False (CLI: --no-simplify).") from e
     if not ok:
@@ -351,13 +351,22 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return numel * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
+def export_dense_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, simplify: bool = True,
+                      opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> Path:
+    """Export any (dense) model the way ``export_onnx`` exports a frozen one, for size comparisons."""
+    inputs, path = _check_inputs(example_inputs, dynamic_batch), _check_path(path)
+    _check_opset(opset)
+    model_proto, _ = _to_onnx(copy.deepcopy(model).eval(), inputs, simplify=simplify, opset=opset,
+                              dynamic_batch=dynamic_batch)
+    save(model_proto, path)
+    return path
+
+
 def _dense_sizes(dense: nn.Module, inputs, simplify: bool, opset: int, dynamic_batch: bool) -> tuple[int, int]:
-    model, _ = _to_onnx(copy.deepcopy(dense).eval(), inputs, simplify=simplify, opset=opset,
-                        dynamic_batch=dynamic_batch)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "dense.onnx"
-        save(model, path)
-        return path.stat().st_size, tensor_bytes(model)
+        path = export_dense_onnx(dense, inputs, Path(tmp) / "dense.onnx", simplify=simplify, opset=opset,
+                                 dynamic_batch=dynamic_batch)
+        return path.stat().st_size, tensor_bytes(onnx.load(str(path)))
 
 
 def _to_onnx(module: nn.Module, inputs, *, simplify: bool, opset: int, dynamic_batch: bool):
@@ -372,7 +381,7 @@ def _to_onnx(module: nn.Module, inputs, *, simplify: bool, opset: int, dynamic_b
 # -------------------------------------------------------------------------------------- helpers
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exporter_tables(opset: int):
     """torch.onnx's op registry for ``opset`` and the decompositions its exporter applies before
     translating (built once: the registry takes seconds).

@@ -13,23 +13,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import nesc
 from helpers import (
     BACKEND_REL,
     COMPRESS_ALL,
     ONNX_FILE_RATIO_RTOL,
+    regenerate_nodes,
     registry_inputs,
     registry_model,
-    regenerate_nodes,
     run,
     transformed_registry,
 )
-from nesc import meta
 from nesc.backends import onnx as onnx_backend
-from nesc.errors import InputError
 from nesc.models import get_spec, list_models
+from torch import nn
+
+import nesc
+from nesc import meta
+from nesc.errors import InputError
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
@@ -53,13 +53,13 @@ MODELS = [_param(n) for n in list_models() if n not in EXCLUDED]
 _DIR = Path(tempfile.mkdtemp(prefix="nesc-onnx-tests-"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _frozen(name: str):
     model, gm = transformed_registry(name)
     return model.eval(), nesc.freeze(gm)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exported(name: str, with_dense: bool = False) -> onnx_backend.OnnxExport:
     model, frozen = _frozen(name)
     path = _DIR / f"{name}{'_dense' if with_dense else ''}.onnx"
@@ -161,7 +161,7 @@ def test_tvm_imports_the_file_with_pools_and_routes_as_its_parameters(name: str)
 
 @pytest.mark.parametrize("name", [_param(n, fast={"mlp"}) for n in list_models() if n not in EXCLUDED])
 def test_file_size_follows_the_compression_ratio(name: str) -> None:
-    dense_model, frozen = _frozen(name)
+    dense_model, _ = _frozen(name)
     report = _exported(name, with_dense=True)
     dense_held = sum(p.numel() * p.element_size() for p in list(dense_model.parameters()) + list(dense_model.buffers()))
     ratio = dense_held / report.expected_bytes  # what the modules hold, measured in PyTorch
@@ -241,15 +241,15 @@ def test_a_batch_of_one_exports_with_a_symbolic_batch() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(opset=13), r"opset must be an int from 18"),
-        (dict(example_inputs=[np.zeros(3)]), r"example_inputs must be a tensor"),
-        (dict(path=_DIR), r"is a directory"),
-        (dict(path=_DIR / "missing" / "m.onnx"), r"does not exist"),
-        (dict(frozen=registry_model("cnn1d")), r"takes a frozen nesc model"),
+        ({"opset": 13}, r"opset must be an int from 18"),
+        ({"example_inputs": [np.zeros(3)]}, r"example_inputs must be a tensor"),
+        ({"path": _DIR}, r"is a directory"),
+        ({"path": _DIR / "missing" / "m.onnx"}, r"does not exist"),
+        ({"frozen": registry_model("cnn1d")}, r"takes a frozen nesc model"),
     ],
 )
 def test_bad_arguments_are_input_errors(kwargs, match) -> None:
     _, frozen = _frozen("cnn1d")
-    args = dict(frozen=frozen, example_inputs=registry_inputs("cnn1d"), path=_DIR / "bad.onnx") | kwargs
+    args = {"frozen": frozen, "example_inputs": registry_inputs("cnn1d"), "path": _DIR / "bad.onnx"} | kwargs
     with pytest.raises(InputError, match=match):
         nesc.export_onnx(args.pop("frozen"), args.pop("example_inputs"), args.pop("path"), **args)

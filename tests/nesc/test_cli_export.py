@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import BACKEND_REL, registry_inputs, run, transformed_registry
 
 import nesc
-from helpers import BACKEND_REL, registry_inputs, run, transformed_registry
 from nesc.cli import USAGE_ERROR, main
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
