@@ -36,11 +36,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from nesc.passes.pipeline import PASSES
 from torch import Tensor, fx, nn
 
 from nesc.errors import InputError, NescError
+from nesc.passes.pipeline import PASSES
 from nesc.report import stored_bytes
 
 try:
@@ -283,6 +284,7 @@ def constants_as_nodes(model: onnx.ModelProto, keep: set[str]) -> onnx.ModelProt
     ``Constant`` nodes they are part of the graph, and the file's initializers are exactly the model's
     parameters and buffers: pools, routing maps, what stayed dense.
     """
+    _tensor_constants(model)
     derived = [t for t in model.graph.initializer if t.name not in keep]
     nodes = [onnx.helper.make_node("Constant", [], [t.name], name=f"nesc_const_{t.name}", value=t) for t in derived]
     for t in derived:
@@ -290,6 +292,23 @@ def constants_as_nodes(model: onnx.ModelProto, keep: set[str]) -> onnx.ModelProt
     for node in reversed(nodes):
         model.graph.node.insert(0, node)
     return model
+
+
+# ``Constant`` attributes other than ``value`` -> the dtype of the tensor they stand for.
+_CONSTANT_FORMS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                   "value_ints": np.int64}
+
+
+def _tensor_constants(model: onnx.ModelProto) -> None:
+    """Rewrite ``Constant(value_int[s]=..., value_float[s]=...)`` as ``Constant(value=tensor)``: the
+    exporter emits both forms, and TVM's importer reads only ``value`` ("no value in Constant")."""
+    for node in model.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name not in _CONSTANT_FORMS:
+            continue
+        attr = node.attribute[0]
+        array = np.array(onnx.helper.get_attribute_value(attr), dtype=_CONSTANT_FORMS[attr.name])
+        node.ClearField("attribute")
+        node.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(array)))
 
 
 def check_compressed(model: onnx.ModelProto, expected: int, what: str) -> None:

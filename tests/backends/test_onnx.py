@@ -171,15 +171,17 @@ def test_file_size_follows_the_compression_ratio(name: str) -> None:
     dense_held = sum(p.numel() * p.element_size() for p in list(dense_model.parameters()) + list(dense_model.buffers()))
     ratio = dense_held / report.expected_bytes  # what the modules hold, measured in PyTorch
     assert ratio > 3  # ratio 4 of the parameters, batch-norm statistics in both
-    tensor_ratio = onnx_backend.tensor_bytes(onnx.load(str(dense_path))) / report.tensor_bytes
-    assert abs(tensor_ratio / ratio - 1) <= onnx_backend.CONSTANT_ALLOWANCE + 0.01, (tensor_ratio, ratio)
+    # The dense file stores the dense module's tensors (the compressed file's are checked against its
+    # module in test_the_file_stores_pools_and_routing_maps_not_weights).
+    assert onnx_backend.tensor_bytes(onnx.load(str(dense_path))) == pytest.approx(dense_held, rel=0.01)
     if name in SMALL_FILE:
-        pytest.skip(f"{name}: file ratio not asserted, {SMALL_FILE[name]} (tensor ratio {tensor_ratio:.2f} checked)")
+        pytest.skip(f"{name}: file ratio not asserted, {SMALL_FILE[name]} (dense tensors checked)")
     dense_file = dense_path.stat().st_size
     assert dense_file >= 2**20
     file_ratio = dense_file / report.file_bytes
-    assert file_ratio >= ratio * (1 - ONNX_FILE_RATIO_RTOL), (file_ratio, ratio)
-    assert file_ratio <= ratio * (1 + 0.01), (file_ratio, ratio)
+    # Symmetric: the graph pulls the ratio down; equal routing maps stored once (zero fractions of
+    # unshifted starts) push it up.
+    assert abs(file_ratio / ratio - 1) <= ONNX_FILE_RATIO_RTOL, (file_ratio, ratio)
 
 
 def test_the_report_measures_the_dense_export_when_given_the_dense_model() -> None:
@@ -270,3 +272,21 @@ def test_bad_arguments_are_input_errors(kwargs, match) -> None:
     args = {"frozen": frozen, "example_inputs": registry_inputs("cnn1d"), "path": _DIR / "bad.onnx"} | kwargs
     with pytest.raises(InputError, match=match):
         nesc.export_onnx(args.pop("frozen"), args.pop("example_inputs"), args.pop("path"), **args)
+
+
+def test_constants_become_tensor_valued_for_importers_that_read_only_value() -> None:
+    """TVM's importer fails with "no value in Constant" on Constant(value_ints=...); nesc rewrites them."""
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["shape"], value_ints=[2, 3]),
+         helper.make_node("Constant", [], ["half"], value_float=0.5),
+         helper.make_node("Reshape", ["x", "shape"], ["r"]),
+         helper.make_node("Mul", ["r", "half"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    model = onnx_backend.constants_as_nodes(model, keep=set())
+    assert [a.name for n in model.graph.node if n.op_type == "Constant" for a in n.attribute] == ["value", "value"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(6, dtype=np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], x.reshape(2, 3) * 0.5)
