@@ -172,8 +172,10 @@ def test_file_size_follows_the_compression_ratio(name: str) -> None:
     ratio = dense_held / report.expected_bytes  # what the modules hold, measured in PyTorch
     assert ratio > 3  # ratio 4 of the parameters, batch-norm statistics in both
     # The dense file stores the dense module's tensors (the compressed file's are checked against its
-    # module in test_the_file_stores_pools_and_routing_maps_not_weights).
-    assert onnx_backend.tensor_bytes(onnx.load(str(dense_path))) == pytest.approx(dense_held, rel=0.01)
+    # module in test_the_file_stores_pools_and_routing_maps_not_weights): every weight matrix and kernel
+    # (random, all distinct), at most everything; fresh norms' equal statistics may be stored once.
+    weights = sum(p.numel() * p.element_size() for p in dense_model.parameters() if p.dim() >= 2)
+    assert weights <= onnx_backend.tensor_bytes(onnx.load(str(dense_path))) <= dense_held * 1.01
     if name in SMALL_FILE:
         pytest.skip(f"{name}: file ratio not asserted, {SMALL_FILE[name]} (dense tensors checked)")
     dense_file = dense_path.stat().st_size
