@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from nesc import sampling  # noqa: F401  (registers torch.ops.nesc.regenerate)
 from nesc.api import freeze, load, save, summary, transform
 from nesc.api import compile  # noqa: A004  (nesc.compile: the TVM backend, imported on first call)
+from nesc.api import export_onnx
 from nesc.capture import capture
 from nesc.config import LayerConfig, NESConfig
 from nesc.dense_init import distillation_loss, fit_pools, load_checkpoint
@@ -36,3 +37,4 @@ __all__ = [
     "load_checkpoint", "save", "stored_bytes", "stored_params", "summary", "transform",
 ]
 __all__ += ["compile"]
+__all__ += ["export_onnx"]

@@ -97,3 +97,14 @@ def compile(frozen: nn.Module, example_inputs, target="llvm", *, tune=None, cach
     from nesc.backends.tvm.build import compile as tvm_compile
 
     return tvm_compile(frozen, example_inputs, target, tune=tune, cache_dir=cache_dir, dynamic_batch=dynamic_batch)
+def export_onnx(frozen: fx.GraphModule, example_inputs, path: str | Path, *, simplify: bool = True,
+                opset: int | None = None, dynamic_batch: bool = True, dense: nn.Module | None = None):
+    """Export a frozen model to one ONNX file that keeps pools and routing maps as its tensors and
+    regenerates the weights with Gather + interpolation nodes (``nesc.backends.onnx``). Opset 18 by
+    default; the batch dimension stays symbolic unless ``dynamic_batch=False``; ``dense`` (the
+    uncompressed model) is exported the same way to report its size. Returns an ``OnnxExport``."""
+    from nesc.backends import onnx as onnx_backend
+
+    opset = onnx_backend.DEFAULT_OPSET if opset is None else opset
+    return onnx_backend.export_onnx(frozen, example_inputs, path, simplify=simplify, opset=opset,
+                                    dynamic_batch=dynamic_batch, dense=dense)

@@ -6,6 +6,7 @@
     nesc compress resnet18_cifar --init dense.pt  # transform, fit, freeze, save resnet18_cifar.nesc
     nesc train resnet_fmnist --dataset fashion_mnist                   # train a dense model (nesc/cli_train.py)
     nesc compress resnet_fmnist --dataset fashion_mnist --ratio 4      # train, compress, fine-tune, freeze, save
+    nesc export r18.nesc --onnx r18.onnx          # compressed ONNX: pools + routing maps, weights as ops
 
 Tables go to stdout, progress and errors to stderr. Every ``nesc.NescError`` (and an unknown model
 name) is printed as one red message without a traceback and exits with 2, like an argparse usage
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_command(commands, config)
     cli_train.add_compress_flags(compress)
     cli_train.add_train_parser(commands, [training])
+    _add_export_command(commands, config)
     return parser
 
 
@@ -451,6 +453,87 @@ def _frozen_for_compile(args: argparse.Namespace) -> tuple[fx.GraphModule, tuple
     if args.init is not None:
         nesc.load_checkpoint(model, args.init)
     return nesc.freeze(nesc.transform(model, inputs, config)), inputs
+# ----------------------------------------------------------------------------------- nesc export
+
+
+def _add_export_command(commands, config: argparse.ArgumentParser) -> None:
+    export = commands.add_parser(
+        "export", parents=[config], help="export a .nesc artifact or a registry model to compressed ONNX",
+        description="Write one ONNX file that stores the epitome pools and routing maps and regenerates the "
+                    "weights with Gather + interpolation nodes (simplified with onnxsim, without folding "
+                    "them back). MODEL is a saved .nesc artifact (input shape from the artifact, or "
+                    "--input-size) or a registry model name, compressed on the fly with the config flags; "
+                    "a registry model's dense ONNX is exported the same way to compare sizes.")
+    export.add_argument("model", metavar="MODEL", help=f"a {ARTIFACT_SUFFIX} artifact path or a registry model name")
+    export.add_argument("--onnx", metavar="OUT", type=Path, required=True, help="where to write the .onnx file")
+    export.add_argument("--no-simplify", action="store_true", help="skip onnxsim (the raw exporter output)")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default 18, the lowest supported)")
+    export.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from nesc.backends import onnx as onnx_backend
+
+    opset = onnx_backend.DEFAULT_OPSET if args.opset is None else args.opset
+    stages = Stages(err)
+    with stages.progress():
+        frozen, inputs, dense, label = _export_source(args, stages)
+        with stages.stage("export", f"{args.onnx} (opset {opset}{', dense too' if dense is not None else ''})"):
+            report = nesc.export_onnx(frozen, inputs, args.onnx, simplify=not args.no_simplify, opset=opset,
+                                      dense=dense)
+    _print_heading(out, label, f"-> {report.path}, input {_shape(inputs[0].shape[1:])} with a symbolic batch")
+    out.print(_export_table(report, frozen))
+    out.print(f"ops: {', '.join(report.ops)}")
+    out.print("time: " + ", ".join(f"{name} {s:.1f}s" for name, s in stages.seconds.items()))
+    return 0
+
+
+def _export_source(args: argparse.Namespace, stages: Stages):
+    """(frozen model, example inputs, dense model or None, label) from an artifact or a registry name."""
+    if not _is_artifact(args.model):
+        spec, config = _spec(args.model), _config(args)
+        inputs = tuple(torch.cat([x, x]) for x in _example_inputs(spec, args.input_size))  # batch 2
+        with stages.stage("compress", f"{spec.name}, {_describe(config)}"):
+            torch.manual_seed(config.seed)
+            dense = spec.create().eval()
+            frozen = nesc.freeze(nesc.transform(dense, inputs, config))
+        return frozen, inputs, dense, spec.name
+    given = [flag for field, flag in CONFIG_FLAGS.items() if getattr(args, _dest(flag)) is not None]
+    if given:
+        raise ConfigError(f"cannot apply {', '.join(given)} to {args.model!r}: it is a saved artifact, already "
+                          f"compressed. Drop the flags, or pass a registry model name to compress one.")
+    with stages.stage("load", args.model):
+        frozen = nesc.load(args.model)
+    return frozen, _artifact_inputs(frozen, args), None, args.model
+
+
+def _artifact_inputs(gm: fx.GraphModule, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    specs = gm.meta.get(meta.INPUT_SPECS) or []
+    if args.input_size is not None:
+        if len(specs) > 1:
+            raise InputError(f"--input-size sets one input, but {args.model!r} takes {len(specs)}; drop the flag to "
+                             f"use the shapes saved in the artifact")
+        specs = [((1, *args.input_size), specs[0][1] if specs else "float32")]
+    if not specs:
+        raise InputError(f"{args.model!r} records no input shape; pass --input-size D ... (without the batch "
+                         f"dimension, e.g. --input-size 3 32 32)")
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(tuple(shape), generator=generator, dtype=getattr(torch, dtype)) for shape, dtype in specs)
+
+
+def _export_table(report, frozen: fx.GraphModule) -> Table:
+    table = Table(title="ONNX file size")
+    for col, justify in [("file", "left"), ("bytes", "right"), ("tensors", "right"), ("ratio", "right")]:
+        table.add_column(col, justify=justify)
+    table.add_row("compressed (pools + routing maps)", f"{report.file_bytes:,}", f"{report.tensor_bytes:,}", "1.00x")
+    if report.dense_file_bytes is not None:
+        table.add_row("dense, exported the same way", f"{report.dense_file_bytes:,}", f"{report.dense_tensor_bytes:,}",
+                      f"{report.file_ratio:.2f}x")
+    else:  # an artifact carries no dense model; its float32 weights are what a dense file would hold
+        dense = nesc.summary(frozen, print_table=False).dense_params * FLOAT32_BYTES
+        table.add_row("dense float32 weights (not exported)", "-", f"{dense:,}",
+                      f"{dense / report.tensor_bytes:.2f}x (tensors)")
+    return table
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from nesc.config import NESConfig
 from nesc.registry import Registry
 
+from .decompose_regenerate import decompose_regenerate
 from .epitomize import epitomize
 from .find_weights import find_weights
 from .freeze import freeze
@@ -25,6 +26,8 @@ from .plan_pools import plan_pools
 PASSES: Registry[Callable[..., PassResult]] = Registry("pass")
 for _fn in (functionalize, find_weights, plan_pools, epitomize, freeze):
     PASSES.add(_fn.__name__, _fn)
+# Not part of TRANSFORM or FREEZE: the ONNX exporter runs it on a copy of a frozen model.
+PASSES.add(decompose_regenerate.__name__, decompose_regenerate)
 
 TRANSFORM: list[str] = [
     "functionalize",  # one form for every weight (get_attr -> functional op) before anything reads them

@@ -40,9 +40,14 @@ F64 = Tol(1e-10, 1e-12)  # float64 against an independent float64 reference
 MIN_SNR_DB = 80.0  # a lossy step that should lose (almost) nothing: least squares of representable weights
 BUDGET_RTOL = 0.02  # a plan stores its parameter budget within 2%
 BYTES_RTOL = 0.05  # a frozen model stores dense bytes / ratio within 5%
-# A compiled backend (TVM, ONNX Runtime) against the frozen torch model, float32: max abs error over
-# max abs output. Other kernels sum in other orders and fuse multiply-adds; deep nets accumulate it.
+# A lowered model (ONNX Runtime, TVM) against eager PyTorch, float32: max abs error <= BACKEND_REL * max |output|.
+# Other kernels and summation orders over convolutions hundreds of terms deep; 1e-4 leaves ~100x margin.
 BACKEND_REL = 1e-4
+# An ONNX file's size ratio (dense file / compressed file) against the ratio of the tensors it stores:
+# the graph itself (nodes, names, shapes; 0.1-0.5 MB for the registry models, more nodes for more
+# regenerated layers) is in both files but weighs 4x more in the compressed one. 10% holds for models
+# whose dense file is >= 1 MiB (measured: 3-8% below); smaller ones are dominated by the graph.
+ONNX_FILE_RATIO_RTOL = 0.10
 
 
 def assert_close(actual: Tensor, expected: Tensor, tol: Tol = CLOSE, what: str = "") -> None:

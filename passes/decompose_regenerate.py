@@ -1,0 +1,81 @@
+"""decompose_regenerate (rewrite): spell every ``nesc.regenerate`` node out as aten index arithmetic.
+
+Exporters and compilers do not know the custom op ``torch.ops.nesc.regenerate``, and its eager kernel
+loops over blocks in Python, which a tracer would unroll into constants. This pass replaces each such
+node with the aten graph of ``nesc.sampling.regenerate_indexed``: an index built from the routing
+map's int32 starts and ``arange`` (never a weight-sized constant), one ``index`` (gather) of the
+flattened pool, and one ``lerp`` per active axis with the routing map's fractions. The gather and the
+lerps read the pool parameter and the routing-map buffers through their ``get_attr`` nodes, so a
+downstream exporter sees the compressed tensors as inputs of the regeneration, not a dense weight.
+
+Requires: a frozen graph (``passes.freeze``); each regenerate node reads its pool, starts and
+fractions through ``get_attr``. Guarantees: no ``nesc.regenerate`` node is left; the graph lints;
+outputs equal the frozen graph's bit for bit (``regenerate_indexed`` performs the same float
+operations as ``regenerate``); the subgraph adds no ``get_attr`` (no new stored tensor).
+
+    before:  %w = call_function[nesc.regenerate](%pool, %starts, %fracs, scale, [O, I, kh, kw], [bo, bi], "conv2d")
+    after:   %idx = ... aten.arange / add / remainder / clamp on %starts ...
+             %win = aten.index(aten.view(aten.mul(%pool, scale), [-1]), [%idx]); %w = ... aten.lerp(.., %fracs) ...
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from nesc import meta
+from nesc.errors import PassOrderError
+from nesc.sampling import Geometry, regenerate_indexed
+
+REGENERATE = torch.ops.nesc.regenerate.default
+
+
+def decompose_regenerate(gm: fx.GraphModule) -> PassResult:
+    modified = False
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is REGENERATE]:
+        _inline(gm, node, _traced_regeneration(gm, node))
+        modified = True
+    if modified:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
+
+
+def _traced_regeneration(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
+    """``regenerate_indexed`` for this node's geometry, traced to aten ops on (pool, starts, fracs)."""
+    pool, starts, fracs, scale, shape, block, layout = node.args
+    tensors = [_tensor_of(gm, node, arg, role) for arg, role in ((pool, "pool"), (starts, "starts"), (fracs, "fracs"))]
+    geometry = Geometry(tuple(shape), tuple(tensors[0].shape), tuple(block), layout)
+
+    def regeneration(p: Tensor, s: Tensor, f: Tensor) -> Tensor:
+        return regenerate_indexed(p, s, f, scale, geometry)
+
+    # Fake tensors: tracing needs shapes and dtypes only, not a weight-sized computation.
+    traced = make_fx(regeneration, tracing_mode="fake")(*tensors)
+    stray = [n.target for n in traced.graph.nodes if n.op == "get_attr"]
+    if stray:  # a tensor constant would be stored in the exported file next to the pool
+        raise AssertionError(f"regenerate_indexed traced to tensor constants {stray}; it must use only its inputs")
+    return traced
+
+
+def _tensor_of(gm: fx.GraphModule, node: fx.Node, arg, role: str) -> Tensor:
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        raise PassOrderError(
+            f"decompose_regenerate: node {node.name!r} (weight {node.meta.get(meta.SAMPLED_WEIGHT, '?')}) reads its "
+            f"{role} from {arg!r}, expected a get_attr of the frozen module's tensor. Run it on the output of "
+            f"nesc.freeze or nesc.load, which read pools and routing maps through get_attr."
+        )
+    return gm.get_parameter(arg.target) if role == "pool" else gm.get_buffer(arg.target)
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, traced: fx.GraphModule) -> None:
+    """Copy ``traced``'s nodes in place of ``node``, its placeholders bound to node's tensor args."""
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    env = dict(zip(placeholders, node.args[:3]))
+    with gm.graph.inserting_before(node):
+        out = gm.graph.graph_copy(traced.graph, env)
+    out.meta.update(node.meta)  # the weight's name (meta.SAMPLED_WEIGHT) stays on the node that makes it
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)

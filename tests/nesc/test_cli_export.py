@@ -1,0 +1,113 @@
+"""``nesc export --onnx``: from a saved artifact (input shape from the artifact) and from a registry model
+compressed on the fly (dense ONNX exported next to it); errors exit 2 without a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import BACKEND_REL, registry_inputs, run, transformed_registry
+
+import nesc
+from nesc.cli import USAGE_ERROR, main
+
+onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
+
+
+@pytest.fixture(autouse=True)
+def _pipe_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    _, gm = transformed_registry("cnn1d")
+    path = tmp_path_factory.mktemp("cli-export") / "cnn1d.nesc"
+    nesc.save(nesc.freeze(gm), path)
+    return path
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_clean_error(code: int, err: str, *fragments: str) -> None:
+    assert code == USAGE_ERROR
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+
+
+def test_export_an_artifact_with_its_saved_input_shape(capsys, artifact: Path, tmp_path: Path) -> None:
+    out_path = tmp_path / "cnn1d.onnx"
+    code, out, err = _run(capsys, "export", str(artifact), "--onnx", str(out_path))
+    assert code == 0, err
+    assert out_path.is_file() and not list(tmp_path.glob("*.data"))
+    assert "compressed (pools + routing maps)" in out and "dense float32 weights (not exported)" in out
+    assert "GatherND" in out
+    # The file computes what the artifact computes, at another batch size than the saved one.
+    loaded = nesc.load(artifact)
+    x = torch.randn(3, *registry_inputs("cnn1d")[0].shape[1:])
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    want = run(loaded, (x,)).numpy()
+    assert np.abs(got - want).max() <= BACKEND_REL * np.abs(want).max()
+
+
+def test_export_a_registry_model_compressed_on_the_fly_next_to_its_dense_file(capsys, tmp_path: Path) -> None:
+    out_path = tmp_path / "mlp.onnx"
+    code, out, err = _run(capsys, "export", "mlp", "--ratio", "4", "--onnx", str(out_path), "--opset", "18")
+    assert code == 0, err
+    assert "dense, exported the same way" in out
+    ratio = float(out.split("dense, exported the same way")[1].split("x")[0].split()[-1])
+    assert 3.5 < ratio < 4.1, out
+    assert out_path.is_file()
+
+
+def test_no_simplify_writes_the_raw_export(capsys, artifact: Path, tmp_path: Path) -> None:
+    simplified, raw = tmp_path / "s.onnx", tmp_path / "r.onnx"
+    assert _run(capsys, "export", str(artifact), "--onnx", str(simplified))[0] == 0
+    assert _run(capsys, "export", str(artifact), "--onnx", str(raw), "--no-simplify")[0] == 0
+    assert len(onnx.load(str(raw)).graph.node) > len(onnx.load(str(simplified)).graph.node)
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--ratio", "8"], ["cannot apply --ratio", "saved artifact"]),
+        (["--opset", "13"], ["opset must be an int from 18"]),
+    ],
+)
+def test_bad_flags_on_an_artifact_exit_2_with_one_message(capsys, artifact, tmp_path, extra, fragments) -> None:
+    code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "x.onnx"), *extra)
+    _assert_clean_error(code, err, *fragments)
+
+
+def test_an_output_folder_that_does_not_exist_is_an_error(capsys, artifact, tmp_path) -> None:
+    code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "nope" / "x.onnx"))
+    _assert_clean_error(code, err, "does not exist")
+
+
+def test_input_size_must_fit_the_artifact(capsys, artifact, tmp_path, monkeypatch) -> None:
+    from nesc import meta
+
+    real_load = nesc.load
+
+    def without_specs(path):  # an artifact that records no input shape
+        gm = real_load(path)
+        gm.meta[meta.INPUT_SPECS] = []
+        return gm
+
+    monkeypatch.setattr(nesc, "load", without_specs)
+    code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "x.onnx"))
+    _assert_clean_error(code, err, "records no input shape", "--input-size")
+
+
+def test_onnx_out_is_required(capsys, artifact) -> None:
+    code, _, err = _run(capsys, "export", str(artifact))
+    assert code == USAGE_ERROR and "--onnx" in err
