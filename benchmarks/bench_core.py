@@ -476,11 +476,17 @@ def main(argv: list[str] | None = None) -> int:
     facts["wall_s"] = time.perf_counter() - t0
     facts["loadavg_end"] = os.getloadavg()
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    return write_results(args.out / args.name, facts, settings, results, markdown(facts, settings, results))
+
+
+def write_results(stem: Path, facts: dict, settings, results: list, md: str) -> int:
+    """``stem``.json (machine facts, settings, every result) and ``stem``.md (``md``); print ``md``.
+    The exit code: 1 if any model failed, so a broken model fails the run after the others' numbers
+    are saved."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": facts, "settings": asdict(settings), "results": [r.to_dict() for r in results]}
-    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = markdown(facts, settings, results)
-    (args.out / f"{args.name}.md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(md)
     print(md)
     return 1 if any(r.error for r in results) else 0
 

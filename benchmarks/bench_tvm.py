@@ -25,7 +25,6 @@ than torch eager dense.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_core.py
 
 import numpy as np
 import torch
-from bench_core import RESULTS, console, interleaved, machine_facts
+from bench_core import RESULTS, console, interleaved, machine_facts, write_results
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
@@ -253,13 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]{name} failed:[/red] {results[-1].error.splitlines()[-1]}")
             progress.advance(overall)
     facts["loadavg_end"] = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": facts, "settings": asdict(settings), "results": [r.to_dict() for r in results]}
-    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = markdown(facts, settings, results)
-    (args.out / f"{args.name}.md").write_text(md)
-    print(md)
-    return 1 if any(r.error for r in results) else 0
+    return write_results(args.out / args.name, facts, settings, results, markdown(facts, settings, results))
 
 
 if __name__ == "__main__":

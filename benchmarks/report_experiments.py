@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exp_common import RESULTS, Run, Settings, safe_execute  # noqa: E402
+from exp_common import Run, Settings, safe_execute  # noqa: E402
 
 FMNIST_MODELS = ("resnet_fmnist", "mobilenetv2_fmnist")
 RATIOS = (2, 4, 8, 16)

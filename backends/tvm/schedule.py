@@ -275,7 +275,7 @@ def _dot(sch) -> None:
     epilogue = _inline_chain(sch, blocks[index + 1 :])
     n_spatial = _num_spatial(sch, anchor)
     loops = sch.get_loops(anchor)
-    spatial, reduce = list(loops[:n_spatial]), list(loops[n_spatial:])
+    reduce = list(loops[n_spatial:])
     lanes = MAX_INNER if _static(sch.get(reduce[-1]).extent) % MAX_INNER == 0 else VECTOR_LANES
     ko, ki = sch.split(reduce[-1], [None, lanes])
     rf = sch.rfactor(ki, factor_axis=n_spatial)

@@ -96,7 +96,7 @@ def cache_folder(cache_dir: str | Path | None, target: tvm.target.Target) -> Pat
 def tune_module(mod: tvm.IRModule, target: tvm.target.Target, config: TuneConfig,
                 cache_dir: str | Path | None) -> tuple[tvm.IRModule, TuneReport]:
     """Legalize and fuse ``mod``, tune the kernels the cache has no record of, and apply the database:
-    every kernel with a record comes back scheduled (``tir.is_scheduled``); the rest is left for the
+    every kernel with a record comes back scheduled (``tirx.is_scheduled``); the rest is left for the
     default schedules."""
     ms = s_tir.meta_schedule
     import_tensor_intrinsics()  # before MetaSchedule imports them: 10 minutes otherwise, with torch loaded

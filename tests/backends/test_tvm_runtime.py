@@ -73,6 +73,28 @@ def test_runs_in_a_process_without_torch(exported: Path, tmp_path: Path) -> None
     assert done.stdout.startswith("ok (3, 10)")
 
 
+# The deployment bar: these registry models, compiled and exported, run torch-free with parity.
+DEPLOYED_MODELS = ("mlp", "cnn1d", "mobilenetv2", "resnet18", "efficientnet_b0")
+FAST_DEPLOYED = ("mlp", "cnn1d")  # the big three compile for minutes: slow-marked, same code path
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST_DEPLOYED else pytest.param(n, marks=pytest.mark.slow) for n in DEPLOYED_MODELS]
+)
+def test_registry_model_deploys_and_runs_without_torch(name: str, tmp_path: Path) -> None:
+    _, frozen = frozen_registry(name)
+    inputs = registry_inputs(name, 1)  # static batch 1: an edge deployment
+    library = tmp_path / f"{name}.so"
+    nesc.compile(frozen, inputs).export_library(library)
+    np.save(tmp_path / "x.npy", inputs[0].numpy())
+    np.save(tmp_path / "y.npy", eager(frozen, inputs).numpy())
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(RUNTIME_FILE), str(library),
+                           str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(BACKEND_REL)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok (1, ")
+
+
 def test_command_line_runs_the_model(exported: Path, tmp_path: Path) -> None:
     x, _, want = _reference(tmp_path, batch=2)
     out = tmp_path / "out.npy"
