@@ -41,7 +41,9 @@ EXCLUDED: dict[str, str] = {}
 # conv net and an MLP.
 FAST = {"cnn1d", "mlp"}
 # A dense file under 1 MiB is dominated by the graph, not the weights (see ONNX_FILE_RATIO_RTOL).
-SMALL_FILE = {"cnn1d": "130 KB of weights next to ~20 KB of graph"}
+# Below this dense file size the graph (nodes, names, shapes) is a large share of the compressed file,
+# so the file ratio says little about the stored tensors (cnn1d: 130 KB of weights, ~20 KB of graph).
+SMALL_FILE_BYTES = 2**20
 
 
 def _param(name: str, fast=FAST):
@@ -176,10 +178,10 @@ def test_file_size_follows_the_compression_ratio(name: str) -> None:
     # (random, all distinct), at most everything; fresh norms' equal statistics may be stored once.
     weights = sum(p.numel() * p.element_size() for p in dense_model.parameters() if p.dim() >= 2)
     assert weights <= onnx_backend.tensor_bytes(onnx.load(str(dense_path))) <= dense_held * 1.01
-    if name in SMALL_FILE:
-        pytest.skip(f"{name}: file ratio not asserted, {SMALL_FILE[name]} (dense tensors checked)")
     dense_file = dense_path.stat().st_size
-    assert dense_file >= 2**20
+    if dense_file < SMALL_FILE_BYTES:
+        pytest.skip(f"{name}: dense file {dense_file:,} bytes < {SMALL_FILE_BYTES:,}: the graph dominates, "
+                    f"file ratio not asserted (tensors checked above)")
     file_ratio = dense_file / report.file_bytes
     # Symmetric: the graph pulls the ratio down; equal routing maps stored once (zero fractions of
     # unshifted starts) push it up.
