@@ -450,10 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(not args.keep_denormals)
-    names = args.models.split(",") if args.models else list_models()
-    unknown = [n for n in names if n not in list_models()]
-    if unknown:  # fail now, not after minutes of work
-        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(list_models())}")
+    names = model_names(args.models)
     facts = machine_facts()
     facts["flush_denormal"] = not args.keep_denormals
     t0 = time.perf_counter()
@@ -477,6 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     facts["loadavg_end"] = os.getloadavg()
 
     return write_results(args.out / args.name, facts, settings, results, markdown(facts, settings, results))
+
+
+def model_names(models: str | None) -> list[str]:
+    """``--models a,b`` (default: every registered model), checked now rather than after minutes of work."""
+    names = models.split(",") if models else list_models()
+    unknown = [n for n in names if n not in list_models()]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(list_models())}")
+    return names
 
 
 def write_results(stem: Path, facts: dict, settings, results: list, md: str) -> int:

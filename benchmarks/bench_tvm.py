@@ -38,12 +38,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_core.py
 
 import numpy as np
 import torch
-from bench_core import RESULTS, console, interleaved, machine_facts, write_results
+from bench_core import RESULTS, console, interleaved, machine_facts, model_names, write_results
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 import nesc
-from nesc.models import get_spec, list_models
+from nesc.models import get_spec
 
 VARIANTS = ("tvm_epitome", "tvm_dense", "torch_dense", "ort_dense")
 TARGET_EPITOME_OVER_DENSE = 1.1
@@ -232,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args, settings = parse_args(argv)
     torch.set_flush_denormal(True)  # see bench_core.py: untrained deep nets reach denormals
-    names = args.models.split(",") if args.models else list_models()
-    unknown = [n for n in names if n not in list_models()]
-    if unknown:
-        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(list_models())}")
+    names = model_names(args.models)
     facts = machine_facts() | {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
                                "tvm_num_threads": os.environ.get("TVM_NUM_THREADS", "TVM default")}
     results: list[Result] = []
