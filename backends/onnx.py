@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from nesc.errors import InputError, NescError
+from nesc.core.errors import InputError, NescError
 from nesc.passes.pipeline import PASSES
 from nesc.report import stored_bytes
 

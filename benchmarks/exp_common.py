@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 import nesc
 from nesc import baselines
 from nesc.baselines import BuildContext
-from nesc.config import NESConfig
+from nesc.core.config import NESConfig
 from nesc.data import Dataset, load_dataset
-from nesc.errors import NescError
+from nesc.core.errors import NescError
 from nesc.train import TrainConfig, fit
 
 HERE = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nesc.registry import Registry
+from nesc.core.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
 

@@ -8,14 +8,14 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from nesc import sampling  # noqa: F401  (registers torch.ops.nesc.regenerate)
+from nesc.core import modules  # noqa: F401  (registers torch.ops.nesc.regenerate)
 from nesc.api import freeze, load, save, summary, transform
 from nesc.api import compile  # noqa: A004  (nesc.compile: the TVM backend, imported on first call)
 from nesc.api import export_onnx
 from nesc.capture import capture
-from nesc.config import LayerConfig, NESConfig
-from nesc.dense_init import distillation_loss, fit_pools, load_checkpoint
-from nesc.errors import (
+from nesc.core.config import LayerConfig, NESConfig
+from nesc.fitting import distillation_loss, fit_pools, load_checkpoint
+from nesc.core.errors import (
     ArtifactError,
     CaptureError,
     ConfigError,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import fx, nn
 
-from nesc import meta
+from nesc.core import names
 from nesc.capture import capture
-from nesc.config import NESConfig
-from nesc.dense_init import fit_pools
+from nesc.core.config import NESConfig
+from nesc.fitting import fit_pools
 from nesc.passes import pipeline
 from nesc.report import DENSE_REASONS, Report, build_report
 
@@ -30,7 +30,7 @@ def transform(model: nn.Module, example_inputs, config: NESConfig | None = None,
     config = (config or NESConfig()).replace(**changes) if changes else (config or NESConfig())
     gm = capture(model, example_inputs)
     gm = pipeline.run(gm, pipeline.TRANSFORM, config)
-    plan = gm.meta[meta.PLAN]
+    plan = gm.meta[names.PLAN]
     gm.meta[DENSE_REASONS] = dict(plan.dense)
     gm.meta[CONFIG] = config
     if config.init == "dense":
@@ -43,7 +43,7 @@ def fit_to_model(gm: fx.GraphModule, model: nn.Module) -> dict[str, float]:
     per-layer relative errors are returned and kept in ``gm.meta["nesc_fit_errors"]``."""
     # Capture keeps the user's qualified names; a tied weight may be read under any of its names.
     dense = dict(model.named_parameters(remove_duplicate=False))
-    gm.meta[FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in gm.meta[meta.PLAN].layers})
+    gm.meta[FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in gm.meta[names.PLAN].layers})
     return gm.meta[FIT_ERRORS]
 
 

@@ -41,11 +41,11 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize, prune
 
 import nesc
-from nesc.config import NESConfig
-from nesc.errors import ConfigError, PlanError
+from nesc.core.config import NESConfig
+from nesc.core.errors import ConfigError, PlanError
 from nesc.models import get_spec
-from nesc.registry import Registry
-from nesc.sampling import EpitomeSampler
+from nesc.core.registry import Registry
+from nesc.core.modules import EpitomeSampler
 
 # A pruned weight stores each non-zero as its value plus a 16-bit relative index (CSR with relative
 # column offsets, as in Deep Compression): half a float32 on top of the value.
@@ -206,14 +206,8 @@ def _nesc_fixed(ctx: BuildContext) -> fx.GraphModule:
 
 def _wsnet(ctx: BuildContext) -> fx.GraphModule:
     gm = _nesc(ctx, init="random")
-    by_pool: dict[str, list[EpitomeSampler]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), EpitomeSampler):
-            s = gm.get_submodule(node.target)
-            if s not in by_pool.setdefault(node.args[0].target, []):
-                by_pool[node.args[0].target].append(s)
     with torch.no_grad():
-        for members in by_pool.values():
+        for members in samplers_by_pool(gm).values():
             for layer, sampler in enumerate(members):
                 sampler.starts.copy_(stride_starts(sampler, layer, len(members)))
                 sampler.starts.requires_grad_(False)

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from nesc import meta
-from nesc.errors import CaptureError, InputError
+from nesc.core import compat, names
+from nesc.core.errors import CaptureError, InputError
 
 aten = torch.ops.aten
 
@@ -58,7 +58,7 @@ class ExportedBatchNorm(nn.Module):
 def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """Return a new GraphModule equivalent to ``model`` on inputs like ``example_inputs``.
 
-    Writes ``gm.meta[meta.CAPTURE]`` (which path succeeded), ``gm.meta[meta.INPUT_SPECS]`` and
+    Writes ``gm.meta[names.CAPTURE]`` (which path succeeded), ``gm.meta[names.INPUT_SPECS]`` and
     ``gm.meta["nesc_module_types"]`` (name -> class of every module of the user's model).
     """
     if not isinstance(model, nn.Module):
@@ -75,8 +75,8 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     except Exception as trace_error:  # noqa: BLE001 - any tracing failure sends us to export
         gm, how = _export(model, example_inputs, trace_error), "export"
     gm.train(was_training)
-    gm.meta[meta.CAPTURE] = how
-    gm.meta[meta.INPUT_SPECS] = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in example_inputs]
+    gm.meta[names.CAPTURE] = how
+    gm.meta[names.INPUT_SPECS] = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in example_inputs]
     gm.meta["nesc_module_types"] = module_types
     return gm
 
@@ -148,7 +148,7 @@ _DROPOUTS = {
     aten.feature_alpha_dropout.default: 2, F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
     F.alpha_dropout: 2, F.feature_alpha_dropout: 2,
 }
-_ATEN_DROPOUTS = {t for t in _DROPOUTS if isinstance(t, torch._ops.OpOverload)}  # flag named "train"
+_ATEN_DROPOUTS = {t for t in _DROPOUTS if compat.is_op_overload(t)}  # flag named "train"
 
 
 class ModeDropout(nn.Module):
@@ -230,7 +230,7 @@ def _momentum(node: fx.Node, momentum, model: nn.Module | None):
             mod = model.get_submodule(path)
         except AttributeError:
             return momentum
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if compat.is_batch_norm(mod):
             return mod.momentum
     return momentum
 

@@ -32,9 +32,10 @@ from rich.text import Text
 from torch import fx
 
 import nesc
-from nesc import api, cli_train, meta
-from nesc.config import POLICIES, NESConfig
-from nesc.errors import ConfigError, InputError, NescError
+from nesc import api, cli_train
+from nesc.core import names
+from nesc.core.config import POLICIES, NESConfig
+from nesc.core.errors import ConfigError, InputError, NescError
 from nesc.models import ModelSpec, get_spec, list_models
 from nesc.report import Report
 
@@ -312,7 +313,7 @@ def _print_heading(out: Console, name: str, rest: str) -> None:
 
 
 def _print_plan_notes(out: Console, gm: fx.GraphModule) -> None:
-    notes = gm.meta[meta.PLAN].notes
+    notes = gm.meta[names.PLAN].notes
     out.print("plan notes:" if notes else "plan notes: none (the budget overrode no preference)")
     for note in notes:
         out.print(f"  - {note}")
@@ -443,7 +444,7 @@ def _frozen_for_compile(args: argparse.Namespace) -> tuple[fx.GraphModule, tuple
     if _is_artifact(args.model):
         frozen = nesc.load(args.model)
         generator = torch.Generator().manual_seed(0)
-        specs = frozen.meta[meta.INPUT_SPECS]
+        specs = frozen.meta[names.INPUT_SPECS]
         return frozen, tuple(torch.randn((args.batch, *shape[1:]), generator=generator, dtype=getattr(torch, dtype))
                              for shape, dtype in specs)
     spec, config = _spec(args.model), _config(args)
@@ -508,7 +509,7 @@ def _export_source(args: argparse.Namespace, stages: Stages):
 
 
 def _artifact_inputs(gm: fx.GraphModule, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
-    specs = gm.meta.get(meta.INPUT_SPECS) or []
+    specs = gm.meta.get(names.INPUT_SPECS) or []
     if args.input_size is not None:
         if len(specs) > 1:
             raise InputError(f"--input-size sets one input, but {args.model!r} takes {len(specs)}; drop the flag to "

@@ -25,7 +25,7 @@ from torch import nn
 import nesc
 from nesc import api
 from nesc.data import Dataset, list_datasets, load_dataset
-from nesc.errors import InputError
+from nesc.core.errors import InputError
 from nesc.models import ModelSpec, get_spec, list_models
 from nesc.train import OPTIMIZERS, SCHEDULES, TrainConfig, TrainResult, evaluate, fit, model_size
 

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from nesc.errors import InputError
-from nesc.registry import Registry
+from nesc.core.errors import InputError
+from nesc.core.registry import Registry
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from nesc import meta
-from nesc.sampling import EpitomeSampler, Geometry
+from nesc.core import names
+from nesc.core.modules import EpitomeSampler
+from nesc.core.sampling import Geometry
 
 ROUTING_SCALARS_PER_BLOCK = 8  # int32 (o, i, y, x) + float fractions, once frozen
 START_SCALARS_PER_BLOCK = 4  # the trainable start coordinates (o, i, y, x), before freeze
@@ -102,7 +103,7 @@ def build_report(gm: fx.GraphModule) -> Report:
     from nesc.passes.find_weights import find_weights, weight_infos
     from nesc.passes.functionalize import INLINED, functionalize
 
-    if not any(meta.WEIGHT in n.meta for n in gm.graph.nodes):
+    if not any(names.WEIGHT in n.meta for n in gm.graph.nodes):
         # A graph straight from capture may still call nn.Conv2d/nn.Linear as modules: analyse a copy
         # in the functional form rather than rewrite the caller's graph.
         if any(n.op == "call_module" and type(gm.get_submodule(n.target)) in INLINED for n in gm.graph.nodes):
@@ -132,7 +133,7 @@ def build_report(gm: fx.GraphModule) -> Report:
                              len(members[pool]) - 1, info.numel, routing + share, info.madd,
                              len(g.corners) * g.numel))
     other: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for p in gm.meta.get(meta.DENSE_PARAMS, []):
+    for p in gm.meta.get(names.DENSE_PARAMS, []):
         other[p.reason][0] += 1
         other[p.reason][1] += p.numel
     dense_total = sum(r.params for r in rows) + sum(v[1] for v in other.values())
@@ -158,7 +159,7 @@ def _sampled_weights(gm: fx.GraphModule):
             geometry[s.weight_name], pool[s.weight_name] = s.geometry, node.args[0].target
         elif node.op == "call_function" and node.target is torch.ops.nesc.regenerate.default:
             p, _, _, _, shape, block, layout = node.args
-            name = node.meta.get(meta.SAMPLED_WEIGHT, node.name)
+            name = node.meta.get(names.SAMPLED_WEIGHT, node.name)
             pool_shape = tuple(gm.get_parameter(p.target).shape)
             geometry[name] = Geometry(tuple(shape), pool_shape, tuple(block), layout)
             pool[name] = p.target

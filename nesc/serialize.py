@@ -68,10 +68,10 @@ from safetensors.torch import save_file
 from torch import Tensor, fx, nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-import nesc.sampling  # noqa: F401 - registers torch.ops.nesc.regenerate, which graphs reference
-from nesc import meta
+import nesc.core.modules  # noqa: F401 - registers torch.ops.nesc.regenerate, which graphs reference
+from nesc.core import names
 from nesc.capture import ExportedBatchNorm, _batch_dims, _make_mode_aware
-from nesc.errors import ArtifactError
+from nesc.core.errors import ArtifactError
 
 FORMAT = "nesc"
 FORMAT_VERSION = 1
@@ -81,7 +81,7 @@ EXTRA = "nesc_extra"
 # node.meta key: this batch norm used a cumulative average (momentum=None) — eval-mode export
 # flattens that to momentum 0.0, which would freeze the statistics once the loaded model trains.
 _BN_CUMULATIVE = "nesc_bn_cumulative"
-_KEPT_META = (meta.SAMPLED_WEIGHT, "nn_module_stack", _BN_CUMULATIVE)
+_KEPT_META = (names.SAMPLED_WEIGHT, "nn_module_stack", _BN_CUMULATIVE)
 _GUARDS = "_guards_fn"
 _REGENERATE = torch.ops.nesc.regenerate.default
 # The Python callables an exported graph may call (symbolic-shape arithmetic, getitem on multi-output
@@ -131,12 +131,12 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = No
 
 
 def _input_specs(gm: fx.GraphModule) -> list[tuple[tuple[int, ...], str]]:
-    specs = getattr(gm, "meta", {}).get(meta.INPUT_SPECS)
+    specs = getattr(gm, "meta", {}).get(names.INPUT_SPECS)
     if not specs:
         raise ArtifactError(
-            f"cannot save: gm.meta[{meta.INPUT_SPECS!r}] is missing, and save needs the example inputs' "
+            f"cannot save: gm.meta[{names.INPUT_SPECS!r}] is missing, and save needs the example inputs' "
             f"shapes to re-export the graph. Capture the model with nesc (nesc.capture / nesc.transform), "
-            f"or set gm.meta[{meta.INPUT_SPECS!r}] = [((1, 3, 32, 32), 'float32')] (one entry per input)."
+            f"or set gm.meta[{names.INPUT_SPECS!r}] = [((1, 3, 32, 32), 'float32')] (one entry per input)."
         )
     out = []
     for shape, dtype in specs:
@@ -291,7 +291,7 @@ def _run_own_example(gm: fx.GraphModule, inputs):
         return gm(*inputs)
     except Exception as e:  # noqa: BLE001 - re-raised with what save was doing
         raise ArtifactError(
-            f"cannot save: the model fails on inputs built from gm.meta[{meta.INPUT_SPECS!r}] "
+            f"cannot save: the model fails on inputs built from gm.meta[{names.INPUT_SPECS!r}] "
             f"(shapes {_shapes(inputs)}): {type(e).__name__}: {e}. Set the specs to the shapes and dtypes "
             f"its forward takes."
         ) from e
@@ -338,10 +338,10 @@ def _carry_meta(src: fx.GraphModule, dst: fx.GraphModule) -> None:
     for i, n in enumerate(dst_regen):
         same = by_key.get(_route_key(n), [])
         origin = same[0] if len(same) == 1 else src_regen[i] if len(src_regen) == len(dst_regen) else None
-        if origin is not None and meta.SAMPLED_WEIGHT in origin.meta:
-            n.meta[meta.SAMPLED_WEIGHT] = origin.meta[meta.SAMPLED_WEIGHT]
-    wanted = sorted(n.meta[meta.SAMPLED_WEIGHT] for n in src_regen if meta.SAMPLED_WEIGHT in n.meta)
-    got = sorted(n.meta[meta.SAMPLED_WEIGHT] for n in dst_regen if meta.SAMPLED_WEIGHT in n.meta)
+        if origin is not None and names.SAMPLED_WEIGHT in origin.meta:
+            n.meta[names.SAMPLED_WEIGHT] = origin.meta[names.SAMPLED_WEIGHT]
+    wanted = sorted(n.meta[names.SAMPLED_WEIGHT] for n in src_regen if names.SAMPLED_WEIGHT in n.meta)
+    got = sorted(n.meta[names.SAMPLED_WEIGHT] for n in dst_regen if names.SAMPLED_WEIGHT in n.meta)
     if wanted != got:
         raise ArtifactError(
             f"cannot save: the re-exported graph's nesc.regenerate nodes could not be matched to the model's "
@@ -601,8 +601,8 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     _check_digest(md, header.tensors, path)
     doc, table, specs, extra = _parse_json(md, path)
     gm = _assemble(doc, header.tensors, table, path)
-    gm.meta[meta.INPUT_SPECS] = specs
-    gm.meta[meta.CAPTURE] = "export"  # an aten graph with mode-aware modules, as capture's export path
+    gm.meta[names.INPUT_SPECS] = specs
+    gm.meta[names.CAPTURE] = "export"  # an aten graph with mode-aware modules, as capture's export path
     gm.meta[EXTRA] = extra
     return gm
 

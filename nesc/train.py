@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from nesc.data import Dataset, balanced_indices
-from nesc.dense_init import distillation_loss
-from nesc.errors import ConfigError, InputError
+from nesc.fitting import distillation_loss
+from nesc.core.errors import ConfigError, InputError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -270,8 +270,6 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     rate by ``scale`` (Adam) or ``scale**2`` (SGD), with ``scale`` averaged over the pool's layers, makes
     the weights move as a dense model's would at the same ``lr``.
     """
-    from nesc.dense_init import samplers_by_pool
-
     pools: dict[int, float] = {}
     if isinstance(model, torch.fx.GraphModule):
         for pool_name, samplers in samplers_by_pool(model).items():

@@ -25,9 +25,9 @@ from torch import Tensor, fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from nesc import meta
-from nesc.errors import PassOrderError
-from nesc.sampling import Geometry, regenerate_indexed
+from nesc.core import names
+from nesc.core.errors import PassOrderError
+from nesc.core.sampling import Geometry, regenerate_indexed
 
 REGENERATE = torch.ops.nesc.regenerate.default
 
@@ -63,7 +63,7 @@ def _traced_regeneration(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
 def _tensor_of(gm: fx.GraphModule, node: fx.Node, arg, role: str) -> Tensor:
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         raise PassOrderError(
-            f"decompose_regenerate: node {node.name!r} (weight {node.meta.get(meta.SAMPLED_WEIGHT, '?')}) reads its "
+            f"decompose_regenerate: node {node.name!r} (weight {node.meta.get(names.SAMPLED_WEIGHT, '?')}) reads its "
             f"{role} from {arg!r}, expected a get_attr of the frozen module's tensor. Run it on the output of "
             f"nesc.freeze or nesc.load, which read pools and routing maps through get_attr."
         )
@@ -76,6 +76,6 @@ def _inline(gm: fx.GraphModule, node: fx.Node, traced: fx.GraphModule) -> None:
     env = dict(zip(placeholders, node.args[:3]))
     with gm.graph.inserting_before(node):
         out = gm.graph.graph_copy(traced.graph, env)
-    out.meta.update(node.meta)  # the weight's name (meta.SAMPLED_WEIGHT) stays on the node that makes it
+    out.meta.update(node.meta)  # the weight's name (names.SAMPLED_WEIGHT) stays on the node that makes it
     node.replace_all_uses_with(out)
     gm.graph.erase_node(node)

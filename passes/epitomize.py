@@ -5,10 +5,10 @@ For every weight the plan compresses, the ``get_attr`` of the dense parameter be
 transformation learner if configured) taking the pool — a parameter registered on the GraphModule —
 as input. The dense parameter is deleted: from here on the weight only exists as a function of the
 pool. Pools start as N(0, 1); each sampler carries a fixed gain (the dense weight's std), so pools
-shared by layers of different fan-in stay well scaled. ``nesc.dense_init.fit_pools`` then fits the
+shared by layers of different fan-in stay well scaled. ``nesc.fitting.fit_pools`` then fits the
 pools to the dense weights.
 
-Requires: find_weights and plan_pools (``gm.meta[meta.PLAN]``).
+Requires: find_weights and plan_pools (``gm.meta[names.PLAN]``).
 Guarantees: every planned weight is sampled; the graph lints; outputs are now a function of pools and
 start indices, differentiable in both.
 
@@ -25,10 +25,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from nesc import meta
-from nesc.config import NESConfig
-from nesc.errors import PassOrderError, PlanError
-from nesc.sampling import EpitomeSampler, Geometry, TransformationLearner
+from nesc.core import names
+from nesc.core.config import NESConfig
+from nesc.core.errors import PassOrderError, PlanError
+from nesc.core.modules import EpitomeSampler, TransformationLearner
+from nesc.core.sampling import Geometry
 
 from .find_weights import WeightInfo, aliases, canonical_names, weight_nodes
 
@@ -36,7 +37,7 @@ SAMPLERS = "nesc_samplers"
 
 
 def epitomize(gm: fx.GraphModule, config: NESConfig) -> PassResult:
-    plan = gm.meta.get(meta.PLAN)
+    plan = gm.meta.get(names.PLAN)
     if plan is None:
         raise PassOrderError("epitomize needs a pool plan: run passes.find_weights and passes.plan_pools first")
     gen = torch.Generator().manual_seed(config.seed)
@@ -61,7 +62,7 @@ def epitomize(gm: fx.GraphModule, config: NESConfig) -> PassResult:
     infos = {}  # weight name -> its first WeightInfo
     op_of = {}  # get_attr node name -> the weight-bearing op it feeds
     for op_node in weight_nodes(gm):
-        info: WeightInfo = op_node.meta[meta.WEIGHT]
+        info: WeightInfo = op_node.meta[names.WEIGHT]
         infos.setdefault(info.weight_name, info)
         op_of[info.weight_node] = op_node
     modified = False
@@ -132,7 +133,7 @@ def _rewire(gm, w_node: fx.Node, pool_name: str, target: str, weight_name: str, 
     with graph.inserting_before(first_use):
         pool = graph.get_attr(pool_name)
         sampled = graph.call_module(target, (pool,) if x is None else (pool, x))
-    sampled.meta[meta.SAMPLED_WEIGHT] = weight_name
+    sampled.meta[names.SAMPLED_WEIGHT] = weight_name
     w_node.replace_all_uses_with(sampled)
     graph.erase_node(w_node)
 
@@ -145,5 +146,5 @@ def _position(graph: fx.Graph):
 def _delete_param(gm: fx.GraphModule, name: str) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
-    if attr in owner._parameters:
-        del owner._parameters[attr]
+    if isinstance(getattr(owner, attr, None), nn.Parameter):
+        delattr(owner, attr)

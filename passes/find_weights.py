@@ -5,9 +5,9 @@ matmul/mm/addmm against a parameter (directly or through a transpose), and the w
 produced: a trainable sampler (``call_module`` EpitomeSampler) or a frozen ``nesc.regenerate`` node.
 Every parameter no such op consumes is listed with the reason it stays dense.
 
-Requires: ``gm.meta[meta.INPUT_SPECS]`` (written by ``nesc.capture``) for shape propagation.
-Guarantees: writes ``node.meta[meta.WEIGHT]`` (a ``WeightInfo``) on each weight-bearing op and
-``gm.meta[meta.DENSE_PARAMS]``; the graph itself is untouched (``modified`` is False).
+Requires: ``gm.meta[names.INPUT_SPECS]`` (written by ``nesc.capture``) for shape propagation.
+Guarantees: writes ``node.meta[names.WEIGHT]`` (a ``WeightInfo``) on each weight-bearing op and
+``gm.meta[names.DENSE_PARAMS]``; the graph itself is untouched (``modified`` is False).
 
     before:  %conv2d = call_function[F.conv2d](%x, %w, %b, ...)
     after:   same node, meta["nesc_weight"] = WeightInfo("layer1.0.conv1.weight", (64, 64, 3, 3), ...)
@@ -25,10 +25,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
-from nesc import meta
+from nesc.core import names
 from nesc.capture import ExportedBatchNorm, node_arg
-from nesc.errors import PassOrderError
-from nesc.sampling import EpitomeSampler
+from nesc.core.errors import PassOrderError
+from nesc.core.modules import EpitomeSampler
 
 aten = torch.ops.aten
 
@@ -86,7 +86,7 @@ def find_weights(gm: fx.GraphModule) -> PassResult:
     canonical = canonical_names(gm)
     order = 0
     for node in gm.graph.nodes:
-        node.meta.pop(meta.WEIGHT, None)
+        node.meta.pop(names.WEIGHT, None)
         found = _match(gm, node)
         if found is None:
             continue
@@ -98,24 +98,24 @@ def find_weights(gm: fx.GraphModule) -> PassResult:
         info = _describe(gm, node, x, name, state, family, transposed, order, batch, src)
         if info is None:
             continue
-        node.meta[meta.WEIGHT] = info
+        node.meta[names.WEIGHT] = info
         consumed.add(name)
         order += 1
-    gm.meta[meta.DENSE_PARAMS] = _dense_params(gm, consumed)
+    gm.meta[names.DENSE_PARAMS] = _dense_params(gm, consumed)
     return PassResult(gm, False)
 
 
 def weight_infos(gm: fx.GraphModule) -> list[WeightInfo]:
     """The WeightInfos find_weights left on ``gm``, in graph order."""
-    return [n.meta[meta.WEIGHT] for n in gm.graph.nodes if meta.WEIGHT in n.meta]
+    return [n.meta[names.WEIGHT] for n in gm.graph.nodes if names.WEIGHT in n.meta]
 
 
 def weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if meta.WEIGHT in n.meta]
+    return [n for n in gm.graph.nodes if names.WEIGHT in n.meta]
 
 
 def _propagate_shapes(gm: fx.GraphModule) -> None:
-    specs = gm.meta.get(meta.INPUT_SPECS)
+    specs = gm.meta.get(names.INPUT_SPECS)
     if specs is None:
         raise PassOrderError(
             "find_weights needs the example input shapes in gm.meta['nesc_input_specs']; capture the "
@@ -132,7 +132,7 @@ def _propagate_shapes(gm: fx.GraphModule) -> None:
 
 
 def _batch_size(gm: fx.GraphModule) -> int:
-    specs = gm.meta[meta.INPUT_SPECS]
+    specs = gm.meta[names.INPUT_SPECS]
     return specs[0][0][0] if specs and specs[0][0] else 1
 
 
@@ -187,7 +187,7 @@ def _weight_source(gm: fx.GraphModule, w: object, canonical: dict[str, str]):
     if w.op == "call_module" and isinstance(gm.get_submodule(w.target), EpitomeSampler):
         return gm.get_submodule(w.target).weight_name, "sampled", transposed, w
     if w.op == "call_function" and w.target is torch.ops.nesc.regenerate.default:
-        return w.meta.get(meta.SAMPLED_WEIGHT, w.name), "frozen", transposed, w
+        return w.meta.get(names.SAMPLED_WEIGHT, w.name), "frozen", transposed, w
     return None
 
 

@@ -19,8 +19,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from nesc import meta
-from nesc.sampling import EpitomeSampler, RoutingMap
+from nesc.core import names
+from nesc.core.modules import EpitomeSampler, RoutingMap
 
 from .epitomize import SAMPLERS
 
@@ -45,7 +45,7 @@ def freeze(gm: fx.GraphModule) -> PassResult:
             fracs = gm.graph.get_attr(f"{ROUTES}.{key}.fracs")
             args = (node.args[0], starts, fracs, sampler.scale, list(g.shape), list(g.block), g.layout)
             new = gm.graph.call_function(torch.ops.nesc.regenerate.default, args)
-        new.meta[meta.SAMPLED_WEIGHT] = sampler.weight_name
+        new.meta[names.SAMPLED_WEIGHT] = sampler.weight_name
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         modified = True

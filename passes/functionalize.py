@@ -18,6 +18,8 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn import functional as F
 
+from nesc.core import compat
+
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
 # The module types this pass inlines (exact types only: a subclass may override forward).
 INLINED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -49,7 +51,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
         else:
             if mod.padding_mode != "zeros":
                 # nn.ConvNd pads explicitly first and convolves with zero padding.
-                x = graph.call_function(F.pad, (x, mod._reversed_padding_repeated_twice), {"mode": mod.padding_mode})
+                x = graph.call_function(F.pad, (x, compat.conv_padding_for_pad(mod)), {"mode": mod.padding_mode})
                 padding = 0
             else:
                 padding = mod.padding

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from nesc.config import NESConfig
-from nesc.registry import Registry
+from nesc.core.config import NESConfig
+from nesc.core.registry import Registry
 
 from .decompose_regenerate import decompose_regenerate
 from .epitomize import epitomize

@@ -9,7 +9,7 @@ kind and kernel size; ``per_stage`` one per input resolution (so 3x3, 1x1 and de
 stage share); ``global`` one pool for all. A pool serves layers of different types: its spatial size
 is the largest kernel among its members, and channel axes wrap.
 
-Requires: find_weights. Guarantees: writes ``gm.meta[meta.PLAN]`` (a ``PoolPlan``); the graph is
+Requires: find_weights. Guarantees: writes ``gm.meta[names.PLAN]`` (a ``PoolPlan``); the graph is
 untouched. Raises ``PlanError`` when the budget cannot be met, naming what to change.
 
     before:  meta["nesc_weight"] on every weight op
@@ -26,11 +26,11 @@ import networkx as nx
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from nesc import meta
-from nesc.config import Candidate, LayerConfig, NESConfig, resolve_overrides
-from nesc.errors import PassOrderError, PlanError
+from nesc.core import names
+from nesc.core.config import Candidate, LayerConfig, NESConfig, resolve_overrides
+from nesc.core.errors import PassOrderError, PlanError
 from nesc.report import ROUTING_SCALARS_PER_BLOCK
-from nesc.sampling import Geometry
+from nesc.core.sampling import Geometry
 
 from .find_weights import WeightInfo, weight_infos
 
@@ -74,7 +74,7 @@ class PoolPlan:
 
 def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
     infos = _first_per_weight(weight_infos(gm))
-    if meta.DENSE_PARAMS not in gm.meta:
+    if names.DENSE_PARAMS not in gm.meta:
         raise PassOrderError(
             "plan_pools needs the weights found by passes.find_weights: run find_weights(gm) first "
             "(the transform pipeline, passes.pipeline.TRANSFORM, does)"
@@ -93,7 +93,7 @@ def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
     plan = _build(groups, shapes, dense, dense_total, target, fixed)
     plan.notes = notes
     _check_budget(plan, config)
-    gm.meta[meta.PLAN] = plan
+    gm.meta[names.PLAN] = plan
     return PassResult(gm, False)
 
 

@@ -21,7 +21,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 import nesc
 from nesc.models import get_spec
-from nesc.sampling import EpitomeSampler, Geometry, to_param_layout
+from nesc.core.modules import EpitomeSampler
+from nesc.core.sampling import Geometry, to_param_layout
 
 REGENERATE = torch.ops.nesc.regenerate.default
 
@@ -165,7 +166,7 @@ def sampled_weights(gm: fx.GraphModule) -> dict[str, Tensor]:
             fetch = lambda n: (
                 gm.get_parameter(n.target) if n.target.startswith("nesc_pool") else gm.get_buffer(n.target)
             )  # noqa: E731
-            out[node.meta[nesc.meta.SAMPLED_WEIGHT]] = REGENERATE(fetch(pool), fetch(starts), fetch(fracs), *rest)
+            out[node.meta[nesc.core.names.SAMPLED_WEIGHT]] = REGENERATE(fetch(pool), fetch(starts), fetch(fracs), *rest)
     return out
 
 

@@ -25,7 +25,7 @@ from helpers import (
     run,
     transformed_registry,
 )
-from nesc import meta
+from nesc.core import names
 from nesc.models import get_spec, list_models
 
 SLOW = {"efficientnet_b0", "mobilenetv2", "resnet18"}
@@ -53,8 +53,8 @@ def test_transform_train_freeze_save_load(name: str, tmp_path) -> None:
     model, gm = transformed_registry(name)  # ratio 4
     if name in DENSE_INIT_MODELS:
         errors = gm.meta["nesc_fit_errors"]
-        assert set(errors) == set(gm.meta[meta.PLAN].layers) and all(0 <= e < 1 for e in errors.values())
-    plan = gm.meta[meta.PLAN]
+        assert set(errors) == set(gm.meta[names.PLAN].layers) and all(0 <= e < 1 for e in errors.values())
+    plan = gm.meta[names.PLAN]
     assert abs(plan.planned - num_params(model) / 4) <= BUDGET_RTOL * num_params(model) / 4
     # trainable: 4 learnable start coordinates a block; frozen: 8 routing scalars a block
     blocks = sum(g.num_blocks for _, g in plan.layers.values())

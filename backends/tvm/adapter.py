@@ -9,7 +9,7 @@ schedules and MetaSchedule live under ``tvm.s_tir``, ``tvm.contrib.cc`` is ``tvm
 
 from __future__ import annotations
 
-from nesc.errors import NescError
+from nesc.core.errors import NescError
 
 try:
     import tvm

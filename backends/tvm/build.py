@@ -28,7 +28,7 @@ from nesc.backends.tvm.lower import Lowered, lower
 from nesc.backends.tvm.schedule import prepare
 from nesc.backends.tvm.targets import TargetError, TargetSpec, get_target
 from nesc.backends.tvm.tune import TuneReport, as_tune_config, tune_module
-from nesc.errors import ConfigError, InputError
+from nesc.core.errors import ConfigError, InputError
 
 KINDS = ("pool", "route", "dense")
 

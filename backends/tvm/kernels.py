@@ -21,7 +21,7 @@ channels only): the weight as rows ``(O, I*kh*kw)``, each block row one contiguo
 
 from __future__ import annotations
 
-from nesc.sampling import Geometry
+from nesc.core.sampling import Geometry
 
 from .adapter import te, tir
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from nesc.errors import NescError
-from nesc.sampling import Geometry
+from nesc.core.errors import NescError
+from nesc.core.sampling import Geometry
 
 from .adapter import ExportedProgramImporter, detach_params, from_exported_program, relax, tvm, var_name
 from .kernels import REGENERATE_NAME, regenerate_rows_te, regenerate_te, rows_form

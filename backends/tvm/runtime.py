@@ -36,7 +36,7 @@ PARAMS_SUFFIX = ".params.safetensors"
 
 # Inside a nesc program a DeployError is a NescError (``except NescError`` catches it); standalone,
 # where importing nesc would import torch, it is a plain ValueError.
-_ERRORS = sys.modules.get("nesc.errors")
+_ERRORS = sys.modules.get("nesc.core.errors")
 _BASES = (_ERRORS.NescError, ValueError) if _ERRORS is not None else (ValueError,)
 
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nesc.backends.tvm.adapter import cc, tvm
-from nesc.errors import NescError
-from nesc.registry import Registry
+from nesc.core.errors import NescError
+from nesc.core.registry import Registry
 
 # Used when no GPU can be asked for its compute capability: Ampere (A100), which every later GPU runs.
 DEFAULT_CUDA_ARCH = "sm_80"

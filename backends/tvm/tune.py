@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nesc.backends.tvm.adapter import import_tensor_intrinsics, relax, s_tir, tvm
-from nesc.errors import ConfigError
+from nesc.core.errors import ConfigError
 
 DEFAULT_CACHE = Path("~/.cache/nesc/tvm")
 # Trials per kernel and round when tuning for a time budget: the budget is checked between rounds.

@@ -28,8 +28,8 @@ from nesc.models import get_spec, list_models
 from torch import nn
 
 import nesc
-from nesc import meta
-from nesc.errors import InputError
+from nesc.core import names
+from nesc.core.errors import InputError
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
@@ -130,7 +130,7 @@ def test_the_file_stores_pools_and_routing_maps_not_weights(name: str) -> None:
     for route in (n for n in module if n.startswith("nesc_routes.")):
         assert route in values or any(np.array_equal(v, state[route].numpy()) for v in values.values()), route
     # No compressed weight is stored, and the file's tensors add up to what the module holds.
-    assert not {regen.meta[meta.SAMPLED_WEIGHT] for regen in regenerate_nodes(frozen)} & set(inits)
+    assert not {regen.meta[names.SAMPLED_WEIGHT] for regen in regenerate_nodes(frozen)} & set(inits)
     held = sum(t.numel() * t.element_size() for t in list(frozen.parameters()) + list(frozen.buffers()))
     stored = onnx_backend.tensor_bytes(model)
     # At most what the module holds plus the small folded index constants; less where equal routing maps

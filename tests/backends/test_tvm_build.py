@@ -20,7 +20,7 @@ from tvm_deploy_cases import SMALL_MODELS, compiled_registry, eager, frozen_regi
 from nesc.backends.tvm import runtime, targets, tune
 from nesc.backends.tvm.build import compile
 from nesc.cli import USAGE_ERROR, main
-from nesc.errors import ConfigError, NescError
+from nesc.core.errors import ConfigError, NescError
 
 EM_AARCH64 = 183  # ELF e_machine of 64-bit ARM
 

@@ -23,7 +23,7 @@ from nesc.backends.tvm.kernels import regenerate_rows_te, regenerate_te, rows_fo
 from nesc.backends.tvm.lower import Lowered, LoweringError, lower  # noqa: E402
 from nesc.backends.tvm.schedule import fuse, prepare, schedule_func, schedule_module  # noqa: E402
 from nesc.models import get_spec, list_models  # noqa: E402
-from nesc.sampling import Geometry, regenerate_indexed, split_starts  # noqa: E402
+from nesc.core.sampling import Geometry, regenerate_indexed, split_starts# noqa: E402
 
 TARGET = host_target()
 

@@ -23,8 +23,8 @@ from nesc.baselines import (
     samplers,
     stride_starts,
 )
-from nesc.config import NESConfig
-from nesc.errors import ConfigError, PlanError
+from nesc.core.config import NESConfig
+from nesc.core.errors import ConfigError, PlanError
 from nesc.models import get_spec
 
 MODEL = "cnn1d"  # 32.6K parameters, 1x40 inputs: every method builds in milliseconds

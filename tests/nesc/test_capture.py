@@ -29,7 +29,7 @@ from helpers import (
     run,
     stage_net_inputs,
 )
-from nesc import meta
+from nesc.core import names
 from nesc.capture import ExportedBatchNorm, ModeDropout
 from nesc.models import get_spec, list_models
 
@@ -58,8 +58,8 @@ def _model(kind: str) -> nn.Module:
 @pytest.mark.parametrize("name", list_models())
 def test_registry_models_are_symbolically_traced(name: str) -> None:
     gm = analysed_registry(name)  # capture + functionalize + find_weights, shared with the plan tests
-    assert gm.meta[meta.CAPTURE] == "symbolic_trace"
-    assert gm.meta[meta.INPUT_SPECS] == [((2, *get_spec(name).test_input_shape), "float32")]
+    assert gm.meta[names.CAPTURE] == "symbolic_trace"
+    assert gm.meta[names.INPUT_SPECS] == [((2, *get_spec(name).test_input_shape), "float32")]
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn1d", "resnet18_cifar", "vit_tiny", "resnet18"])
@@ -73,8 +73,8 @@ def test_capture_path_and_outputs(kind: str) -> None:
     model, x = _model(kind), stage_net_inputs()
     gm = nesc.capture(model, x)
     assert isinstance(gm, fx.GraphModule)
-    assert gm.meta[meta.CAPTURE] == EXPECTED_PATH[kind]
-    assert gm.meta[meta.INPUT_SPECS] == [((4, 3, 8, 8), "float32")]
+    assert gm.meta[names.CAPTURE] == EXPECTED_PATH[kind]
+    assert gm.meta[names.INPUT_SPECS] == [((4, 3, 8, 8), "float32")]
     assert gm.meta["nesc_module_types"]["conv3"] is nn.Conv2d
     gm.graph.lint()
     assert_close(run(gm, x), run(model, x), EXACT, f"{kind}, eval")
@@ -107,7 +107,7 @@ def test_export_capture_serves_another_batch_size(kind: str) -> None:
 def test_transformed_graph_switches_dropout_and_batch_norm(kind: str) -> None:
     model, x = _model(kind), stage_net_inputs()
     gm = nesc.transform(model, x, init="random", **COMPRESS_ALL)
-    assert gm.meta[meta.CAPTURE] == EXPECTED_PATH[kind]
+    assert gm.meta[names.CAPTURE] == EXPECTED_PATH[kind]
     twin = dense_twin(gm, model)  # the eager model holding the weights gm samples
 
     # train: batch statistics, running-stat updates and dropout masks, all as in eager
@@ -162,7 +162,7 @@ def test_export_path_batch_norm_variants_train_like_eager(bn: dict) -> None:
     torch.manual_seed(0)
     model, x = BatchNormNet(**bn), stage_net_inputs()
     gm = nesc.capture(model, x)
-    assert gm.meta[meta.CAPTURE] == "export"
+    assert gm.meta[names.CAPTURE] == "export"
     ref = copy.deepcopy(model)
     for step in range(2):
         assert_matches_eager(gm, ref, (x[0] + step,), train=True)
@@ -211,7 +211,7 @@ def test_symbolic_path_functional_dropout_follows_eval() -> None:
     torch.manual_seed(0)
     model, x = FunctionalDropoutNet(), (torch.randn(4, 16),)
     gm = nesc.capture(model, x)
-    assert gm.meta[meta.CAPTURE] == "symbolic_trace"
+    assert gm.meta[names.CAPTURE] == "symbolic_trace"
     assert_matches_eager(gm, copy.deepcopy(model), x, train=False, seed=1)
 
 
@@ -312,7 +312,7 @@ def test_wrong_inputs_through_transform_raise_input_error_and_do_not_touch_bn_st
 
 def test_a_single_tensor_is_accepted_as_inputs() -> None:
     (x,) = stage_net_inputs()
-    assert nesc.capture(StageNet(), x).meta[meta.INPUT_SPECS] == [((4, 3, 8, 8), "float32")]
+    assert nesc.capture(StageNet(), x).meta[names.INPUT_SPECS] == [((4, 3, 8, 8), "float32")]
 
 
 def test_capture_rejects_a_non_module() -> None:

@@ -94,13 +94,12 @@ def test_an_output_folder_that_does_not_exist_is_an_error(capsys, artifact, tmp_
 
 
 def test_input_size_must_fit_the_artifact(capsys, artifact, tmp_path, monkeypatch) -> None:
-    from nesc import meta
-
+    from nesc.core import names
     real_load = nesc.load
 
     def without_specs(path):  # an artifact that records no input shape
         gm = real_load(path)
-        gm.meta[meta.INPUT_SPECS] = []
+        gm.meta[names.INPUT_SPECS] = []
         return gm
 
     monkeypatch.setattr(nesc, "load", without_specs)

@@ -1,4 +1,4 @@
-"""nesc.config: frozen dataclasses validated on construction, and the override precedence
+"""nesc.core.config: frozen dataclasses validated on construction, and the override precedence
 (exact name > ``re:`` regex > module type, most derived class first) with loud unused rules."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 from nesc import ConfigError, LayerConfig, NESConfig
-from nesc.config import Candidate, resolve_overrides
+from nesc.core.config import Candidate, resolve_overrides
 
 
 def test_defaults_are_a_4x_per_layer_plan() -> None:

@@ -19,7 +19,7 @@ from nesc.data import (
     load_dataset,
     read_idx,
 )
-from nesc.errors import InputError
+from nesc.core.errors import InputError
 
 HAS_FMNIST = all((FASHION_MNIST_DIR / f).is_file() for pair in FASHION_MNIST_FILES.values() for f in pair)
 needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")

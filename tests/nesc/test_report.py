@@ -19,7 +19,7 @@ from helpers import (
     stage_net_inputs,
     transformed_registry,
 )
-from nesc import meta
+from nesc.core import names
 from nesc.report import Report
 
 WEIGHTS = ["stem.weight", "conv3.weight", "conv1.weight", "mix.weight", "head.weight"]
@@ -67,7 +67,7 @@ def test_dense_rows_carry_reasons_and_sampled_rows_their_pool(stages) -> None:
         assert rows["stem.weight"].reason == "small: 864 < min_params=2000"
         assert rows["head.weight"].reason == "small: 640 < min_params=2000"
         assert rows["stem.weight"].pool == "" and rows["stem.weight"].stored == 864
-        plan = gm.meta[meta.PLAN]
+        plan = gm.meta[names.PLAN]
         for name in ("conv3.weight", "conv1.weight", "mix.weight"):
             r = rows[name]
             pool_name, geometry = plan.layers[name]

@@ -13,17 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import CLOSE, EXACT, F64, REGENERATE, assert_close, naive_regenerate
-from nesc.sampling import (
-    EpitomeSampler,
-    Geometry,
-    RoutingMap,
-    TransformationLearner,
-    regenerate,
-    regenerate_indexed,
-    split_starts,
-    to_param_layout,
-    window_index,
-)
+from nesc.core.modules import EpitomeSampler, RoutingMap, TransformationLearner
+from nesc.core.sampling import Geometry, regenerate, regenerate_indexed, split_starts, to_param_layout, window_index
 
 # name -> (weight (O, I, kh, kw), pool (Op, Ip, Kh, Kw), block (bo, bi), layout)
 GEOMETRIES = {

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import fx, nn
 
-import nesc.sampling  # noqa: F401 - registers torch.ops.nesc.regenerate
-from nesc import meta
-from nesc.errors import ArtifactError
+import nesc.core.modules  # noqa: F401 - registers torch.ops.nesc.regenerate
+from nesc.core import names
+from nesc.core.errors import ArtifactError
 from nesc.serialize import EXTRA, FORMAT_VERSION, load, save
 
 REGENERATE = torch.ops.nesc.regenerate.default
@@ -42,7 +42,7 @@ class ConvNet(nn.Module):
 
 def _traced(model: nn.Module, shape=SHAPE) -> fx.GraphModule:
     gm = fx.symbolic_trace(model)
-    gm.meta[meta.INPUT_SPECS] = [(tuple(shape), "float32")]
+    gm.meta[names.INPUT_SPECS] = [(tuple(shape), "float32")]
     _ = gm.eval()(torch.randn(*shape))  # one eval pass gives the batch-norm statistics nontrivial values
     return gm
 
@@ -75,7 +75,7 @@ def _with_regenerate(gm: fx.GraphModule) -> fx.GraphModule:
         pool = g.get_attr("nesc_pool_0")
         s, f = (g.get_attr(f"nesc_routes.conv_weight.{t}") for t in ("starts", "fracs"))
         weight = g.call_function(REGENERATE, (pool, s, f, 1.0, [8, 3, 3, 3], [4, 3], "conv2d"))
-        weight.meta[meta.SAMPLED_WEIGHT] = "conv.weight"
+        weight.meta[names.SAMPLED_WEIGHT] = "conv.weight"
         conv = g.call_function(F.conv2d, (node.args[0], weight, g.get_attr("conv.bias")), {"padding": 1})
     node.replace_all_uses_with(conv)
     g.erase_node(node)
@@ -155,7 +155,7 @@ def test_batch_one_example_keeps_the_batch_symbolic(tmp_path):
 def test_regenerate_node_survives_as_one_node_with_its_meta(regenerate_file):
     loaded = load(regenerate_file)
     (node,) = [n for n in loaded.graph.nodes if n.target is REGENERATE]
-    assert node.meta[meta.SAMPLED_WEIGHT] == "conv.weight"
+    assert node.meta[names.SAMPLED_WEIGHT] == "conv.weight"
     pool, starts, fracs = node.args[:3]
     assert [a.op for a in (pool, starts, fracs)] == ["get_attr"] * 3
     assert (pool.target, starts.target) == ("nesc_pool_0", "nesc_routes.conv_weight.starts")
@@ -170,7 +170,7 @@ def test_resaving_a_loaded_model_is_exact(regenerate_file, tmp_path):
     save(first, tmp_path / "again.nesc")
     second = load(tmp_path / "again.nesc")
     _assert_same_tensors(first, second)
-    regenerated = [n.meta.get(meta.SAMPLED_WEIGHT) for n in second.graph.nodes if n.target is REGENERATE]
+    regenerated = [n.meta.get(names.SAMPLED_WEIGHT) for n in second.graph.nodes if n.target is REGENERATE]
     assert regenerated == ["conv.weight"]
     x = torch.randn(*SHAPE)
     assert torch.equal(first(x), second(x))
@@ -180,7 +180,7 @@ def test_metadata_comes_back(saved):
     _, path = saved
     loaded = load(path)
     assert loaded.meta[EXTRA] == {"report": {"ratio": 0.25, "layers": ["conv"]}}
-    assert loaded.meta[meta.INPUT_SPECS] == [(SHAPE, "float32")]
+    assert loaded.meta[names.INPUT_SPECS] == [(SHAPE, "float32")]
 
 
 def test_train_and_eval_switch_dropout_and_batch_norm(saved):
@@ -384,6 +384,6 @@ def test_save_needs_input_specs_and_json_extra(tmp_path):
     gm = fx.symbolic_trace(ConvNet())
     with pytest.raises(ArtifactError, match="nesc_input_specs"):
         save(gm, tmp_path / "m.nesc")
-    gm.meta[meta.INPUT_SPECS] = [(SHAPE, "float32")]
+    gm.meta[names.INPUT_SPECS] = [(SHAPE, "float32")]
     with pytest.raises(ArtifactError, match="JSON-serialisable"):
         save(gm, tmp_path / "m.nesc", extra={"model": ConvNet()})

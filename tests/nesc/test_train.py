@@ -12,8 +12,8 @@ from torch import nn
 
 import nesc
 from nesc.data import load_dataset
-from nesc.errors import ConfigError, InputError
-from nesc.sampling import EpitomeSampler
+from nesc.core.errors import ConfigError, InputError
+from nesc.core.modules import EpitomeSampler
 from nesc.train import TrainConfig, epoch_order, evaluate, fit, param_groups
 
 FAST = TrainConfig(epochs=3, batch_size=64, lr=0.01, optimizer="adamw", weight_decay=1e-4, progress=False)

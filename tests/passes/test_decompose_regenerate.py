@@ -28,8 +28,8 @@ from nesc.passes.pipeline import FREEZE, PASSES, TRANSFORM
 from torch import fx
 
 import nesc
-from nesc.errors import PassOrderError
-from nesc.sampling import Geometry
+from nesc.core.errors import PassOrderError
+from nesc.core.sampling import Geometry
 
 ATEN = torch.ops.aten
 
@@ -64,7 +64,7 @@ def test_registered_as_a_named_pass_outside_the_transform_and_freeze_pipelines()
 
 def test_no_regenerate_node_is_left_and_weights_are_gathered_from_pool_and_routing_map() -> None:
     frozen = _frozen_stage_net()
-    weights = {n.meta[nesc.meta.SAMPLED_WEIGHT]: n for n in regenerate_nodes(frozen)}
+    weights = {n.meta[nesc.core.names.SAMPLED_WEIGHT]: n for n in regenerate_nodes(frozen)}
     gm = check_pass(decompose_regenerate(copy.deepcopy(frozen)), modified=True)
     assert not regenerate_nodes(gm)
     gathers = [n for n in gm.graph.nodes if n.target is ATEN.index.Tensor]
@@ -76,7 +76,7 @@ def test_no_regenerate_node_is_left_and_weights_are_gathered_from_pool_and_routi
         assert any(r.startswith("nesc_pool_") for r in reads), reads
         assert any(r.startswith("nesc_routes.") and r.endswith(".starts") for r in reads), reads
     # The weight's name moves to the node that now produces it, and no tensor was added to the module.
-    produced = {n.meta[nesc.meta.SAMPLED_WEIGHT] for n in gm.graph.nodes if nesc.meta.SAMPLED_WEIGHT in n.meta}
+    produced = {n.meta[nesc.core.names.SAMPLED_WEIGHT] for n in gm.graph.nodes if nesc.core.names.SAMPLED_WEIGHT in n.meta}
     assert produced == set(weights)
     assert {k for k, _ in gm.state_dict().items()} == set(frozen.state_dict())
 

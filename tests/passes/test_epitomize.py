@@ -29,12 +29,13 @@ from helpers import (
     sampler_nodes,
     stage_net_inputs,
 )
-from nesc import NESConfig, meta
+from nesc import NESConfig
+from nesc.core import names
 from nesc.passes.epitomize import epitomize
 from nesc.passes.find_weights import find_weights
 from nesc.passes.functionalize import functionalize
 from nesc.passes.plan_pools import plan_pools
-from nesc.sampling import EpitomeSampler, TransformationLearner
+from nesc.core.modules import EpitomeSampler, TransformationLearner
 
 WEIGHTS = ["stem.weight", "conv3.weight", "conv1.weight", "mix.weight", "head.weight"]
 
@@ -55,17 +56,17 @@ def test_each_weight_becomes_a_sampler_reading_a_registered_pool() -> None:
     params = dict(gm.named_parameters())
     sampled = {}
     for node in gm.graph.nodes:
-        if meta.WEIGHT not in node.meta:
+        if names.WEIGHT not in node.meta:
             continue
-        info = node.meta[meta.WEIGHT]
+        info = node.meta[names.WEIGHT]
         w = next(a for a in node.all_input_nodes if a.name == info.weight_node)
         assert w.op == "call_module" and isinstance(gm.get_submodule(w.target), EpitomeSampler), info.weight_name
         pool = w.args[0]
         assert pool.op == "get_attr" and isinstance(params.get(pool.target), nn.Parameter), pool.target
-        assert w.meta[meta.SAMPLED_WEIGHT] == info.weight_name
+        assert w.meta[names.SAMPLED_WEIGHT] == info.weight_name
         sampled[info.weight_name] = pool.target
     assert sorted(sampled) == sorted(WEIGHTS)
-    plan = gm.meta[meta.PLAN]
+    plan = gm.meta[names.PLAN]
     assert sampled == {name: plan.layers[name][0] for name in WEIGHTS}
     for name, pool_name in sampled.items():
         assert tuple(params[pool_name].shape) == plan.pools[pool_name].shape

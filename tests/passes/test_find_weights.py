@@ -20,7 +20,7 @@ from helpers import (
     graph_signature,
     run,
 )
-from nesc import meta
+from nesc.core import names
 from nesc.passes.find_weights import WeightInfo, find_weights, weight_infos
 from nesc.passes.functionalize import functionalize
 
@@ -90,7 +90,7 @@ def _analyse(model: nn.Module, inputs: tuple):
 def test_every_weight_form_is_found_with_shape_layout_op_and_madd(force_export: bool) -> None:
     torch.manual_seed(0)
     gm = _analyse(Zoo(force_export), ZOO_INPUTS)
-    assert gm.meta[meta.CAPTURE] == ("export" if force_export else "symbolic_trace")
+    assert gm.meta[names.CAPTURE] == ("export" if force_export else "symbolic_trace")
     infos = {i.weight_name: i for i in weight_infos(gm)}
     assert set(infos) == set(ZOO_EXPECTED)
     for name, (op, layout, shape, madd) in ZOO_EXPECTED.items():
@@ -126,8 +126,8 @@ def test_the_weight_info_sits_on_the_op_that_consumes_the_parameter(force_export
     }
     nodes = {n.name: n for n in gm.graph.nodes}
     for node in gm.graph.nodes:
-        if meta.WEIGHT in node.meta:
-            info: WeightInfo = node.meta[meta.WEIGHT]
+        if names.WEIGHT in node.meta:
+            info: WeightInfo = node.meta[names.WEIGHT]
             assert node.target in allowed or node.target.__name__ == "matmul", node.target
             w = nodes[info.weight_node]
             assert w.op == "get_attr" and w.target == info.weight_name
@@ -138,7 +138,7 @@ def test_the_weight_info_sits_on_the_op_that_consumes_the_parameter(force_export
 def test_other_parameters_are_listed_dense_with_reasons(force_export: bool) -> None:
     model = Zoo(force_export)
     gm = _analyse(model, ZOO_INPUTS)
-    dense = {d.name: d for d in gm.meta[meta.DENSE_PARAMS]}
+    dense = {d.name: d for d in gm.meta[names.DENSE_PARAMS]}
     all_params = dict(model.named_parameters())
     assert set(dense) == set(all_params) - set(ZOO_EXPECTED)
     for name, d in dense.items():
@@ -179,7 +179,7 @@ def test_addmm_against_a_parameter(force_export: bool) -> None:
         (24, 20, 1, 1),
         480,
     )
-    assert {d.name for d in gm.meta[meta.DENSE_PARAMS]} == {"b"}
+    assert {d.name for d in gm.meta[names.DENSE_PARAMS]} == {"b"}
 
 
 class TransposedMatmul(nn.Module):
@@ -210,12 +210,12 @@ def test_transposed_convolution_is_not_a_sampled_weight() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 4, 3))
     gm = _analyse(model, (torch.randn(1, 3, 8, 8),))
     assert [i.weight_name for i in weight_infos(gm)] == ["0.weight"]
-    assert "1.weight" in {d.name for d in gm.meta[meta.DENSE_PARAMS]}
+    assert "1.weight" in {d.name for d in gm.meta[names.DENSE_PARAMS]}
 
 
 def test_needs_the_capture_input_specs() -> None:
     gm = nesc.capture(nn.Linear(4, 4), (torch.randn(1, 4),))
-    del gm.meta[meta.INPUT_SPECS]
+    del gm.meta[names.INPUT_SPECS]
     with pytest.raises(nesc.PassOrderError, match="nesc.capture"):
         find_weights(gm)
 

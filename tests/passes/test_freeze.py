@@ -29,9 +29,9 @@ from helpers import (
     stage_net_inputs,
     transformed_registry,
 )
-from nesc import meta
+from nesc.core import names
 from nesc.passes.freeze import freeze as freeze_pass
-from nesc.sampling import EpitomeSampler, RoutingMap, TransformationLearner
+from nesc.core.modules import EpitomeSampler, RoutingMap, TransformationLearner
 
 
 def _trained(model_cls=StageNet, steps: int = 3, **config):
@@ -66,7 +66,7 @@ def test_samplers_become_regenerate_nodes_reading_routing_maps() -> None:
         nbo, nbi = math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
         assert s.shape == f.shape == (nbo, nbi, 4)
         assert isinstance(frozen.get_submodule(starts.target.rsplit(".", 1)[0]), RoutingMap)
-        assert node.meta[meta.SAMPLED_WEIGHT] in {
+        assert node.meta[names.SAMPLED_WEIGHT] in {
             "stem.weight",
             "conv3.weight",
             "conv1.weight",
@@ -115,7 +115,7 @@ def test_freeze_bakes_the_learners_running_offset() -> None:
 
 def test_export_captured_model_freezes_with_parity() -> None:
     _, gm = _trained(ShapeBranchNet)
-    assert gm.meta[meta.CAPTURE] == "export"
+    assert gm.meta[names.CAPTURE] == "export"
     frozen = nesc.freeze(gm)
     x = stage_net_inputs(seed=6)
     assert_close(run(frozen, x), run(gm, x), EXACT, "export path frozen vs trained")
@@ -144,16 +144,16 @@ def test_frozen_bytes_are_dense_bytes_over_the_ratio(resnet_frozen) -> None:
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     stored = nesc.stored_bytes(frozen)
     assert abs(stored - dense_bytes / 4) <= BYTES_RTOL * dense_bytes / 4, (stored, dense_bytes / 4)
-    assert nesc.stored_params(frozen) == gm.meta[meta.PLAN].planned
+    assert nesc.stored_params(frozen) == gm.meta[names.PLAN].planned
 
 
 def test_routing_maps_are_compact(resnet_frozen) -> None:
     model, gm, frozen = resnet_frozen
     routes = frozen.get_submodule("nesc_routes")
     routing_bytes = sum(b.numel() * b.element_size() for b in routes.buffers())
-    replaced = sum(model.get_parameter(name).numel() * 4 for name in gm.meta[meta.PLAN].layers)
+    replaced = sum(model.get_parameter(name).numel() * 4 for name in gm.meta[names.PLAN].layers)
     assert routing_bytes < 0.01 * replaced, f"{routing_bytes} B of routing for {replaced} B of weights"
-    assert len(regenerate_nodes(frozen)) == len(list(routes.children())) == len(gm.meta[meta.PLAN].layers)
+    assert len(regenerate_nodes(frozen)) == len(list(routes.children())) == len(gm.meta[names.PLAN].layers)
     for rm in routes.children():
         # 4 int32 starts + 4 float fractions per block: 32 bytes a block, nothing per weight element
         assert rm.starts.element_size() == 4 and rm.fracs.element_size() == 4

@@ -24,9 +24,10 @@ from helpers import (
     num_params,
     stage_net_inputs,
 )
-from nesc import LayerConfig, NESConfig, meta
-from nesc.config import POLICIES
-from nesc.errors import PlanError
+from nesc import LayerConfig, NESConfig
+from nesc.core import names
+from nesc.core.config import POLICIES
+from nesc.core.errors import PlanError
 from nesc.models import list_models
 from nesc.passes.find_weights import find_weights, weight_infos
 from nesc.passes.functionalize import functionalize
@@ -47,7 +48,7 @@ def _plan(gm, **config) -> PoolPlan:
     before = graph_signature(gm)
     check_pass(plan_pools(gm, NESConfig(**config)), modified=False)
     assert graph_signature(gm) == before, "an analysis pass changed the graph"
-    return gm.meta[meta.PLAN]
+    return gm.meta[names.PLAN]
 
 
 def _independent_stored(gm, plan: PoolPlan) -> int:
@@ -330,7 +331,7 @@ def test_a_weight_used_twice_is_counted_once() -> None:
     torch.manual_seed(0)
     model, x = CalledTwice(), (torch.randn(2, 64),)
     gm = nesc.transform(model, x, ratio=2, init="random", **COMPRESS_ALL)
-    plan = gm.meta[meta.PLAN]
+    plan = gm.meta[names.PLAN]
     assert sorted(plan.layers) == ["fc.weight", "head.weight"]
     assert [spec.members for spec in plan.pools.values()] == [("fc.weight",), ("head.weight",)]
     frozen = nesc.freeze(gm)

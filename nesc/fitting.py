@@ -22,19 +22,9 @@ from scipy.sparse.linalg import LinearOperator, lsqr
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from nesc.errors import InputError
-from nesc.sampling import EpitomeSampler, regenerate
-
-
-def samplers_by_pool(gm: fx.GraphModule) -> dict[str, list[EpitomeSampler]]:
-    """pool attribute name -> the samplers that read it, in graph order."""
-    out: dict[str, list[EpitomeSampler]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, EpitomeSampler) and mod not in out.get(node.args[0].target, []):
-                out.setdefault(node.args[0].target, []).append(mod)
-    return out
+from nesc.core.errors import InputError
+from nesc.core.modules import EpitomeSampler, samplers_by_pool
+from nesc.core.sampling import regenerate
 
 
 @torch.no_grad()

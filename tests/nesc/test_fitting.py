@@ -1,4 +1,4 @@
-"""nesc.dense_init: dense checkpoints load from local .pt and .safetensors files with clear errors, and
+"""nesc.fitting: dense checkpoints load from local .pt and .safetensors files with clear errors, and
 the distillation loss is Hinton et al.'s KL + CE, checked against a hand-written formula."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from nesc.errors import ConfigError
+from nesc.core.errors import ConfigError
 
 Policy = Literal["per_layer", "per_type", "per_stage", "global"]
 POLICIES: tuple[str, ...] = ("per_layer", "per_type", "per_stage", "global")

@@ -1,0 +1,124 @@
+"""Every private torch API nesc uses, in one place (as ``backends/tvm/adapter.py`` is for TVM).
+
+A new torch release that moves one of these breaks this file only. Each entry says which public API
+would replace it, so the day torch offers one, the change is here. Nothing outside this module may
+import ``torch._*``, ``torch.utils._pytree``, ``torch.onnx._internal`` or read a private attribute of
+a torch object (checked by ``tests/nesc/core/test_compat.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.utils._pytree as _pytree  # public replacement: none yet (torch.utils.pytree is planned)
+from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo  # public: none; Graph.set_codegen takes any CodeGen
+
+# ------------------------------------------------------------------------------------------- ops
+
+# Public replacement: none; ``torch.ops.<ns>.<op>.<overload>`` objects are of this type.
+OpOverload = torch._ops.OpOverload
+# Public replacement: none (``torch.ops.higher_order.*`` objects are of this type).
+HigherOrderOperator = torch._ops.HigherOrderOperator
+
+
+def is_op_overload(target) -> bool:
+    return isinstance(target, OpOverload)
+
+
+def op_overload_name(op) -> tuple[str, str, str]:
+    """(namespace, op name, overload name) of an OpOverload: ``aten::conv2d.default`` ->
+    ("aten", "conv2d", "default"). Public: ``op.namespace`` and ``op.name()`` give the first two;
+    the overload name has no public accessor (``op._overloadname``)."""
+    return op.namespace, op._opname, op._overloadname
+
+
+def has_composite_kernel(op) -> bool:
+    """The op decomposes itself (``CompositeImplicitAutograd``). Public replacement: none
+    (``torch._C.DispatchKey`` is the only spelling of dispatch keys)."""
+    return op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd)
+
+
+# ---------------------------------------------------------------------------------------- pytree
+
+def treespec_dumps(spec) -> str:
+    """Public replacement: ``torch.utils.pytree.treespec_dumps`` once torch exposes ``torch.utils.pytree``."""
+    return _pytree.treespec_dumps(spec)
+
+
+def treespec_loads(text: str):
+    """Public replacement: ``torch.utils.pytree.treespec_loads``."""
+    return _pytree.treespec_loads(text)
+
+
+# ---------------------------------------------------------------------------------- fx codegen
+
+def graph_codegen(graph: fx.Graph):
+    """The graph's code generator. Public: ``Graph.set_codegen`` writes it; reading has no public
+    accessor (``graph._codegen``)."""
+    return graph._codegen
+
+
+def pytree_codegen_info(graph: fx.Graph):
+    """(orig_args, in_spec, out_spec) of a graph whose forward takes/returns pytrees (what
+    ``torch.export``'s ``.module()`` produces), or None for a flat signature. Public replacement: none
+    (``torch.fx.graph._PyTreeCodeGen``)."""
+    codegen = graph_codegen(graph)
+    if not isinstance(codegen, _PyTreeCodeGen):
+        return None
+    info = codegen.pytree_info
+    return list(info.orig_args), info.in_spec, info.out_spec
+
+
+def make_pytree_codegen(orig_args: list[str], in_spec, out_spec) -> fx.graph.CodeGen:
+    """The code generator for a pytree signature, for ``Graph.set_codegen``. Public replacement: none."""
+    return _PyTreeCodeGen(_PyTreeInfo(orig_args, in_spec, out_spec))
+
+
+# -------------------------------------------------------------------------------- nn.Module facts
+
+def is_batch_norm(mod: nn.Module) -> bool:
+    """Any batch norm (1d/2d/3d, lazy, sync). Public replacement: none
+    (``torch.nn.modules.batchnorm._BatchNorm`` is their common base)."""
+    return isinstance(mod, nn.modules.batchnorm._BatchNorm)
+
+
+def conv_padding_for_pad(mod: nn.Module) -> list[int]:
+    """The ``F.pad`` widths an ``nn.ConvNd`` with a non-zero ``padding_mode`` applies before convolving.
+    Public replacement: none (``mod._reversed_padding_repeated_twice``, which also covers 'same')."""
+    return list(mod._reversed_padding_repeated_twice)
+
+
+# ---------------------------------------------------------------------------------------- export
+
+def size_oblivious_export():
+    """The setting the ONNX exporter decomposes under (``backed_size_oblivious=True``), so that a
+    check decomposes the same way. Public replacement: none (``torch.fx.experimental._config``)."""
+    config = getattr(torch.fx.experimental, "_config", None)
+    if config is None:  # pragma: no cover - a torch without the flag decomposes without it
+        return contextlib.nullcontext()
+    return config.patch(backed_size_oblivious=True)
+
+
+@functools.cache
+def onnx_exporter_tables(opset: int):
+    """torch.onnx's op registry for ``opset`` and the decompositions its exporter applies before
+    translating (built once: the registry takes seconds). Public replacement: none; these are the
+    tables ``torch.onnx.export(dynamo=True)`` dispatches on, so checking against them lists exactly
+    the ops it would fail on."""
+    from torch.onnx._internal.exporter import _decomp, _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib(opset)
+    implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+    return registry, _decomp.create_onnx_friendly_decomposition_table(implemented)
+
+
+# ----------------------------------------------------------------------------------- safetensors
+
+def safetensors_dtypes() -> frozenset:
+    """The torch dtypes safetensors can store. Public replacement: none (``safetensors.torch._TYPES``)."""
+    from safetensors.torch import _TYPES
+
+    return frozenset(_TYPES.values())

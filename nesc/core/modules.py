@@ -1,0 +1,196 @@
+"""The modules and the op built on the sampling math: what a transformed or frozen graph contains.
+
+* ``EpitomeSampler`` (trainable): owns one weight's start indices (and, in the paper's mode, a
+  ``TransformationLearner``) and reads its pool as input; ``passes.epitomize`` adds one per weight.
+* ``RoutingMap`` (frozen): int32 starts and float fractions per block; ``passes.freeze`` adds one per
+  weight and calls ``torch.ops.nesc.regenerate`` on it.
+* ``torch.ops.nesc.regenerate``: the frozen form of a sampled weight, a ``torch.library`` custom op
+  (fake kernel and autograd registered) that torch.export keeps as one node. Importing this module
+  registers it.
+* ``tensor_roles`` / ``samplers_by_pool``: what each tensor of a GraphModule is, read from the graph's
+  structure (which node consumes it), never from its name.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor, fx, nn
+
+from .sampling import Geometry, regenerate, split_starts
+
+
+class TransformationLearner(nn.Module):
+    """The paper's feature-conditioned start indices: offsets predicted from the layer's input.
+
+    The weight is shared by the whole batch, so the learner reads batch-averaged features
+    (mean over every axis but channels) and predicts one offset per block and axis. A running
+    average of its predictions (like batch norm's statistics) is what eval mode and freeze use.
+    """
+
+    def __init__(self, in_channels: int, grid: tuple[int, int], channel_dim: int, momentum: float = 0.1):
+        super().__init__()
+        self.grid = grid
+        self.channel_dim = channel_dim
+        self.momentum = momentum
+        self.fc = nn.Linear(in_channels, grid[0] * grid[1] * 4)
+        nn.init.zeros_(self.fc.weight)  # start from the plain learned starts
+        nn.init.zeros_(self.fc.bias)
+        self.register_buffer("running_offset", torch.zeros(*grid, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return self.running_offset
+        feats = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim]).mean(0)  # (C,)
+        offset = self.fc(feats).view(*self.grid, 4)
+        with torch.no_grad():
+            self.running_offset.lerp_(offset.detach(), self.momentum)
+        return offset
+
+
+class EpitomeSampler(nn.Module):
+    """Trainable sampler: owns one weight's start indices (and learner); reads its pool as input.
+
+    forward(pool) -> weight, or forward(pool, x) -> weight when a transformation learner is used.
+    """
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        starts: Tensor,
+        scale: float,
+        weight_name: str,
+        learner: TransformationLearner | None = None,
+    ):
+        super().__init__()
+        if tuple(starts.shape) != (*geometry.grid, 4):
+            raise ValueError(f"starts must be {(*geometry.grid, 4)}, got {tuple(starts.shape)}")
+        self.geometry = geometry
+        self.scale = float(scale)
+        self.weight_name = weight_name
+        self.starts = nn.Parameter(starts.float())
+        self.learner = learner
+
+    def effective_starts(self, x: Tensor | None = None) -> Tensor:
+        if self.learner is None:
+            return self.starts
+        if x is None:  # a read that feeds no op with features (a tied weight's other use)
+            return self.starts + self.learner.running_offset
+        return self.starts + self.learner(x)
+
+    def routing(self) -> tuple[Tensor, Tensor]:
+        """The integer starts and interpolation fractions eval mode uses: the routing map."""
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            base, frac = split_starts(self.effective_starts(), self.geometry)
+            self.train(was)
+        return base, frac.detach().clone()
+
+    def forward(self, pool: Tensor, x: Tensor | None = None) -> Tensor:
+        base, frac = split_starts(self.effective_starts(x), self.geometry)
+        return regenerate(pool, base, frac, self.scale, self.geometry)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return f"{self.weight_name}: {g.shape} <- pool {g.pool}, blocks {g.grid} of {g.block}, layout={g.layout}"
+
+
+class RoutingMap(nn.Module):
+    """A frozen sampler's routing map: int32 starts and float fractions per block, plus geometry.
+
+    A passive container (never called): the graph reads ``starts`` and ``fracs`` through get_attr
+    and calls ``torch.ops.nesc.regenerate``.
+    """
+
+    def __init__(self, starts: Tensor, fracs: Tensor):
+        super().__init__()
+        self.register_buffer("starts", starts.to(torch.int32))
+        self.register_buffer("fracs", fracs.float())
+
+
+@torch.library.custom_op("nesc::regenerate", mutates_args=())
+def regenerate_op(
+    pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, shape: list[int], block: list[int], layout: str
+) -> Tensor:
+    """The frozen form of a sampled weight: one graph node, kept whole by torch.export."""
+    geometry = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
+    return regenerate(pool, starts, fracs, scale, geometry)
+
+
+@regenerate_op.register_fake
+def _regenerate_fake(pool, starts, fracs, scale, shape, block, layout):
+    geometry = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
+    return pool.new_empty(geometry.param_shape)
+
+
+def _regenerate_setup(ctx, inputs, output):
+    pool, starts, fracs, scale, shape, block, layout = inputs
+    ctx.save_for_backward(pool, starts, fracs)
+    ctx.args = (scale, Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout))
+
+
+def _regenerate_backward(ctx, grad):
+    # A frozen model can still be fine-tuned: pools (and fractions) get gradients, routes stay fixed.
+    pool, starts, fracs = ctx.saved_tensors
+    scale, geometry = ctx.args
+    with torch.enable_grad():
+        p = pool.detach().requires_grad_(True)
+        f = fracs.detach().requires_grad_(True)
+        out = regenerate(p, starts, f, scale, geometry)
+        gp, gf = torch.autograd.grad(out, (p, f), grad)
+    return gp, None, gf, None, None, None, None
+
+
+regenerate_op.register_autograd(_regenerate_backward, setup_context=_regenerate_setup)
+
+
+REGENERATE = torch.ops.nesc.regenerate.default
+# Arguments of a regenerate node: (pool, starts, fracs, scale, shape, block, layout).
+REGENERATE_ARGS = ("pool", "starts", "fracs", "scale", "shape", "block", "layout")
+
+
+def is_regenerate(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is REGENERATE
+
+
+def sampler_of(gm: fx.GraphModule, node: fx.Node) -> EpitomeSampler | None:
+    """The EpitomeSampler a ``call_module`` node calls, or None."""
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    return mod if isinstance(mod, EpitomeSampler) else None
+
+
+def tensor_roles(gm: fx.GraphModule) -> dict[str, str]:
+    """``{qualified name: role}`` for every tensor nesc added: ``pool`` (read by a sampler or a
+    regenerate node), ``route`` (a routing map's starts/fracs), ``start`` and ``learner`` (a sampler's
+    trainable indices and learner). Read from the graph, so a renamed pool is still a pool; every
+    other tensor of the module is the user's (dense)."""
+    roles: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        sampler = sampler_of(gm, node)
+        if sampler is not None:
+            pool = node.args[0]
+            if isinstance(pool, fx.Node) and pool.op == "get_attr":
+                roles[pool.target] = "pool"
+            for pname, _ in sampler.named_parameters():
+                roles[f"{node.target}.{pname}"] = "learner" if pname.startswith("learner.") else "start"
+            for bname, _ in sampler.named_buffers():
+                roles[f"{node.target}.{bname}"] = "learner"
+        elif is_regenerate(node):
+            for arg, role in zip(node.args[:3], ("pool", "route", "route")):
+                if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                    roles[arg.target] = role
+    return roles
+
+
+def samplers_by_pool(gm: fx.GraphModule) -> dict[str, list[EpitomeSampler]]:
+    """Pool name -> the samplers reading it, in graph order (each sampler once)."""
+    out: dict[str, list[EpitomeSampler]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        sampler = sampler_of(gm, node)
+        if sampler is not None and sampler not in out[node.args[0].target]:
+            out[node.args[0].target].append(sampler)
+    return dict(out)
