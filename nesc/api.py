@@ -1,50 +1,64 @@
-"""The public verbs: transform, freeze, summary, save, load."""
+"""The public verbs: transform, freeze, summary, save, load, compile, export_onnx.
+
+Each is a thin composition of the layers below (capture, the pass pipelines, fitting, report,
+serialization, backends); this module adds no logic of its own beyond wiring and metadata.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from torch import fx, nn
 
-from nesc.core import names
 from nesc.capture import capture
+from nesc.core import names
 from nesc.core.config import NESConfig
 from nesc.fitting import fit_pools
 from nesc.passes import pipeline
-from nesc.report import DENSE_REASONS, Report, build_report
+from nesc.report import Report, build_report
 
-# gm.meta keys written by transform.
-CONFIG = "nesc_config"
-FIT_ERRORS = "nesc_fit_errors"
+# ``on_stage(name)`` is entered around each stage of ``transform``: "capture", "plan" (the TRANSFORM
+# pipeline: find weights, plan pools, rewrite) and, with init="dense", "fit". The CLI times and shows
+# progress through it; anything returning a context manager works.
+StageHook = Callable[[str], AbstractContextManager]
+STAGES = ("capture", "plan", "fit")
 
 
-def transform(model: nn.Module, example_inputs, config: NESConfig | None = None, **changes) -> fx.GraphModule:
+def transform(model: nn.Module, example_inputs, config: NESConfig | None = None, *,
+              on_stage: StageHook | None = None, **changes) -> fx.GraphModule:
     """Capture ``model`` and return a new, trainable GraphModule whose weights are sampled from pools.
 
     ``config`` (or keyword changes to the default ``NESConfig``, e.g. ``ratio=8``) sets the budget,
     the pool-sharing policy and per-layer overrides. The user's model is not modified. With
     ``init="dense"`` (default) the pools are fitted to the model's current weights by least squares;
-    the per-layer relative reconstruction errors are in ``gm.meta["nesc_fit_errors"]``.
+    the per-layer relative reconstruction errors are in ``gm.meta[nesc.core.names.FIT_ERRORS]``.
+    ``on_stage``: see ``StageHook``.
     """
     config = (config or NESConfig()).replace(**changes) if changes else (config or NESConfig())
-    gm = capture(model, example_inputs)
-    gm = pipeline.run(gm, pipeline.TRANSFORM, config)
-    plan = gm.meta[names.PLAN]
-    gm.meta[DENSE_REASONS] = dict(plan.dense)
-    gm.meta[CONFIG] = config
+    stage = on_stage or (lambda name: contextlib.nullcontext())
+    with stage("capture"):
+        gm = capture(model, example_inputs)
+    with stage("plan"):
+        gm = pipeline.run(gm, pipeline.TRANSFORM, config)
+    gm.meta[names.DENSE_REASONS] = dict(gm.meta[names.PLAN].dense)
+    gm.meta[names.CONFIG] = config
     if config.init == "dense":
-        fit_to_model(gm, model)
+        with stage("fit"):
+            fit_to_model(gm, model)
     return gm
 
 
 def fit_to_model(gm: fx.GraphModule, model: nn.Module) -> dict[str, float]:
     """Fit ``gm``'s pools to ``model``'s current weights by least squares (``nesc.fit_pools``); the
-    per-layer relative errors are returned and kept in ``gm.meta["nesc_fit_errors"]``."""
+    per-layer relative errors are returned and kept in ``gm.meta[names.FIT_ERRORS]``."""
     # Capture keeps the user's qualified names; a tied weight may be read under any of its names.
     dense = dict(model.named_parameters(remove_duplicate=False))
-    gm.meta[FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in gm.meta[names.PLAN].layers})
-    return gm.meta[FIT_ERRORS]
+    gm.meta[names.FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in gm.meta[names.PLAN].layers})
+    return gm.meta[names.FIT_ERRORS]
 
 
 def freeze(gm: fx.GraphModule) -> fx.GraphModule:
@@ -71,8 +85,8 @@ def save(gm: fx.GraphModule, path: str | Path) -> None:
     from nesc.serialize import save as _save
 
     report = build_report(gm)
-    config = gm.meta.get(CONFIG)
-    extra = {"dense_reasons": gm.meta.get(DENSE_REASONS, {}), "report": report.to_dict(),
+    config = gm.meta.get(names.CONFIG)
+    extra = {"dense_reasons": gm.meta.get(names.DENSE_REASONS, {}), "report": report.to_dict(),
              "config": repr(config) if config is not None else None}
     _save(gm, path, extra=extra)
 
@@ -82,7 +96,7 @@ def load(path: str | Path) -> fx.GraphModule:
     from nesc.serialize import load as _load
 
     gm = _load(path)
-    gm.meta[DENSE_REASONS] = gm.meta.get("nesc_extra", {}).get("dense_reasons", {})
+    gm.meta[names.DENSE_REASONS] = gm.meta.get(names.EXTRA, {}).get("dense_reasons", {})
     return gm
 
 
@@ -97,6 +111,8 @@ def compile(frozen: nn.Module, example_inputs, target="llvm", *, tune=None, cach
     from nesc.backends.tvm.build import compile as tvm_compile
 
     return tvm_compile(frozen, example_inputs, target, tune=tune, cache_dir=cache_dir, dynamic_batch=dynamic_batch)
+
+
 def export_onnx(frozen: fx.GraphModule, example_inputs, path: str | Path, *, simplify: bool = True,
                 opset: int | None = None, dynamic_batch: bool = True, dense: nn.Module | None = None):
     """Export a frozen model to one ONNX file that keeps pools and routing maps as its tensors and

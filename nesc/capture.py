@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from nesc.core import compat, names
+from nesc.core import compat, inputs, names
 from nesc.core.errors import CaptureError, InputError
 
 aten = torch.ops.aten
@@ -59,7 +59,7 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """Return a new GraphModule equivalent to ``model`` on inputs like ``example_inputs``.
 
     Writes ``gm.meta[names.CAPTURE]`` (which path succeeded), ``gm.meta[names.INPUT_SPECS]`` and
-    ``gm.meta["nesc_module_types"]`` (name -> class of every module of the user's model).
+    ``gm.meta[names.MODULE_TYPES]`` (name -> class of every module of the user's model).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"nesc captures torch.nn.Module instances, got {type(model).__name__}")
@@ -69,75 +69,49 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     module_types = {name: type(m) for name, m in model.named_modules()}
     try:
         gm, how = torch.fx.symbolic_trace(model), "symbolic_trace"
-        _make_mode_aware(gm, captured_training=was_training, model=model)  # F.dropout(x, p, self.training)
+        make_mode_aware(gm, captured_training=was_training, model=model)  # F.dropout(x, p, self.training)
         with torch.no_grad():  # a trace can succeed and still fail on these inputs
             _ = gm.eval()(*example_inputs)
     except Exception as trace_error:  # noqa: BLE001 - any tracing failure sends us to export
         gm, how = _export(model, example_inputs, trace_error), "export"
     gm.train(was_training)
     gm.meta[names.CAPTURE] = how
-    gm.meta[names.INPUT_SPECS] = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in example_inputs]
-    gm.meta["nesc_module_types"] = module_types
+    gm.meta[names.INPUT_SPECS] = inputs.specs_of(example_inputs)
+    gm.meta[names.MODULE_TYPES] = module_types
     return gm
 
 
 def _check_inputs(model: nn.Module, example_inputs) -> tuple:
-    if isinstance(example_inputs, Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise InputError(
-            f"example_inputs must be a non-empty tuple of tensors (one per positional argument of "
-            f"{type(model).__name__}.forward), got {type(example_inputs).__name__}; wrap a single "
-            f"tensor as (x,)"
-        )
-    bad = [i for i, t in enumerate(example_inputs) if not isinstance(t, Tensor)]
-    if bad:
-        raise InputError(
-            f"example_inputs[{bad[0]}] is a {type(example_inputs[bad[0]]).__name__}, expected a "
-            f"torch.Tensor; nesc captures models on tensor inputs"
-        )
+    example_inputs = inputs.as_tensors(example_inputs, f"nesc.capture({type(model).__name__})")
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()  # eval: a check must not update batch-norm statistics
             _ = model(*example_inputs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in example_inputs)
         raise InputError(
-            f"{type(model).__name__} does not run on the example inputs ({shapes}): "
+            f"{type(model).__name__} does not run on the example inputs ({inputs.describe(example_inputs)}): "
             f"{type(e).__name__}: {e}. Pass inputs of the shape and dtype its forward expects, e.g. "
             f"(torch.randn(1, 3, 224, 224),) for an image model."
         ) from e
     finally:
         model.train(was_training)
-    return tuple(example_inputs)
-
-
-def _at_least_batch_2(example_inputs: tuple) -> tuple:
-    """torch.export specialises a size-1 dimension to the constant 1; export a batch of 2 instead
-    (the examples only carry shapes) so the captured graph keeps its batch dimension symbolic."""
-    return tuple(t.expand(2, *t.shape[1:]).clone() if t.dim() > 0 and t.shape[0] == 1 else t for t in example_inputs)
-
-
-def _batch_dims(example_inputs: tuple):
-    # Keep the batch dimension symbolic where the exporter can, so one capture serves any batch.
-    auto = torch.export.Dim.AUTO
-    return tuple({0: auto} if t.dim() > 0 else None for t in example_inputs)
+    return example_inputs
 
 
 def _export(model: nn.Module, example_inputs: tuple, trace_error: Exception) -> fx.GraphModule:
     was_training = model.training
     model.eval()  # export specialises BN/dropout to one mode; eval has no buffer mutation in the graph
     try:
-        inputs = _at_least_batch_2(example_inputs)
-        ep = torch.export.export(model, inputs, dynamic_shapes=_batch_dims(inputs))
+        batched = inputs.export_batch(example_inputs)
+        ep = torch.export.export(model, batched, dynamic_shapes=inputs.batch_dims(batched))
     except Exception as export_error:  # noqa: BLE001 - re-raised with both reasons
         raise CaptureError(_explain(model, trace_error, export_error)) from export_error
     finally:
         model.train(was_training)
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph)  # a plain GraphModule: train()/eval() work
-    _make_mode_aware(gm, captured_training=False, model=model)
+    make_mode_aware(gm, captured_training=False, model=model)
     return gm
 
 
@@ -166,7 +140,7 @@ class ModeDropout(nn.Module):
         return f"{getattr(self.fn, '__name__', self.fn)}, p={self.p}"
 
 
-def _make_mode_aware(gm: fx.GraphModule, captured_training: bool = False, model: nn.Module | None = None) -> None:
+def make_mode_aware(gm: fx.GraphModule, captured_training: bool = False, model: nn.Module | None = None) -> None:
     """Rewrite batch-norm and dropout nodes whose training flag is a constant into modules that follow
     ``gm.training``.
 
@@ -194,7 +168,7 @@ def _make_mode_aware(gm: fx.GraphModule, captured_training: bool = False, model:
             mod, args = ModeDropout(node.target, node_arg(node, 1, "p", 0.5)), (node.args[0],)
         else:
             continue
-        name = f"nesc_mode_{count}"
+        name = f"{names.MODE_PREFIX}_{count}"
         count += 1
         gm.add_submodule(name, mod)
         with gm.graph.inserting_before(node):

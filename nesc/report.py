@@ -15,14 +15,10 @@ import torch
 from torch import fx
 
 from nesc.core import names
-from nesc.core.modules import EpitomeSampler
-from nesc.core.sampling import Geometry
-
-ROUTING_SCALARS_PER_BLOCK = 8  # int32 (o, i, y, x) + float fractions, once frozen
-START_SCALARS_PER_BLOCK = 4  # the trainable start coordinates (o, i, y, x), before freeze
-
-# gm.meta key: {weight name: reason} for compressible weights the plan left dense (kept by freeze/save).
-DENSE_REASONS = "nesc_dense_reasons"
+from nesc.core.modules import REGENERATE, EpitomeSampler, tensor_roles
+from nesc.core.sampling import ROUTING_SCALARS_PER_BLOCK, START_SCALARS_PER_BLOCK, Geometry
+from nesc.passes.find_weights import find_weights, weight_infos
+from nesc.passes.functionalize import INLINED, functionalize
 
 
 @dataclass(frozen=True)
@@ -100,9 +96,6 @@ class Report:
 
 
 def build_report(gm: fx.GraphModule) -> Report:
-    from nesc.passes.find_weights import find_weights, weight_infos
-    from nesc.passes.functionalize import INLINED, functionalize
-
     if not any(names.WEIGHT in n.meta for n in gm.graph.nodes):
         # A graph straight from capture may still call nn.Conv2d/nn.Linear as modules: analyse a copy
         # in the functional form rather than rewrite the caller's graph.
@@ -114,7 +107,7 @@ def build_report(gm: fx.GraphModule) -> Report:
     members: dict[str, list[str]] = defaultdict(list)
     for name, pool in pool_of.items():
         members[pool].append(name)
-    reasons = gm.meta.get(DENSE_REASONS, {})
+    reasons = gm.meta.get(names.DENSE_REASONS, {})
     rows, seen = [], set()
     for info in infos:
         if info.weight_name in seen:
@@ -157,7 +150,7 @@ def _sampled_weights(gm: fx.GraphModule):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), EpitomeSampler):
             s = gm.get_submodule(node.target)
             geometry[s.weight_name], pool[s.weight_name] = s.geometry, node.args[0].target
-        elif node.op == "call_function" and node.target is torch.ops.nesc.regenerate.default:
+        elif node.op == "call_function" and node.target is REGENERATE:
             p, _, _, _, shape, block, layout = node.args
             name = node.meta.get(names.SAMPLED_WEIGHT, node.name)
             pool_shape = tuple(gm.get_parameter(p.target).shape)
@@ -172,15 +165,18 @@ def stored_params(gm: fx.GraphModule) -> int:
     Trainable start indices are parameters and count; batch-norm statistics are buffers and do not
     (they are the same in the dense and compressed model).
     """
-    n = sum(p.numel() for p in gm.parameters())
-    if hasattr(gm, "nesc_routes"):
-        n += sum(b.numel() for b in gm.get_submodule("nesc_routes").buffers())
-    return n
+    return sum(t.numel() for t in _stored_tensors(gm))
 
 
 def stored_bytes(gm: fx.GraphModule) -> int:
     """Bytes of what ``stored_params`` counts."""
-    n = sum(p.numel() * p.element_size() for p in gm.parameters())
-    if hasattr(gm, "nesc_routes"):
-        n += sum(b.numel() * b.element_size() for b in gm.get_submodule("nesc_routes").buffers())
-    return n
+    return sum(t.numel() * t.element_size() for t in _stored_tensors(gm))
+
+
+def _stored_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Every parameter, and the routing maps' buffers (found by the graph's structure: the tensors a
+    ``nesc.regenerate`` node reads as starts and fractions)."""
+    tensors = list(gm.parameters())
+    if isinstance(gm, fx.GraphModule):
+        tensors += [gm.get_buffer(name) for name, role in tensor_roles(gm).items() if role == "route"]
+    return tensors

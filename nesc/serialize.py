@@ -10,7 +10,7 @@ A graph captured by ``symbolic_trace`` calls modules (``nn.BatchNorm2d``, ...) w
 arguments cannot be recovered generically, so ``save`` first re-exports the model with
 ``torch.export`` in eval mode, which leaves one aten-level graph of ``call_function`` nodes on
 ``get_attr`` tensors, and writes that graph. ``load`` rebuilds it and turns batch norm / dropout back
-into modules that follow ``train()``/``eval()`` (``nesc.capture._make_mode_aware``).
+into modules that follow ``train()``/``eval()`` (``nesc.capture.make_mode_aware``).
 
 Format, ``FORMAT_VERSION`` 1. Tensors: every parameter and buffer of the saved module under its
 ``state_dict`` name, plus tensor constants of the exported graph; a name that aliases another tensor
@@ -70,7 +70,8 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 import nesc.core.modules  # noqa: F401 - registers torch.ops.nesc.regenerate, which graphs reference
 from nesc.core import names
-from nesc.capture import ExportedBatchNorm, _batch_dims, _make_mode_aware
+from nesc.capture import ExportedBatchNorm, make_mode_aware
+from nesc.core.inputs import batch_dims as _batch_dims
 from nesc.core.errors import ArtifactError
 
 FORMAT = "nesc"
@@ -689,7 +690,7 @@ def _assemble(doc: dict, stored: dict[str, Tensor], table: dict, path: str) -> f
         raise _invalid(path, str(e)) from e
     gm.graph = graph  # recompiles
     try:
-        _make_mode_aware(gm)  # aten batch_norm/dropout -> modules that follow gm.training; lints
+        make_mode_aware(gm)  # aten batch_norm/dropout -> modules that follow gm.training; lints
     except (TypeError, ValueError, RuntimeError) as e:  # e.g. a batch_norm node with the wrong arity
         raise _invalid(path, f"batch norm / dropout nodes cannot be made mode-aware: {e}") from e
     for node in gm.graph.nodes:

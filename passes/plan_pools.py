@@ -29,8 +29,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from nesc.core import names
 from nesc.core.config import Candidate, LayerConfig, NESConfig, resolve_overrides
 from nesc.core.errors import PassOrderError, PlanError
-from nesc.report import ROUTING_SCALARS_PER_BLOCK
-from nesc.core.sampling import Geometry
+from nesc.core.sampling import ROUTING_SCALARS_PER_BLOCK, Geometry
 
 from .find_weights import WeightInfo, weight_infos
 

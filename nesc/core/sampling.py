@@ -30,6 +30,10 @@ from torch import Tensor
 
 # How a 4-D view (O, I, kh, kw) maps back to the parameter as the graph uses it.
 LAYOUTS = ("conv2d", "conv1d", "linear", "linear_t")
+# What one block's routing costs: int32 (o, i, y, x) + float fractions once frozen; the four trainable
+# start coordinates before.
+ROUTING_SCALARS_PER_BLOCK = 8
+START_SCALARS_PER_BLOCK = 4
 
 
 @dataclass(frozen=True)
