@@ -9,7 +9,7 @@ lerps read the pool parameter and the routing-map buffers through their ``get_at
 downstream exporter sees the compressed tensors as inputs of the regeneration, not a dense weight.
 
 Requires: a frozen graph (``passes.freeze``); each regenerate node reads its pool, starts and
-fractions through ``get_attr``. Guarantees: no ``nesc.regenerate`` node is left; the graph lints;
+fractions through ``get_attr``. Ensures: no ``nesc.regenerate`` node is left; the graph lints;
 outputs equal the frozen graph's bit for bit (``regenerate_indexed`` performs the same float
 operations as ``regenerate``); the subgraph adds no ``get_attr`` (no new stored tensor).
 
@@ -20,27 +20,46 @@ operations as ``regenerate``); the subgraph adds no ``get_attr`` (no new stored 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, fx
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from nesc.core import names
 from nesc.core.errors import PassOrderError
+from nesc.core.modules import is_regenerate
 from nesc.core.sampling import Geometry, regenerate_indexed
 
-REGENERATE = torch.ops.nesc.regenerate.default
+from .infra import NescPass, PassResult, broken_promise
+
+
+class DecomposeRegenerate(NescPass):
+    name = "decompose_regenerate"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        for node in _regenerate_nodes(gm):
+            for arg, role in zip(node.args[:3], ("pool", "starts", "fracs")):
+                _tensor_of(gm, node, arg, role)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        nodes = _regenerate_nodes(gm)
+        for node in nodes:
+            _inline(gm, node, _traced_regeneration(gm, node))
+        if nodes:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, bool(nodes))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        if _regenerate_nodes(gm):
+            raise broken_promise(self.name, "regenerate nodes are left")
 
 
 def decompose_regenerate(gm: fx.GraphModule) -> PassResult:
-    modified = False
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is REGENERATE]:
-        _inline(gm, node, _traced_regeneration(gm, node))
-        modified = True
-    if modified:
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+    """``DecomposeRegenerate()(gm)``: the pass as a plain function."""
+    return DecomposeRegenerate()(gm)
+
+
+def _regenerate_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if is_regenerate(n)]
 
 
 def _traced_regeneration(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:

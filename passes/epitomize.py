@@ -9,13 +9,14 @@ shared by layers of different fan-in stay well scaled. ``nesc.fitting.fit_pools`
 pools to the dense weights.
 
 Requires: find_weights and plan_pools (``gm.meta[names.PLAN]``).
-Guarantees: every planned weight is sampled; the graph lints; outputs are now a function of pools and
-start indices, differentiable in both.
+Ensures: no planned weight is left as a parameter or read through ``get_attr``; every pool of the plan
+is a parameter; the graph lints; outputs are now a function of pools and start indices,
+differentiable in both.
 
     before:  %w = get_attr[layer1.0.conv1.weight]
              %y = call_function[F.conv2d](%x, %w, None, ...)
-    after:   %p = get_attr[nesc_pool_0]
-             %w = call_module[nesc_samplers.layer1_0_conv1_weight](%p)      # (%p, %x) with a learner
+    after:   %p = get_attr[<pool 0>]
+             %w = call_module[<samplers>.layer1_0_conv1_weight](%p)      # (%p, %x) with a learner
              %y = call_function[F.conv2d](%x, %w, None, ...)
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.infra.pass_base import PassResult
 
 from nesc.core import names
 from nesc.core.config import NESConfig
@@ -32,14 +32,42 @@ from nesc.core.modules import EpitomeSampler, TransformationLearner
 from nesc.core.sampling import Geometry
 
 from .find_weights import WeightInfo, aliases, canonical_names, weight_nodes
+from .infra import NescPass, PassResult, broken_promise, require_meta
 
-SAMPLERS = "nesc_samplers"
+SAMPLERS = names.SAMPLERS
+
+
+class Epitomize(NescPass):
+    name = "epitomize"
+    needs_config = True
+
+    def __init__(self, config: NESConfig) -> None:
+        self.config = config
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        require_meta(gm, names.PLAN, self.name, "passes.plan_pools")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        return _epitomize(gm, self.config)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        plan = gm.meta[names.PLAN]
+        params = dict(gm.named_parameters(remove_duplicate=False))
+        left = [n for n in plan.layers if n in params]
+        reads = [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in plan.layers]
+        missing = [p for p in plan.pools if p not in params]
+        if left or reads or missing:
+            raise broken_promise(self.name, f"planned weights still stored {left[:3]} or read {reads[:3]}, "
+                                            f"pools missing {missing[:3]}")
 
 
 def epitomize(gm: fx.GraphModule, config: NESConfig) -> PassResult:
-    plan = gm.meta.get(names.PLAN)
-    if plan is None:
-        raise PassOrderError("epitomize needs a pool plan: run passes.find_weights and passes.plan_pools first")
+    """``Epitomize(config)(gm)``: the pass as a plain function."""
+    return Epitomize(config)(gm)
+
+
+def _epitomize(gm: fx.GraphModule, config: NESConfig) -> PassResult:
+    plan = gm.meta[names.PLAN]
     gen = torch.Generator().manual_seed(config.seed)
     for name, spec in plan.pools.items():
         if not hasattr(gm, name):

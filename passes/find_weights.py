@@ -5,12 +5,16 @@ matmul/mm/addmm against a parameter (directly or through a transpose), and the w
 produced: a trainable sampler (``call_module`` EpitomeSampler) or a frozen ``nesc.regenerate`` node.
 Every parameter no such op consumes is listed with the reason it stays dense.
 
+Which ops carry a weight is one table, ``WEIGHT_OPS``: target -> ``WeightOp`` (family, index of the
+input activation, index of the weight, how the weight is stored, and where the groups / transposed /
+bias arguments are). A new op is added there and nowhere else.
+
 Requires: ``gm.meta[names.INPUT_SPECS]`` (written by ``nesc.capture``) for shape propagation.
-Guarantees: writes ``node.meta[names.WEIGHT]`` (a ``WeightInfo``) on each weight-bearing op and
+Ensures: ``node.meta[names.WEIGHT]`` (a ``WeightInfo``) on each weight-bearing op and
 ``gm.meta[names.DENSE_PARAMS]``; the graph itself is untouched (``modified`` is False).
 
     before:  %conv2d = call_function[F.conv2d](%x, %w, %b, ...)
-    after:   same node, meta["nesc_weight"] = WeightInfo("layer1.0.conv1.weight", (64, 64, 3, 3), ...)
+    after:   same node, meta[names.WEIGHT] = WeightInfo("layer1.0.conv1.weight", (64, 64, 3, 3), ...)
 """
 
 from __future__ import annotations
@@ -21,25 +25,55 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
-from nesc.core import names
 from nesc.capture import ExportedBatchNorm, node_arg
-from nesc.core.errors import PassOrderError
-from nesc.core.modules import EpitomeSampler
+from nesc.core import inputs, names
+from nesc.core.modules import REGENERATE, sampler_of, tensor_roles
+
+from .infra import NescPass, PassResult, broken_promise, require_meta
 
 aten = torch.ops.aten
 
-# op target -> (op family, index of the input, index of the weight)
-_CONV_TARGETS = {
-    F.conv1d: "conv1d", F.conv2d: "conv2d", torch.conv1d: "conv1d", torch.conv2d: "conv2d",
-    aten.conv1d.default: "conv1d", aten.conv2d.default: "conv2d", aten.convolution.default: "convolution",
+
+@dataclass(frozen=True)
+class WeightOp:
+    """How one op target consumes a weight.
+
+    family: ``conv`` (1-D or 2-D, told by the weight's rank), ``linear`` or ``matmul``.
+    input / weight: argument indices of the activation and of the weight.
+    stored: how the weight is stored: ``out_in`` ((O, I, ...): conv, linear) or ``in_out``
+        (``x @ W``: W is (I, O); through a transpose it is (O, I) again).
+    groups / transposed / bias: argument indices (or None) of the conv groups, of the transposed flag
+        (``aten.convolution``) and of the bias (for the report of what stays dense).
+    """
+
+    family: str
+    input: int
+    weight: int
+    stored: str
+    groups: int | None = None
+    transposed: int | None = None
+    bias: int | None = None
+
+
+_CONV = WeightOp("conv", 0, 1, "out_in", groups=6, bias=2)
+_LINEAR = WeightOp("linear", 0, 1, "out_in", bias=2)
+_MATMUL = WeightOp("matmul", 0, 1, "in_out")
+_ADDMM = WeightOp("matmul", 1, 2, "in_out", bias=0)
+
+# The one table of weight-bearing ops, in both capture forms (fx: functions and methods; export: aten).
+# call_method targets are method names (strings); call_function targets are callables.
+WEIGHT_OPS: dict[object, WeightOp] = {
+    F.conv1d: _CONV, F.conv2d: _CONV, torch.conv1d: _CONV, torch.conv2d: _CONV,
+    aten.conv1d.default: _CONV, aten.conv2d.default: _CONV,
+    aten.convolution.default: WeightOp("conv", 0, 1, "out_in", groups=8, transposed=6, bias=2),
+    F.linear: _LINEAR, aten.linear.default: _LINEAR,
+    torch.matmul: _MATMUL, operator.matmul: _MATMUL, aten.matmul.default: _MATMUL, aten.mm.default: _MATMUL,
+    torch.mm: _MATMUL, "matmul": _MATMUL, "__matmul__": _MATMUL, "mm": _MATMUL,
+    aten.addmm.default: _ADDMM, torch.addmm: _ADDMM,
 }
-_LINEAR_TARGETS = {F.linear, aten.linear.default}
-_MATMUL_TARGETS = {torch.matmul, operator.matmul, aten.matmul.default, aten.mm.default, torch.mm}
-_MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
 _TRANSPOSE_TARGETS = {aten.t.default, torch.t, torch.Tensor.t}
 
 
@@ -79,7 +113,26 @@ class DenseParam:
     reason: str
 
 
+class FindWeights(NescPass):
+    name = "find_weights"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        require_meta(gm, names.INPUT_SPECS, self.name, "nesc.capture(model, example_inputs)")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        return _find_weights(gm)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        if names.DENSE_PARAMS not in gm.meta:
+            raise broken_promise(self.name, f"gm.meta[{names.DENSE_PARAMS!r}] was not written")
+
+
 def find_weights(gm: fx.GraphModule) -> PassResult:
+    """``FindWeights()(gm)``: the pass as a plain function."""
+    return FindWeights()(gm)
+
+
+def _find_weights(gm: fx.GraphModule) -> PassResult:
     _propagate_shapes(gm)
     batch = _batch_size(gm)
     consumed: set[str] = set()
@@ -90,12 +143,12 @@ def find_weights(gm: fx.GraphModule) -> PassResult:
         found = _match(gm, node)
         if found is None:
             continue
-        x, w_node, family = found
+        x, w_node, op = found
         source = _weight_source(gm, w_node, canonical)
         if source is None:
             continue
         name, state, transposed, src = source
-        info = _describe(gm, node, x, name, state, family, transposed, order, batch, src)
+        info = _describe(gm, node, x, name, state, op, transposed, order, batch, src)
         if info is None:
             continue
         node.meta[names.WEIGHT] = info
@@ -115,18 +168,11 @@ def weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _propagate_shapes(gm: fx.GraphModule) -> None:
-    specs = gm.meta.get(names.INPUT_SPECS)
-    if specs is None:
-        raise PassOrderError(
-            "find_weights needs the example input shapes in gm.meta['nesc_input_specs']; capture the "
-            "model with nesc.capture(model, example_inputs) (or set that key to [(shape, dtype), ...])"
-        )
-    inputs = [torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in specs]
     was = gm.training
     gm.eval()  # shape propagation must not move batch-norm statistics
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*inputs.from_specs(gm.meta[names.INPUT_SPECS], fill="zeros"))
     finally:
         gm.train(was)
 
@@ -137,22 +183,15 @@ def _batch_size(gm: fx.GraphModule) -> int:
 
 
 def _match(gm: fx.GraphModule, node: fx.Node):
-    """(input node, weight node, family) if ``node`` is a weight-bearing op, else None."""
-    if node.op == "call_function":
-        t = node.target
-        if t in _CONV_TARGETS:
-            if t is aten.convolution.default and node_arg(node, 6, "transposed", False):
-                return None  # transposed convolution: not a weight nesc samples; reported dense
-            return node.args[0], node_arg(node, 1, "weight"), _CONV_TARGETS[t]
-        if t in _LINEAR_TARGETS:
-            return node.args[0], node_arg(node, 1, "weight"), "linear"
-        if t in _MATMUL_TARGETS:
-            return node.args[0], node.args[1], "matmul"
-        if t in (aten.addmm.default, torch.addmm):
-            return node.args[1], node.args[2], "matmul"
-    elif node.op == "call_method" and node.target in _MATMUL_METHODS:
-        return node.args[0], node.args[1], "matmul"
-    return None
+    """(input node, weight node, WeightOp) if ``node`` is a weight-bearing op, else None."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    op = WEIGHT_OPS.get(node.target) if isinstance(node.target, str) == (node.op == "call_method") else None
+    if op is None:
+        return None
+    if op.transposed is not None and node_arg(node, op.transposed, "transposed", False):
+        return None  # transposed convolution: not a weight nesc samples; reported dense
+    return node.args[op.input], node_arg(node, op.weight, "weight"), op
 
 
 def _is_transpose(node: fx.Node) -> bool:
@@ -184,9 +223,9 @@ def _weight_source(gm: fx.GraphModule, w: object, canonical: dict[str, str]):
         if w.target in canonical:
             return canonical[w.target], "dense", transposed, w
         return None
-    if w.op == "call_module" and isinstance(gm.get_submodule(w.target), EpitomeSampler):
-        return gm.get_submodule(w.target).weight_name, "sampled", transposed, w
-    if w.op == "call_function" and w.target is torch.ops.nesc.regenerate.default:
+    if sampler_of(gm, w) is not None:
+        return sampler_of(gm, w).weight_name, "sampled", transposed, w
+    if w.op == "call_function" and w.target is REGENERATE:
         return w.meta.get(names.SAMPLED_WEIGHT, w.name), "frozen", transposed, w
     return None
 
@@ -205,12 +244,13 @@ def aliases(canonical: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
-def _describe(gm, node, x, name, state, family, transposed, order, batch, w_node) -> WeightInfo | None:
+def _describe(gm, node, x, name, state, weight_op: WeightOp, transposed, order, batch, w_node) -> WeightInfo | None:
     """``w_node`` is the weight's source (get_attr, sampler or regenerate): its shape is the parameter's."""
     w_shape = tuple(_shape(w_node))
     x_shape = tuple(_shape(x)) if isinstance(x, fx.Node) else ()
     out_numel = _numel(_shape(node))
-    if family in ("conv1d", "conv2d", "convolution"):
+    family = weight_op.family
+    if family == "conv":
         if len(w_shape) == 3:
             family, (O, I, k) = "conv1d", w_shape
             shape4, layout = (O, I, 1, k), "conv1d"
@@ -218,7 +258,7 @@ def _describe(gm, node, x, name, state, family, transposed, order, batch, w_node
             family, shape4, layout = "conv2d", w_shape, "conv2d"
         else:
             return None
-        groups = node_arg(node, 8 if node.target is aten.convolution.default else 6, "groups", 1)
+        groups = node_arg(node, weight_op.groups, "groups", 1)
         in_ch = x_shape[1] if len(x_shape) > 1 else shape4[1]
         op = family
         if groups > 1:
@@ -231,7 +271,8 @@ def _describe(gm, node, x, name, state, family, transposed, order, batch, w_node
             (O, I), layout, op = w_shape, "linear", "linear"
         else:
             # x @ W: the parameter is stored (I, O); x @ W.t(): it is stored (O, I).
-            (O, I), layout, op = (w_shape, "linear", "matmul") if transposed else (w_shape[::-1], "linear_t", "matmul")
+            stored_out_in = transposed == (weight_op.stored == "in_out")
+            (O, I), layout, op = (w_shape, "linear", "matmul") if stored_out_in else (w_shape[::-1], "linear_t", "matmul")
         if family == "linear" and transposed:
             return None  # F.linear(x, W.t()): rare; leave dense rather than guess a layout
         shape4 = (O, I, 1, 1)
@@ -271,7 +312,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _module_type(gm: fx.GraphModule, node: fx.Node, module_name: str) -> str:
-    types = gm.meta.get("nesc_module_types", {})
+    types = gm.meta.get(names.MODULE_TYPES, {})
     if module_name in types:
         return types[module_name].__name__
     stack = node.meta.get("nn_module_stack") or {}
@@ -293,12 +334,13 @@ def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
                 # Grouped by class, not instance, so the report has one line per kind of module.
                 uses.setdefault(f"{node.target}.{pname}", set()).add(f"inside {type(mod).__name__} modules")
     names_of = aliases(canonical_names(gm))  # tied parameters: one tensor, several names
+    own = tensor_roles(gm)  # nesc's pools, start indices, learners: reported by the plan, not here
     out = []
     for name, p in gm.named_parameters():
-        names = names_of[name]
-        if any(n in consumed or n.startswith("nesc_") for n in names):
-            continue  # compressed (nesc's own pools and samplers are reported by the plan)
-        how = set().union(*(uses.get(n, set()) for n in names))
+        all_names = names_of[name]
+        if any(n in consumed or n in own for n in all_names):
+            continue
+        how = set().union(*(uses.get(n, set()) for n in all_names))
         reason = "; ".join(sorted(how)) if how else "not used by the graph"
         out.append(DenseParam(name, p.numel(), reason))
     return out
@@ -306,10 +348,12 @@ def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
 
 def _use(gm: fx.GraphModule, user: fx.Node, attr: fx.Node) -> str:
     """How ``user`` consumes the parameter ``attr``, in words."""
-    if user.op == "call_function" and (user.target in _CONV_TARGETS or user.target in _LINEAR_TARGETS):
-        return "bias" if node_arg(user, 2, "bias") is attr else f"non-parameter use in {user.name}"
-    if user.op == "call_function" and user.target is aten.addmm.default and user.args[0] is attr:
-        return "bias"
+    op = WEIGHT_OPS.get(user.target) if user.op == "call_function" else None
+    if op is not None and op.bias is not None:
+        if node_arg(user, op.bias, "bias" if op.family != "matmul" else "input") is attr:
+            return "bias"
+        if op.family != "matmul":
+            return f"non-parameter use in {user.name}"
     if user.op == "call_module":
         mod = gm.get_submodule(user.target)
         return "batch norm" if isinstance(mod, ExportedBatchNorm) else f"input of {type(mod).__name__}"

@@ -5,8 +5,9 @@ eval mode uses) are split once into int32 starts and float fractions per block a
 of a ``RoutingMap`` under ``nesc_routes``. Samplers and learners are removed. Regeneration uses the
 same function as training, so the frozen model equals the trained model in eval mode bit for bit.
 
-Requires: epitomize. Guarantees: no EpitomeSampler is left; the module stores only pools, routing
-maps (8 scalars per block) and the parameters left dense.
+Requires: nothing (a graph without samplers is left as it is). Ensures: no EpitomeSampler is called
+and ``names.SAMPLERS`` is gone; the module stores only pools, routing maps (8 scalars per block) and
+the parameters left dense.
 
     before:  %w = call_module[nesc_samplers.conv1_weight](%pool)
     after:   %s = get_attr[nesc_routes.conv1_weight.starts]; %f = get_attr[...fracs]
@@ -15,42 +16,53 @@ maps (8 scalars per block) and the parameters left dense.
 
 from __future__ import annotations
 
-import torch
 from torch import fx, nn
-from torch.fx.passes.infra.pass_base import PassResult
 
 from nesc.core import names
-from nesc.core.modules import EpitomeSampler, RoutingMap
+from nesc.core.modules import REGENERATE, RoutingMap, sampler_of
 
-from .epitomize import SAMPLERS
+from .infra import NescPass, PassResult, broken_promise
 
-ROUTES = "nesc_routes"
+
+class Freeze(NescPass):
+    name = "freeze"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        sampled = [n for n in gm.graph.nodes if sampler_of(gm, n) is not None]
+        if sampled and not hasattr(gm, names.ROUTES):
+            gm.add_module(names.ROUTES, nn.Module())
+        for node in sampled:
+            _freeze_one(gm, node)
+        if hasattr(gm, names.SAMPLERS):
+            delattr(gm, names.SAMPLERS)
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(sampled))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        left = [n.name for n in gm.graph.nodes if sampler_of(gm, n) is not None]
+        if left or hasattr(gm, names.SAMPLERS):
+            raise broken_promise(self.name, f"samplers still called: {left[:5]}")
 
 
 def freeze(gm: fx.GraphModule) -> PassResult:
-    if not hasattr(gm, ROUTES):
-        gm.add_module(ROUTES, nn.Module())
-    routes = getattr(gm, ROUTES)
-    modified = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), EpitomeSampler):
-            continue
-        sampler: EpitomeSampler = gm.get_submodule(node.target)
-        key = node.target.rsplit(".", 1)[-1]
-        if not hasattr(routes, key):
-            routes.add_module(key, RoutingMap(*sampler.routing()))
-        g = sampler.geometry
-        with gm.graph.inserting_before(node):
-            starts = gm.graph.get_attr(f"{ROUTES}.{key}.starts")
-            fracs = gm.graph.get_attr(f"{ROUTES}.{key}.fracs")
-            args = (node.args[0], starts, fracs, sampler.scale, list(g.shape), list(g.block), g.layout)
-            new = gm.graph.call_function(torch.ops.nesc.regenerate.default, args)
-        new.meta[names.SAMPLED_WEIGHT] = sampler.weight_name
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        modified = True
-    if hasattr(gm, SAMPLERS):
-        delattr(gm, SAMPLERS)
-    gm.graph.lint()
-    gm.recompile()
-    return PassResult(gm, modified)
+    """``Freeze()(gm)``: the pass as a plain function."""
+    return Freeze()(gm)
+
+
+def _freeze_one(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Sampler call -> routing map buffers + one regenerate node (tied reads share one routing map)."""
+    sampler = sampler_of(gm, node)
+    routes = getattr(gm, names.ROUTES)
+    key = node.target.rsplit(".", 1)[-1]
+    if not hasattr(routes, key):
+        routes.add_module(key, RoutingMap(*sampler.routing()))
+    g = sampler.geometry
+    with gm.graph.inserting_before(node):
+        starts = gm.graph.get_attr(f"{names.ROUTES}.{key}.starts")
+        fracs = gm.graph.get_attr(f"{names.ROUTES}.{key}.fracs")
+        args = (node.args[0], starts, fracs, sampler.scale, list(g.shape), list(g.block), g.layout)
+        new = gm.graph.call_function(REGENERATE, args)
+    new.meta[names.SAMPLED_WEIGHT] = sampler.weight_name
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)

@@ -1,33 +1,34 @@
-"""The pipelines, as data: ordered (name, pass) lists. Passes are registered by name.
+"""The pipelines, as data: ordered lists of pass names, run by torch.fx's ``PassManager``.
 
-A pass is ``GraphModule -> PassResult``; the ones that need the config take it as a second argument
-and are bound with ``functools.partial`` when a pipeline runs.
+Every pass is a ``NescPass`` (``passes/infra.py``) registered by name in ``PASSES``. ``build`` turns a
+list of names into a ``PassManager`` whose passes are constructed once, with the ``NESConfig`` bound
+then for the passes that declare ``needs_config``; the manager lints the graph before the first pass
+and after each one, and each pass checks its own ``requires``/``ensures``. A failure keeps its own
+exception type (``PlanError`` stays a ``PlanError``) and carries a note naming the failing pass and
+the passes that ran before it.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable
-
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.infra.pass_manager import PassManager
 
 from nesc.core.config import NESConfig
+from nesc.core.errors import ConfigError
 from nesc.core.registry import Registry
 
-from .decompose_regenerate import decompose_regenerate
-from .epitomize import epitomize
-from .find_weights import find_weights
-from .freeze import freeze
-from .functionalize import functionalize
-from .plan_pools import plan_pools
+from .decompose_regenerate import DecomposeRegenerate
+from .epitomize import Epitomize
+from .find_weights import FindWeights
+from .freeze import Freeze
+from .functionalize import Functionalize
+from .infra import NescPass
+from .plan_pools import PlanPools
 
-PASSES: Registry[Callable[..., PassResult]] = Registry("pass")
-for _fn in (functionalize, find_weights, plan_pools, epitomize, freeze):
-    PASSES.add(_fn.__name__, _fn)
-# Not part of TRANSFORM or FREEZE: the ONNX exporter runs it on a copy of a frozen model.
-PASSES.add(decompose_regenerate.__name__, decompose_regenerate)
+PASSES: Registry[type[NescPass]] = Registry("pass")
+for _cls in (Functionalize, FindWeights, PlanPools, Epitomize, Freeze, DecomposeRegenerate):
+    PASSES.add(_cls.name, _cls)
+# decompose_regenerate is in no pipeline here: the ONNX exporter runs it on a copy of a frozen model.
 
 TRANSFORM: list[str] = [
     "functionalize",  # one form for every weight (get_attr -> functional op) before anything reads them
@@ -43,13 +44,39 @@ FREEZE: list[str] = [
 ]
 
 
-def run(gm: fx.GraphModule, steps: list[str], config: NESConfig | None = None) -> fx.GraphModule:
-    """Run the named passes in order; a pass that takes a config gets ``config``."""
+def build(steps: list[str], config: NESConfig | None = None) -> PassManager:
+    """A ``PassManager`` running the named passes in order, with lint before and after each."""
+    passes = []
     for name in steps:
-        fn = PASSES.get(name)
-        if "config" in inspect.signature(fn).parameters:
+        cls = PASSES.get(name)
+        if cls.needs_config:
             if config is None:
-                raise ValueError(f"pass {name!r} needs a NESConfig")
-            fn = functools.partial(fn, config=config)
-        gm = fn(gm).graph_module
-    return gm
+                raise ConfigError(f"pass {name!r} needs a NESConfig: build(steps, config=NESConfig(...))")
+            passes.append(cls(config))
+        else:
+            passes.append(cls())
+    manager = PassManager(passes, run_checks_after_each_pass=True)
+    manager.add_checks(_lint)
+    return manager
+
+
+def run(gm: fx.GraphModule, steps: list[str], config: NESConfig | None = None) -> fx.GraphModule:
+    """Run the named passes on ``gm`` and return the result.
+
+    The error of a failing pass is re-raised as it was, with a note (``e.__notes__``) from the
+    ``PassManager`` naming the pass and the passes before it.
+    """
+    manager = build(steps, config)
+    try:
+        return manager(gm).graph_module
+    except Exception as e:
+        cause = e.__cause__
+        if cause is None:  # raised by the manager itself (its checks before the first pass)
+            raise
+        cause.add_note(str(e))
+        raise cause from cause.__cause__  # the pass's own error and its own cause, not the manager's wrapper
+
+
+def _lint(module) -> None:
+    if isinstance(module, fx.GraphModule):
+        module.graph.lint()

@@ -9,12 +9,13 @@ kind and kernel size; ``per_stage`` one per input resolution (so 3x3, 1x1 and de
 stage share); ``global`` one pool for all. A pool serves layers of different types: its spatial size
 is the largest kernel among its members, and channel axes wrap.
 
-Requires: find_weights. Guarantees: writes ``gm.meta[names.PLAN]`` (a ``PoolPlan``); the graph is
-untouched. Raises ``PlanError`` when the budget cannot be met, naming what to change.
+Requires: find_weights (``gm.meta[names.DENSE_PARAMS]``). Ensures: ``gm.meta[names.PLAN]`` (a
+``PoolPlan``) whose pools are named by ``names.pool_name``; the graph is untouched. Raises
+``PlanError`` when the budget cannot be met, naming what to change.
 
-    before:  meta["nesc_weight"] on every weight op
-    after:   gm.meta["nesc_plan"] = PoolPlan(pools={"nesc_pool_0": (32, 32, 3, 3), ...},
-                                             layers={"layer1.0.conv1.weight": Geometry(...)}, ...)
+    before:  meta[names.WEIGHT] on every weight op
+    after:   gm.meta[names.PLAN] = PoolPlan(pools={pool_name(0): (32, 32, 3, 3), ...},
+                                            layers={"layer1.0.conv1.weight": Geometry(...)}, ...)
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from nesc.core import names
 from nesc.core.config import Candidate, LayerConfig, NESConfig, resolve_overrides
-from nesc.core.errors import PassOrderError, PlanError
+from nesc.core.errors import PlanError
+from nesc.core.modules import tensor_roles
 from nesc.core.sampling import ROUTING_SCALARS_PER_BLOCK, Geometry
 
 from .find_weights import WeightInfo, weight_infos
+from .infra import NescPass, PassResult, broken_promise, require_meta
 
 # The plan must land within this fraction of the requested budget.
 BUDGET_TOLERANCE = 0.02
@@ -71,14 +73,34 @@ class PoolPlan:
         return [n[1] for n in self.graph.neighbors(("pool", pool))]
 
 
+class PlanPools(NescPass):
+    name = "plan_pools"
+    needs_config = True
+
+    def __init__(self, config: NESConfig) -> None:
+        self.config = config
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        require_meta(gm, names.DENSE_PARAMS, self.name, "passes.find_weights")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        gm.meta[names.PLAN] = _plan(gm, self.config)
+        return PassResult(gm, False)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        if not isinstance(gm.meta.get(names.PLAN), PoolPlan):
+            raise broken_promise(self.name, f"gm.meta[{names.PLAN!r}] is not a PoolPlan")
+
+
 def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
+    """``PlanPools(config)(gm)``: the pass as a plain function."""
+    return PlanPools(config)(gm)
+
+
+def _plan(gm: fx.GraphModule, config: NESConfig) -> PoolPlan:
     infos = _first_per_weight(weight_infos(gm))
-    if names.DENSE_PARAMS not in gm.meta:
-        raise PassOrderError(
-            "plan_pools needs the weights found by passes.find_weights: run find_weights(gm) first "
-            "(the transform pipeline, passes.pipeline.TRANSFORM, does)"
-        )
-    dense_total = sum(p.numel() for n, p in gm.named_parameters() if not n.startswith("nesc_"))
+    own = tensor_roles(gm)  # a second run on a transformed graph: its pools are not the dense model's
+    dense_total = sum(p.numel() for n, p in gm.named_parameters() if n not in own)
     if config.param_budget is not None and config.param_budget > dense_total:
         raise PlanError(
             f"param_budget={config.param_budget:,} exceeds the dense model's {dense_total:,} "
@@ -92,8 +114,7 @@ def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
     plan = _build(groups, shapes, dense, dense_total, target, fixed)
     plan.notes = notes
     _check_budget(plan, config)
-    gm.meta[names.PLAN] = plan
-    return PassResult(gm, False)
+    return plan
 
 
 # keep_first / keep_classifier are preferences: a layer they keep dense is compressed after all when
@@ -113,7 +134,7 @@ def _first_per_weight(infos: list[WeightInfo]) -> list[WeightInfo]:
 def _select(gm, infos: list[WeightInfo], config: NESConfig, target: int, dense_total: int):
     """Split weights into (info, LayerConfig | None) to compress and {name: reason} to keep dense;
     plus notes on preferences the budget overrode."""
-    types = gm.meta.get("nesc_module_types", {})
+    types = gm.meta.get(names.MODULE_TYPES, {})
     candidates = [Candidate(i.weight_name, i.module_name, types.get(i.module_name)) for i in infos]
     rules = resolve_overrides(config.overrides, candidates, types)
     last = max((i.order for i in infos), default=-1)
@@ -293,7 +314,7 @@ def _build(groups, shapes, dense, dense_total, target, fixed) -> PoolPlan:
     graph = nx.Graph()
     pools, layers = {}, {}
     for idx, g in enumerate(sorted(groups, key=lambda g: g.members[0][0].order)):
-        name = f"nesc_pool_{idx}"
+        name = names.pool_name(idx)
         shape = tuple(int(d) for d in shapes[g.key])
         pools[name] = PoolSpec(name, g.label, shape, tuple(i.weight_name for i, _ in g.members))
         graph.add_node(("pool", name), shape=shape, label=g.label)

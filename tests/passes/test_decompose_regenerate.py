@@ -23,7 +23,7 @@ from helpers import (
     transformed_registry,
 )
 from nesc.models import list_models
-from nesc.passes.decompose_regenerate import decompose_regenerate
+from nesc.passes.decompose_regenerate import DecomposeRegenerate, decompose_regenerate
 from nesc.passes.pipeline import FREEZE, PASSES, TRANSFORM
 from torch import fx
 
@@ -58,7 +58,7 @@ def _attr_reads(node: fx.Node) -> set[str]:
 
 
 def test_registered_as_a_named_pass_outside_the_transform_and_freeze_pipelines() -> None:
-    assert PASSES.get("decompose_regenerate") is decompose_regenerate
+    assert PASSES.get("decompose_regenerate") is DecomposeRegenerate
     assert "decompose_regenerate" not in TRANSFORM + FREEZE
 
 
