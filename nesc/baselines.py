@@ -40,12 +40,13 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize, prune
 
-import nesc
+from nesc.api import fit_to_model, freeze, transform
 from nesc.core.config import NESConfig
 from nesc.core.errors import ConfigError, PlanError
-from nesc.models import get_spec
+from nesc.core.modules import EpitomeSampler, samplers_by_pool
 from nesc.core.registry import Registry
-from nesc.core.modules import EpitomeSampler
+from nesc.models import get_spec
+from nesc.report import stored_params
 
 # A pruned weight stores each non-zero as its value plus a 16-bit relative index (CSR with relative
 # column offsets, as in Deep Compression): half a float32 on top of the value.
@@ -194,7 +195,7 @@ def _nesc(ctx: BuildContext, init: str | None = None) -> fx.GraphModule:
     if ctx.dense_state is not None:
         model.load_state_dict(ctx.dense_state)
     config = ctx.nes.replace(ratio=ctx.ratio, param_budget=None, seed=ctx.seed, init=init or ctx.nes.init)
-    return nesc.transform(model, (ctx.example,), config)
+    return transform(model, (ctx.example,), config)
 
 
 def _nesc_fixed(ctx: BuildContext) -> fx.GraphModule:
@@ -215,7 +216,7 @@ def _wsnet(ctx: BuildContext) -> fx.GraphModule:
         model = ctx.dense_model()
         if ctx.dense_state is not None:
             model.load_state_dict(ctx.dense_state)
-        nesc.api.fit_to_model(gm, model)
+        fit_to_model(gm, model)
     return gm
 
 
@@ -252,7 +253,7 @@ def samplers(gm: nn.Module) -> list[EpitomeSampler]:
 def _nesc_count(model: nn.Module) -> int:
     """What the deployed model stores: the frozen copy's pools, routing maps (8 scalars per block) and
     dense parameters. The trainable GraphModule holds 4 start scalars per block instead."""
-    return nesc.stored_params(nesc.freeze(model))
+    return stored_params(freeze(model))
 
 
 # --------------------------------------------------------------------------------------- hashednets
