@@ -4,6 +4,19 @@
     ... train gm in any loop ...
     frozen = nesc.freeze(gm)                                              # routing maps
     nesc.summary(frozen); nesc.save(frozen, "model.nesc"); nesc.load("model.nesc")
+
+The package reads as layers; a module imports only from the layers below it (checked by the
+import-linter contracts in ``pyproject.toml``):
+
+    cli/                      the ``nesc`` command, one module per verb
+    train, baselines          training with exact resume; the equal-size baselines
+    api                       the public verbs (this package re-exports them)
+    backends/                 TVM (``nesc.compile``) and ONNX (``nesc.export_onnx``)   [folder backends/]
+    serialize/, report, fitting   save/load, the per-layer report, least-squares pool fits
+    passes/                   the fx passes and pipelines                              [folder passes/]
+    capture                   symbolic_trace / torch.export -> mode-aware GraphModule
+    models/, data, checkpoint the reference models, datasets, training run files      [folder models/]
+    core/                     errors, registry, config, names, inputs, sampling math and modules, compat
 """
 
 from importlib.metadata import PackageNotFoundError, version

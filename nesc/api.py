@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import fx, nn
 
+from nesc import serialize
 from nesc.capture import capture
 from nesc.core import names
 from nesc.core.config import NESConfig
@@ -82,20 +83,16 @@ def summary(gm: fx.GraphModule, print_table: bool = True) -> Report:
 
 def save(gm: fx.GraphModule, path: str | Path) -> None:
     """Write a frozen model to one safetensors file with its graph as JSON; no pickle."""
-    from nesc.serialize import save as _save
-
     report = build_report(gm)
     config = gm.meta.get(names.CONFIG)
     extra = {"dense_reasons": gm.meta.get(names.DENSE_REASONS, {}), "report": report.to_dict(),
              "config": repr(config) if config is not None else None}
-    _save(gm, path, extra=extra)
+    serialize.save(gm, path, extra=extra)
 
 
 def load(path: str | Path) -> fx.GraphModule:
     """Read a model written by ``save``; checks format, version and integrity."""
-    from nesc.serialize import load as _load
-
-    gm = _load(path)
+    gm = serialize.load(path)
     gm.meta[names.DENSE_REASONS] = gm.meta.get(names.EXTRA, {}).get("dense_reasons", {})
     return gm
 

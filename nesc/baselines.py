@@ -250,7 +250,7 @@ def samplers(gm: nn.Module) -> list[EpitomeSampler]:
     return [m for m in gm.modules() if isinstance(m, EpitomeSampler)]
 
 
-def _nesc_count(model: nn.Module) -> int:
+def _stored_when_frozen(model: nn.Module) -> int:
     """What the deployed model stores: the frozen copy's pools, routing maps (8 scalars per block) and
     dense parameters. The trainable GraphModule holds 4 start scalars per block instead."""
     return stored_params(freeze(model))
@@ -358,11 +358,11 @@ def _prune_count(model: nn.Module) -> int:
 for _method in (
     Method("dense", _dense, num_params, 0.0, description="the uncompressed model"),
     Method("thinner", _thinner, num_params, 0.10, description="every width scaled to the budget (integer channels)"),
-    Method("wsnet", _wsnet, _nesc_count, 0.02, description="WSNet-style fixed strided sampling from nesc pools"),
+    Method("wsnet", _wsnet, _stored_when_frozen, 0.02, description="WSNet-style fixed strided sampling from nesc pools"),
     Method("hashed", _hashed, num_params, 0.02, description="HashedNets: hashed buckets with sign hashes, per layer"),
     Method("prune", _prune, _prune_count, 0.01, needs_dense_state=True,
            description="layer-wise magnitude pruning of the trained dense model, then fine-tuning"),
-    Method("nesc_fixed", _nesc_fixed, _nesc_count, 0.02, description="nesc, random start indices frozen"),
-    Method("nesc", _nesc, _nesc_count, 0.02, description="nesc, learned start indices"),
+    Method("nesc_fixed", _nesc_fixed, _stored_when_frozen, 0.02, description="nesc, random start indices frozen"),
+    Method("nesc", _nesc, _stored_when_frozen, 0.02, description="nesc, learned start indices"),
 ):
     register_method(_method)

@@ -21,7 +21,7 @@ import copy
 import traceback
 
 import torch
-from torch import Tensor, fx, nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from nesc.core import compat, inputs, names

@@ -2,7 +2,7 @@
 
 Exporters and compilers do not know the custom op ``torch.ops.nesc.regenerate``, and its eager kernel
 loops over blocks in Python, which a tracer would unroll into constants. This pass replaces each such
-node with the aten graph of ``nesc.sampling.regenerate_indexed``: an index built from the routing
+node with the aten graph of ``nesc.core.sampling.regenerate_indexed``: an index built from the routing
 map's int32 starts and ``arange`` (never a weight-sized constant), one ``index`` (gather) of the
 flattened pool, and one ``lerp`` per active axis with the routing map's fractions. The gather and the
 lerps read the pool parameter and the routing-map buffers through their ``get_attr`` nodes, so a

@@ -85,7 +85,7 @@ class WeightInfo:
     module_name: str  # the module that owns it ("" for the root)
     module_type: str  # class name of that module, for the report
     op: str  # conv2d | conv2d_dw | conv2d_group | conv1d | linear | matmul
-    layout: str  # how the (O, I, kh, kw) view maps to the parameter: see nesc.sampling.LAYOUTS
+    layout: str  # how the (O, I, kh, kw) view maps to the parameter: see nesc.core.sampling.LAYOUTS
     shape: tuple[int, int, int, int]  # (O, I, kh, kw)
     madd: int  # multiply-adds of the op per example
     in_shape: tuple[int, ...]  # the op's input activation, per example (batch dropped)

@@ -2,15 +2,15 @@
 
 The learned start indices (plus, with a transformation learner, its running average offset — what
 eval mode uses) are split once into int32 starts and float fractions per block and stored as buffers
-of a ``RoutingMap`` under ``nesc_routes``. Samplers and learners are removed. Regeneration uses the
+of a ``RoutingMap`` under ``names.ROUTES``. Samplers and learners are removed. Regeneration uses the
 same function as training, so the frozen model equals the trained model in eval mode bit for bit.
 
 Requires: nothing (a graph without samplers is left as it is). Ensures: no EpitomeSampler is called
 and ``names.SAMPLERS`` is gone; the module stores only pools, routing maps (8 scalars per block) and
 the parameters left dense.
 
-    before:  %w = call_module[nesc_samplers.conv1_weight](%pool)
-    after:   %s = get_attr[nesc_routes.conv1_weight.starts]; %f = get_attr[...fracs]
+    before:  %w = call_module[<samplers>.conv1_weight](%pool)
+    after:   %s = get_attr[<routes>.conv1_weight.starts]; %f = get_attr[...fracs]
              %w = call_function[nesc.regenerate](%pool, %s, %f, scale, [O, I, kh, kw], [bo, bi], "conv2d")
 """
 

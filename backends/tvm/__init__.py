@@ -1,5 +1,12 @@
 """Lowering to Apache TVM (Relax): compiled kernels that regenerate epitome weights on the fly.
 
-Every TVM API call goes through ``adapter`` (TVM's Python API moves between releases); the other
-modules import ``tvm`` and its namespaces from there.
+    adapter.py   the one place that knows TVM's Python API (and the host LLVM target); the other
+                 modules import ``tvm`` and its namespaces from there, so a TVM upgrade changes it only
+    lower.py     torch.export -> Relax, parameters kept as inputs, each one a pool, route or dense
+    kernels.py   the TE kernels of ``nesc.regenerate`` (pool + routing map in, weight out)
+    schedule.py  legalize, fuse and the default schedules (regeneration, matmul/conv, elementwise)
+    tune.py      opt-in MetaSchedule tuning with a record cache
+    targets.py   the table of named targets (llvm, aarch64, cuda)
+    build.py     ``nesc.compile`` and ``CompiledModel`` (call it, or ``export_library``)
+    runtime.py   loads an export with tvm and numpy only (no torch, no nesc): copy it to the device
 """

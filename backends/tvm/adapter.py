@@ -4,10 +4,14 @@ TVM renames things between releases; in 0.27: target strings with flags are reje
 dicts, ``{"kind": "llvm", ...}``), ``tvm.nd`` is ``tvm.runtime.tensor``, ``tvm.tir`` is ``tvm.tirx``,
 schedules and MetaSchedule live under ``tvm.s_tir``, ``tvm.contrib.cc`` is ``tvm.support.cc``,
 ``Var.name_hint`` is ``.name`` and ``relax.Constant`` is ``tvm.ir.Constant``. Everything else in
-``nesc.backends.tvm`` imports TVM names from here, so a TVM upgrade is a change to this file.
+``nesc.backends.tvm`` imports TVM names from here, so a TVM upgrade is a change to this file. The
+host LLVM target is built here too (``host_llvm``): the ``llvm`` row of ``targets.py`` and the tests
+build for exactly that.
 """
 
 from __future__ import annotations
+
+import os
 
 from nesc.core.errors import NescError
 
@@ -81,15 +85,21 @@ def var_shape(var) -> tuple:
 __all__ += ["var_shape"]
 
 
-def host_target() -> "tvm.target.Target":
-    """LLVM for this machine's CPU (``mcpu`` set, so AVX2/AVX-512 and FMA are used; a bare
-    ``{"kind": "llvm"}`` compiles for baseline x86-64: SSE2, no FMA)."""
+def host_llvm() -> dict:
+    """LLVM for the CPU this process runs on, as a target dict: ``mcpu`` set, so AVX2/AVX-512 and FMA
+    are used (a bare ``{"kind": "llvm"}`` compiles for baseline x86-64: SSE2, no FMA), and every core
+    for parallel loops. The ``llvm`` row of ``targets.TARGETS`` builds exactly this."""
     from tvm.target import codegen
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
 
 
-__all__ += ["host_target"]
+def host_target() -> "tvm.target.Target":
+    """``host_llvm()`` as a ``tvm.target.Target``: what ``nesc.compile(..., target="llvm")`` builds for."""
+    return tvm.target.Target(host_llvm())
+
+
+__all__ += ["host_llvm", "host_target"]
 
 # ------------------------------------------------------------------- tensor intrinsics, imported fast
 

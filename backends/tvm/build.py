@@ -29,6 +29,7 @@ from nesc.backends.tvm.schedule import prepare
 from nesc.backends.tvm.targets import TargetError, TargetSpec, get_target
 from nesc.backends.tvm.tune import TuneReport, as_tune_config, tune_module
 from nesc.core.errors import ConfigError, InputError
+from nesc.core.inputs import as_tensors
 
 KINDS = ("pool", "route", "dense")
 
@@ -162,15 +163,12 @@ def compile(
 
 
 def _check_example_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise InputError(f"example_inputs must be a non-empty tuple of tensors, e.g. (torch.randn(1, 3, 224, 224),); "
-                         f"got {type(example_inputs).__name__}")
+    example_inputs = as_tensors(example_inputs, "nesc.compile")
     for k, x in enumerate(example_inputs):
-        if not isinstance(x, torch.Tensor) or x.ndim == 0:
-            raise InputError(f"example input {k} must be a torch.Tensor with a batch dimension; got {x!r:.80}")
-    return tuple(example_inputs)
+        if x.ndim == 0:
+            raise InputError(f"nesc.compile: example input {k} must be a torch.Tensor with a batch dimension; "
+                             f"got a 0-d tensor; pass e.g. (torch.randn(1, 3, 224, 224),)")
+    return example_inputs
 
 
 def _input_specs(lowered: Lowered, example_inputs: tuple, *, dynamic: bool) -> tuple[runtime.InputSpec, ...]:

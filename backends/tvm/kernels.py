@@ -1,7 +1,7 @@
 """TE kernels for the epitome ops: the weight of a compressed layer, rebuilt from its pool inside the
 compiled code.
 
-``regenerate_te`` is ``nesc.sampling.regenerate_indexed`` written as one TE compute over the
+``regenerate_te`` is ``nesc.core.sampling.regenerate_indexed`` written as one TE compute over the
 weight's elements (in the parameter's own layout, so the consumer reads it like any weight):
 
     W[o, i, u, v] = lerp_x(lerp_y(lerp_i(lerp_o(g(0,0,0,0), g(1,0,0,0), fo), ...), ...), ...)
@@ -21,16 +21,17 @@ channels only): the weight as rows ``(O, I*kh*kw)``, each block row one contiguo
 
 from __future__ import annotations
 
+from nesc.core import names
 from nesc.core.sampling import Geometry
 
 from .adapter import te, tir
 
-REGENERATE_NAME = "nesc_regenerate"  # PrimFunc name hint of every regeneration kernel
-PADDED_NAME = "nesc_padded_pool"  # block names the default schedule recognises
-WEIGHT_NAME = "nesc_weight"
-CROP_NAME = "nesc_weight_crop"
+REGENERATE_NAME = names.TVM_REGENERATE  # PrimFunc name hint of every regeneration kernel
+PADDED_NAME = names.TVM_PADDED_POOL  # block names the default schedule recognises
+WEIGHT_NAME = names.TVM_WEIGHT
+CROP_NAME = names.TVM_WEIGHT_CROP
 # Block annotation of the weight: [output-block axis, its block size, input-block axis, its block size].
-SPLIT_ATTR = "nesc_split"
+SPLIT_ATTR = names.TVM_SPLIT_ATTR
 
 
 def lerp(lo, hi, f):

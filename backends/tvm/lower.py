@@ -3,17 +3,21 @@ rebuilt from their pools inside the compiled code.
 
 The steps, in order:
 
+0. ``_roles``: what each nesc tensor is (pool, routing map), read from the graph by
+   ``nesc.core.modules.tensor_roles`` (which node reads it, not its name) before anything is copied;
+   the qualified names survive the copy and the export. A plain ``nn.Module`` has none: all dense.
 1. ``_exportable``: a private eval-mode copy whose buffers (routing maps, batch-norm statistics) are
    parameters, so that every stored tensor becomes an input of ``main`` rather than a constant the
    compiler could fold (folding the gather of a pool would bring the dense weight back).
-2. ``_export``: ``torch.export`` with a symbolic batch, then the core-ATen decompositions.
-   ``torch.ops.nesc.regenerate`` is a ``torch.library`` custom op, so it stays one node.
+2. ``_export``: ``torch.export`` with a symbolic batch (``nesc.core.inputs.export_batch`` /
+   ``batch_dims``), then the core-ATen decompositions. ``torch.ops.nesc.regenerate`` is a
+   ``torch.library`` custom op, so it stays one node.
 3. ``_check_supported``: every op the importer cannot convert, listed in one ``LoweringError``.
 4. ``from_exported_program`` with ``keep_params_as_input=True`` and a converter table that turns each
    ``nesc.regenerate`` into the TE kernel of ``kernels.regenerate_te`` (pool + routing map in, weight
    out, computed at run time). (``from_fx`` is not used: in TVM 0.27 it miscompiles conv/pool padding.)
 5. ``Lowered``: the module, the parameters in the order ``main`` takes them after the data inputs,
-   and what each parameter is (pool, route or dense).
+   and what each parameter is (pool, route or dense, from step 0).
 
 Batch norm stays a scale/shift on the conv output: it is never folded into a weight, let alone into
 a pool that other layers share.
@@ -29,13 +33,16 @@ import torch
 from torch import fx, nn
 
 from nesc.core.errors import NescError
+from nesc.core.inputs import as_tensors, batch_dims, export_batch
+from nesc.core.modules import tensor_roles
 from nesc.core.sampling import Geometry
 
 from .adapter import ExportedProgramImporter, detach_params, from_exported_program, relax, tvm, var_name
 from .kernels import REGENERATE_NAME, regenerate_rows_te, regenerate_te, rows_form
 
-POOL_PREFIX = "nesc_pool"
-ROUTES_PREFIX = "nesc_routes."
+# tensor_roles' role -> the kind a Lowered parameter is. A sampler's start indices and learner are
+# the trainable form of a routing map (nesc.freeze turns them into one).
+KIND_OF_ROLE = {"pool": "pool", "route": "route", "start": "route", "learner": "route"}
 
 
 class LoweringError(NescError):
@@ -58,8 +65,9 @@ def lower(model: nn.Module | fx.GraphModule, example_inputs: tuple, *, dynamic_b
     so one compiled module serves any batch size. Raises ``LoweringError`` listing every op that
     cannot be lowered, with its node and module.
     """
-    example_inputs = _check_inputs(model, example_inputs)
-    ep = _export(_exportable(model), example_inputs, dynamic_batch)
+    example_inputs = as_tensors(example_inputs, f"lower({type(model).__name__})", error=LoweringError)
+    roles = _roles(model)
+    ep = _export(_exportable(model, roles), example_inputs, dynamic_batch)
     _check_supported(ep)
     mod = from_exported_program(
         ep, keep_params_as_input=True, custom_convert_map=CONVERTERS, run_ep_decomposition=False
@@ -74,30 +82,27 @@ def lower(model: nn.Module | fx.GraphModule, example_inputs: tuple, *, dynamic_b
             f"but the exported program lifted {len(params)}; the importer's parameter order has changed"
         )
     input_names = tuple(var_name(v) for v in main.params[:num_inputs])
-    return Lowered(mod, params, input_names, {name: _kind(name) for name in params})
+    kinds = {name: KIND_OF_ROLE.get(roles.get(name), "dense") for name in params}
+    return Lowered(mod, params, input_names, kinds)
 
 
 # --------------------------------------------------------------------------------- export
 
 
-def _check_inputs(model: nn.Module, example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, tuple | list) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise LoweringError(
-            f"lower({type(model).__name__}): example_inputs must be a tuple of tensors, got "
-            f"{type(example_inputs).__name__}; pass e.g. (torch.randn(1, 3, 32, 32),)"
-        )
-    return tuple(example_inputs)
+def _roles(model: nn.Module) -> dict[str, str]:
+    """``{qualified name: role}`` of the nesc tensors (pools, routing maps) of a GraphModule, from
+    which nodes read them; a module that is not a GraphModule holds none."""
+    return tensor_roles(model) if isinstance(model, fx.GraphModule) else {}
 
 
-def _exportable(model: nn.Module) -> nn.Module:
+def _exportable(model: nn.Module, roles: dict[str, str]) -> nn.Module:
     """An eval-mode copy whose buffers are (frozen) parameters, so that they stay inputs of the lowered
-    function. Integer buffers other than routing maps (batch norm's ``num_batches_tracked``) are never
-    read in eval mode and stay buffers; unused, they disappear from the lowered module."""
+    function. Integer buffers other than nesc's (``roles``: the routing maps' start indices) are never
+    read in eval mode (batch norm's ``num_batches_tracked``) and stay buffers; unused, they disappear
+    from the lowered module."""
     copied = copy.deepcopy(model).eval()
     for name, buf in list(copied.named_buffers()):
-        if buf.is_floating_point() or name.startswith(ROUTES_PREFIX):
+        if buf.is_floating_point() or name in roles:
             owner_name, _, attr = name.rpartition(".")
             owner = copied.get_submodule(owner_name)
             delattr(owner, attr)
@@ -107,9 +112,9 @@ def _exportable(model: nn.Module) -> nn.Module:
 
 def _export(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> torch.export.ExportedProgram:
     if dynamic_batch:
-        # torch.export specialises a size-1 dimension: export a batch of 2 so the batch stays symbolic.
-        inputs = tuple(t.expand(2, *t.shape[1:]).clone() if t.dim() and t.shape[0] == 1 else t for t in example_inputs)
-        dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in inputs)
+        # torch.export specialises a size-1 dimension: a batch of 1 is exported at 2, kept symbolic.
+        inputs = export_batch(example_inputs)
+        dynamic = batch_dims(inputs)
     else:
         inputs, dynamic = example_inputs, None
     try:
@@ -193,11 +198,3 @@ def _params_in_order(ep: torch.export.ExportedProgram) -> dict[str, np.ndarray]:
         for spec in ep.graph_signature.input_specs
         if spec.kind is kind
     }
-
-
-def _kind(name: str) -> str:
-    if name.startswith(POOL_PREFIX):
-        return "pool"
-    if name.startswith(ROUTES_PREFIX):
-        return "route"
-    return "dense"

@@ -14,7 +14,7 @@ every PrimFunc a rule-based schedule read off its blocks, never off op names:
   residual add) on the tile while it is in cache.
 * ``rows`` — a reduction along the contiguous axis (softmax, layer norm, global mean): parallel rows,
   serial reduction.
-* ``elementwise`` — everything else (injective ops, the epitome ``nesc_regenerate`` kernels): intermediate
+* ``elementwise`` — everything else (injective ops, the epitome regeneration kernels (``names.TVM_REGENERATE``)): intermediate
   blocks inlined, outer loops fused and parallelised, the innermost static axis vectorised.
 
 A function that no rule can schedule keeps its legalized form and is reported by ``schedule_func``

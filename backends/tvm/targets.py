@@ -6,7 +6,7 @@ this machine. ``get_target(name)`` raises for an unknown name and lists the vali
 
 | name    | builds                                   | links with                 | runs here when      |
 |---------|------------------------------------------|----------------------------|---------------------|
-| llvm    | host CPU, LLVM tuned for this CPU        | the host C compiler        | always              |
+| llvm    | host CPU: ``adapter.host_llvm()``        | the host C compiler        | always              |
 | aarch64 | 64-bit ARM Linux with NEON               | aarch64-linux-gnu-gcc      | never (cross build) |
 | cuda    | NVIDIA GPU kernels + LLVM host code      | the host C compiler        | a CUDA GPU is found |
 
@@ -16,12 +16,11 @@ compiles it with NVRTC or nvcc when one is installed; without a GPU the kernels 
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nesc.backends.tvm.adapter import cc, tvm
+from nesc.backends.tvm.adapter import cc, host_llvm, tvm
 from nesc.core.errors import NescError
 from nesc.core.registry import Registry
 
@@ -76,11 +75,6 @@ class TargetSpec:
 
     def tvm_device(self) -> tvm.runtime.Device:
         return tvm.device(self.device, 0)
-
-
-def host_llvm() -> dict:
-    """LLVM for the CPU this process runs on: its vector units, and every core for parallel loops."""
-    return {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
 
 
 def aarch64_llvm() -> dict:

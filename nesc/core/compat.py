@@ -122,3 +122,9 @@ def safetensors_dtypes() -> frozenset:
     from safetensors.torch import _TYPES
 
     return frozenset(_TYPES.values())
+
+
+def tree_leaves(tree) -> list:
+    """The leaves of a pytree (nested tuples, lists, dicts of tensors), in flattening order. Public
+    replacement: ``torch.utils.pytree.tree_leaves`` once torch exposes ``torch.utils.pytree``."""
+    return _pytree.tree_leaves(tree)

@@ -29,3 +29,11 @@ class InputError(NescError, ValueError):
 
 class ArtifactError(NescError, ValueError):
     """A saved artifact is truncated, corrupted, tampered with or from an incompatible version."""
+
+
+class OutputError(NescError, ValueError):
+    """An output path cannot be written safely: it exists, is a link or a device, or the disk is full."""
+
+
+class CheckpointError(NescError, ValueError):
+    """A training checkpoint is missing, damaged or from other settings, and nothing usable was found."""

@@ -265,7 +265,8 @@ def test_a_batch_of_one_exports_with_a_symbolic_batch() -> None:
     "kwargs, match",
     [
         ({"opset": 13}, r"opset must be an int from 18"),
-        ({"example_inputs": [np.zeros(3)]}, r"example_inputs must be a tensor"),
+        ({"example_inputs": [np.zeros(3)]}, r"export_onnx: example_inputs\[0\] is a ndarray, expected a torch.Tensor"),
+        ({"example_inputs": ()}, r"export_onnx: example_inputs must be a tensor or a non-empty tuple"),
         ({"path": _DIR}, r"is a directory"),
         ({"path": _DIR / "missing" / "m.onnx"}, r"does not exist"),
         ({"frozen": registry_model("cnn1d")}, r"takes a frozen nesc model"),

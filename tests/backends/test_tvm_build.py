@@ -18,6 +18,7 @@ from helpers import assert_backend_close, registry_inputs, sampled_weights
 from tvm_deploy_cases import SMALL_MODELS, compiled_registry, eager, frozen_registry
 
 from nesc.backends.tvm import runtime, targets, tune
+from nesc.backends.tvm.adapter import host_target
 from nesc.backends.tvm.build import compile
 from nesc.cli import USAGE_ERROR, main
 from nesc.core.errors import ConfigError, NescError
@@ -137,8 +138,10 @@ def test_bad_inputs_are_rejected(inputs: tuple, message: str) -> None:
 
 
 def test_bad_example_inputs_are_rejected() -> None:
-    with pytest.raises(nesc.InputError, match="example input 0 must be a torch.Tensor"):
+    with pytest.raises(nesc.InputError, match=r"nesc.compile: example_inputs\[0\] is a ndarray, expected a torch.Tensor"):
         compile(nn.Linear(2, 2), (np.zeros((1, 2)),))
+    with pytest.raises(nesc.InputError, match="example input 0 must be a torch.Tensor with a batch dimension"):
+        compile(nn.Linear(2, 2), (torch.tensor(1.0),))
 
 
 # ---------------------------------------------------------------------------------------- targets
@@ -152,6 +155,8 @@ def test_unknown_target_lists_the_valid_ones() -> None:
 
 def test_target_table_builds_dict_targets() -> None:
     assert targets.get_target("llvm").tvm_target().kind.name == "llvm"
+    # the llvm row is the host target the lowering tests build for (one definition, in the adapter)
+    assert compiled_registry("mlp").tvm_target == str(host_target()) == str(targets.get_target("llvm").tvm_target())
     assert "aarch64" in str(targets.get_target("aarch64").tvm_target())
     assert targets.get_target("cuda").tvm_target().kind.name == "cuda"
 

@@ -4,6 +4,7 @@ op, and parity of compiled registry models with the frozen torch models."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -18,14 +19,23 @@ from helpers import BACKEND_REL, CLOSE, COMPRESS_ALL, assert_close, naive_regene
 
 tvm_adapter = pytest.importorskip("nesc.backends.tvm.adapter", reason="needs the tvm extra")
 
+from nesc.backends.tvm import targets  # noqa: E402
 from nesc.backends.tvm.adapter import host_target, relax, relax_constants, te, tvm, var_shape  # noqa: E402
 from nesc.backends.tvm.kernels import regenerate_rows_te, regenerate_te, rows_form  # noqa: E402
 from nesc.backends.tvm.lower import Lowered, LoweringError, lower  # noqa: E402
 from nesc.backends.tvm.schedule import fuse, prepare, schedule_func, schedule_module  # noqa: E402
 from nesc.models import get_spec, list_models  # noqa: E402
-from nesc.core.sampling import Geometry, regenerate_indexed, split_starts# noqa: E402
+from nesc.core import names  # noqa: E402
+from nesc.core.sampling import Geometry, regenerate_indexed, split_starts  # noqa: E402
 
-TARGET = host_target()
+# Exactly what nesc.compile(..., target="llvm") builds for.
+TARGET = targets.get_target("llvm").tvm_target()
+
+
+def test_the_test_target_is_what_compile_builds_for():
+    assert str(TARGET) == str(host_target())
+    assert TARGET.kind.name == "llvm" and TARGET.attrs["mcpu"] == host_target().attrs["mcpu"]
+
 
 # ------------------------------------------------------------------------------ the kernels
 
@@ -224,6 +234,44 @@ def test_dense_module_lowers_with_dense_params_only():
         assert_backend_close(run(x[0]), model(x[0]), "dense cnn1d")
 
 
+def _renamed(frozen: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``frozen`` in which no tensor is called nesc_*: pools are ``epitome_<k>``, the
+    routing maps live under ``where``; parameters, submodule and get_attr targets renamed together."""
+    gm = copy.deepcopy(frozen)
+    renames = {}
+    for k, name in enumerate(n for n, _ in frozen.named_parameters() if n.startswith(names.POOL_PREFIX)):
+        gm.register_parameter(f"epitome_{k}", gm.get_parameter(name))
+        delattr(gm, name)
+        renames[name] = f"epitome_{k}"
+    gm.add_submodule("where", gm.get_submodule(names.ROUTES))
+    delattr(gm, names.ROUTES)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            head, _, rest = node.target.partition(".")
+            node.target = renames.get(node.target, f"where.{rest}" if head == names.ROUTES else node.target)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def test_kinds_come_from_the_graph_not_from_names():
+    """A pool and a routing map are what the regenerate nodes read, whatever they are called."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    x = (torch.randn(2, 32),)
+    frozen = _frozen(model, x, **COMPRESS_ALL)
+    gm = _renamed(frozen)
+    assert not [n for n in dict(gm.named_parameters()) | dict(gm.named_buffers()) if "nesc" in n]
+    low = lower(gm, x)
+    kinds = {k: {n for n, v in low.kinds.items() if v == k} for k in ("pool", "route", "dense")}
+    assert kinds["pool"] == {"epitome_0", "epitome_1"}
+    assert kinds["route"] == {n for n, _ in gm.named_buffers() if n.startswith("where.")} and kinds["route"]
+    assert kinds["dense"] == {"0.bias", "2.bias"}
+    run = compile_lowered(low)
+    with torch.no_grad():
+        assert_backend_close(run(x[0]), frozen(x[0]), "renamed pools and routes")
+
+
 # ------------------------------------------------------------------------- unsupported ops
 
 
@@ -255,7 +303,7 @@ def test_every_unsupported_op_is_listed_in_one_error():
 
 
 def test_bad_example_inputs_are_an_error():
-    with pytest.raises(LoweringError, match="tuple of tensors"):
+    with pytest.raises(LoweringError, match=r"lower\(Linear\): example_inputs\[0\] is a list, expected a torch.Tensor"):
         lower(nn.Linear(2, 2), ([1.0, 2.0],))
 
 

@@ -1,5 +1,6 @@
-"""``nesc train`` and ``nesc compress --dataset``, in-process through ``main(argv)``, on the synthetic set
-with a narrow ``resnet_fmnist`` (its global pooling takes the 1x8x8 synthetic images)."""
+"""``nesc train`` (``nesc/cli/train.py``) and ``nesc compress --dataset`` (``nesc/cli/compress.py``),
+in-process through ``main(argv)``, on the synthetic set with a narrow ``resnet_fmnist`` (its global
+pooling takes the 1x8x8 synthetic images)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,6 @@ from nesc.models import get_spec
 from nesc.train import evaluate
 
 MODEL = ["resnet_fmnist", "--dataset", "synthetic", "--width", "0.25", "--optimizer", "adamw", "--lr", "0.01"]
-
-
-@pytest.fixture(autouse=True)
-def _pipe_width(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("COLUMNS", raising=False)
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -1,5 +1,6 @@
-"""``nesc export --onnx``: from a saved artifact (input shape from the artifact) and from a registry model
-compressed on the fly (dense ONNX exported next to it); errors exit 2 without a traceback."""
+"""``nesc export --onnx`` (``nesc/cli/export.py``): from a saved artifact (input shape from the artifact)
+and from a registry model compressed on the fly (dense ONNX exported next to it); errors exit 2 without
+a traceback."""
 
 from __future__ import annotations
 
@@ -12,14 +13,10 @@ from helpers import BACKEND_REL, registry_inputs, run, transformed_registry
 
 import nesc
 from nesc.cli import USAGE_ERROR, main
+from nesc.cli import export as export_verb
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
-
-
-@pytest.fixture(autouse=True)
-def _pipe_width(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("COLUMNS", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +99,7 @@ def test_input_size_must_fit_the_artifact(capsys, artifact, tmp_path, monkeypatc
         gm.meta[names.INPUT_SPECS] = []
         return gm
 
-    monkeypatch.setattr(nesc, "load", without_specs)
+    monkeypatch.setattr(export_verb, "load", without_specs)  # the verb imports load from nesc.api
     code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "x.onnx"))
     _assert_clean_error(code, err, "records no input shape", "--input-size")
 

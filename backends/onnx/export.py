@@ -1,0 +1,171 @@
+"""The steps of ``export_onnx``, one function each, in the order it runs them.
+
+1. ``lower``: a copy of the model whose nesc ops are rewritten by the pass each names in ``LOWERINGS``
+   (``decompose_regenerate``: index arithmetic over the pool and the routing map);
+2. ``capture``: ``torch.export`` with the batch dimension named ``BATCH`` (``nesc.core.inputs``);
+3. (``check.check_supported``);
+4. ``translate``: ``torch.onnx.export(dynamo=True, optimize=False)``;
+5. ``simplify_model``: onnxsim, told that initializers are not constants;
+6. ``constants_as_nodes``: onnxsim's folded shape vectors become ``Constant`` nodes, so that the
+   file's initializers are exactly the module's tensors;
+7. (``check.check_compressed``), then ``save``: one file, no ``.onnx.data`` next to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, fx, nn
+
+from nesc.core import names
+from nesc.core.errors import InputError
+from nesc.core.inputs import batch_dims
+from nesc.passes import pipeline
+
+from .check import OnnxExportError, unsupported_error
+
+BATCH = "batch"  # name of the symbolic batch dimension in the exported file
+PROTOBUF_LIMIT = 2**31  # a single-file ONNX model must serialise under 2 GiB
+
+# nesc's own ops -> the rewrite pass (a name in nesc.passes.pipeline.PASSES) that turns them into ops
+# the exporter knows. Run on a copy of the model before capture.
+LOWERINGS: dict[object, str] = {
+    torch.ops.nesc.regenerate.default: "decompose_regenerate",
+}
+
+
+def lower(module: nn.Module) -> fx.GraphModule:
+    """A copy of ``module`` in eval mode whose nesc ops are rewritten by the passes in ``LOWERINGS``."""
+    if not isinstance(module, fx.GraphModule):
+        raise InputError(
+            f"export_onnx takes a frozen nesc model (an fx.GraphModule from nesc.freeze or nesc.load), got "
+            f"{type(module).__name__}; run nesc.transform and nesc.freeze on it first"
+        )
+    gm = copy.deepcopy(module).eval()
+    gm.meta = copy.copy(module.meta)
+    present = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    steps = [name for target, name in LOWERINGS.items() if target in present]
+    return pipeline.run(gm, steps) if steps else gm
+
+
+def capture(module: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module``; with ``dynamic_batch`` dimension 0 of every input is ``BATCH``
+    (the inputs come through ``nesc.core.inputs.export_batch``: no batch of 1)."""
+    dims = batch_dims(inputs, dim=torch.export.Dim(BATCH)) if dynamic_batch else None
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, inputs, dynamic_shapes=dims, strict=False)
+    except Exception as e:
+        hint = (" If the model fixes its batch size (a reshape to a constant batch), pass dynamic_batch=False."
+                if dynamic_batch else "")
+        raise OnnxExportError(
+            f"export_onnx: torch.export could not capture {type(module).__name__} on inputs {_shapes(inputs)}: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0]}.{hint}"
+        ) from e
+
+
+def translate(program: torch.export.ExportedProgram, opset: int) -> onnx.ModelProto:
+    # dynamo=True: the TorchScript exporter cannot translate the lowered aten graph (aten::_to_copy).
+    # optimize=False: the onnxscript optimizer folds small regenerated weights into constants.
+    # external_data=False and f=None: nothing is written here; ``save`` writes one file.
+    try:
+        onnx_program = torch.onnx.export(program, (), None, dynamo=True, optimize=False, external_data=False,
+                                         opset_version=opset, verbose=False, report=False)
+    except Exception as e:
+        raise unsupported_error(program, opset) or OnnxExportError(
+            f"export_onnx: torch.onnx failed to translate the captured graph: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    model = onnx_program.model_proto
+    _name_batch(model)
+    for node in model.graph.node:
+        # Per-node debug records (fx node text, module path, stack trace): a few hundred bytes per
+        # node, more than the tensors of a small model; nothing reads them at run time.
+        del node.metadata_props[:]
+    return model
+
+
+def _name_batch(model: onnx.ModelProto) -> None:
+    """Call the symbolic batch dimension ``BATCH`` everywhere (the exporter names it after its symbol, ``s77``)."""
+    dims = [v.type.tensor_type.shape.dim for v in model.graph.input]
+    symbol = next((d[0].dim_param for d in dims if len(d) and d[0].dim_param), None)
+    if symbol is None:
+        return  # static batch
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = BATCH
+
+
+def simplify_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    # initializers_as_constants=False is the precise skip: constant folding and the optimizer's
+    # value-baking passes (fuse_bn_into_conv) leave every node that reads an initializer, so the
+    # regeneration stays; shape arithmetic and aranges are still folded. skip_constant_folding=True
+    # would keep the regeneration too, but also every foldable shape computation.
+    try:
+        simplified, ok = onnxsim.simplify(model, initializers_as_constants=False, check_n=0)
+    except Exception as e:
+        raise OnnxExportError(f"export_onnx: onnxsim failed on the exported model: {type(e).__name__}: {e}. "
+                              f"Export with simplify=False (CLI: --no-simplify).") from e
+    if not ok:
+        raise OnnxExportError("export_onnx: onnxsim's check of the simplified model failed; export with "
+                              "simplify=False (CLI: --no-simplify)")
+    return simplified
+
+
+def constants_as_nodes(model: onnx.ModelProto, keep: set[str]) -> onnx.ModelProto:
+    """Turn the initializers onnxsim created (folded shape vectors and aranges) into ``Constant`` nodes;
+    the module's own tensors (``keep``) stay initializers.
+
+    Importers treat initializers as weights: TVM's ``from_onnx(keep_params_in_input=True)`` makes each
+    a runtime parameter, and an ``Expand`` whose target shape is a parameter has no static shape. As
+    ``Constant`` nodes they are part of the graph, and the file's initializers are exactly the model's
+    parameters and buffers: pools, routing maps, what stayed dense.
+    """
+    _tensor_constants(model)
+    derived = [t for t in model.graph.initializer if t.name not in keep]
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], name=f"{names.ONNX_CONST_PREFIX}_{t.name}", value=t)
+             for t in derived]
+    for t in derived:
+        model.graph.initializer.remove(t)
+    for node in reversed(nodes):
+        model.graph.node.insert(0, node)
+    return model
+
+
+# ``Constant`` attributes other than ``value`` -> the dtype of the tensor they stand for.
+_CONSTANT_FORMS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                   "value_ints": np.int64}
+
+
+def _tensor_constants(model: onnx.ModelProto) -> None:
+    """Rewrite ``Constant(value_int[s]=..., value_float[s]=...)`` as ``Constant(value=tensor)``: the
+    exporter emits both forms, and TVM's importer reads only ``value`` ("no value in Constant")."""
+    for node in model.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name not in _CONSTANT_FORMS:
+            continue
+        attr = node.attribute[0]
+        array = np.array(onnx.helper.get_attribute_value(attr), dtype=_CONSTANT_FORMS[attr.name])
+        node.ClearField("attribute")
+        node.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(array)))
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    size = model.ByteSize()
+    if size >= PROTOBUF_LIMIT:
+        raise OnnxExportError(f"export_onnx: the model serialises to {size:,} bytes, over protobuf's 2 GiB limit "
+                              f"for one file; nesc writes single-file ONNX only")
+    partial = path.with_name(path.name + ".partial")
+    onnx.save_model(model, partial)  # below 2 GiB onnx writes every tensor inline: one file
+    os.replace(partial, path)
+
+
+def _shapes(inputs: Sequence[Tensor]) -> str:
+    return ", ".join(str(tuple(x.shape)) for x in inputs)

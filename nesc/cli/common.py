@@ -1,0 +1,307 @@
+"""What the verbs of the ``nesc`` command line share, and nothing else.
+
+Consoles and error printing; ``Stages`` (a spinner on a terminal, and how long each stage took); the
+two parent parsers (the NESConfig flags, the training flags) and what turns their values into a
+``NESConfig`` / ``TrainConfig``; registry-model lookup with a did-you-mean; example inputs from
+``--input-size``; output-path checks; and the printing helpers several verbs use. Every verb module
+imports this one and the nesc layers below; no verb imports another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+from torch import fx, nn
+
+from nesc.core import names
+from nesc.core.config import POLICIES, NESConfig
+from nesc.core.errors import InputError
+from nesc.data import Dataset, list_datasets, load_dataset
+from nesc.fitting import load_checkpoint
+from nesc.models import ModelSpec, get_spec, list_models
+from nesc.train import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig, TrainResult
+
+ARTIFACT_SUFFIX = ".nesc"
+USAGE_ERROR = 2  # the code argparse uses for usage errors; nesc's own errors share it
+INTERRUPTED = 130
+# Width for output that goes to a pipe or a file: there is no terminal to fit, and a fixed width keeps
+# the tables unwrapped and the output identical from run to run. $COLUMNS still wins.
+PIPE_WIDTH = 160
+FLOAT32_BYTES = 4
+DEFAULT_RUN_DIR = Path("runs")
+# NESConfig fields the command line sets, and the flag that sets each (for messages).
+CONFIG_FLAGS = {"ratio": "--ratio", "param_budget": "--params", "policy": "--policy",
+                "min_params": "--min-params", "learner": "--learner"}
+# TrainConfig fields the command line sets; each flag's destination is the field's name.
+TRAIN_FIELDS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "optimizer": "--optimizer",
+                "weight_decay": "--weight-decay", "schedule": "--schedule", "seed": "--seed", "limit": "--limit",
+                "bn_recalibration": "--bn-recalibration", "device": "--device"}
+
+
+# ------------------------------------------------------------------------------ consoles and stages
+
+
+def console(stderr: bool) -> Console:
+    # No markup: paths, layer names and config reprs are printed as they are, brackets included.
+    con = Console(stderr=stderr, highlight=False, markup=False)
+    if not con.is_terminal and "COLUMNS" not in os.environ:
+        con.width = PIPE_WIDTH
+    return con
+
+
+def print_error(err: Console, message: str, notes: Sequence[str] = ()) -> None:
+    # soft_wrap: one paragraph, no line breaks of ours; the terminal wraps it.
+    err.print(Text.assemble(("error: ", "bold red"), (message, "red")), soft_wrap=True)
+    for note in notes:
+        err.print(Text(f"  ({note})", style="dim"), soft_wrap=True)
+
+
+class Stages:
+    """Named stages under a spinner (on a terminal only) and how long each took, in seconds.
+
+    ``stage`` fits ``nesc.api.transform``'s ``on_stage`` hook; ``labels`` renames the stages the API
+    names (e.g. ``{"fit": "fit pools"}``) for the spinner and the timings.
+    """
+
+    def __init__(self, con: Console, labels: Mapping[str, str] | None = None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._labels = dict(labels or {})
+        self._bar = Progress(SpinnerColumn(finished_text=Text("done", style="green")),
+                             TextColumn("{task.description}", markup=False),
+                             TimeElapsedColumn(), console=con,
+                             disable=not con.is_terminal)
+
+    @contextmanager
+    def progress(self) -> Iterator[None]:
+        with self._bar:
+            yield
+
+    @contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        label = self._labels.get(name, name)
+        task = self._bar.add_task(f"{label} {detail}".strip(), total=1)
+        start = time.perf_counter()
+        yield
+        self.seconds[label] = time.perf_counter() - start
+        self._bar.update(task, completed=1)
+
+    def times(self, total: bool = False) -> str:
+        """``time: build 0.1s, save 0.0s`` (``; total 0.1s`` with ``total``)."""
+        line = "time: " + ", ".join(f"{label} {s:.1f}s" for label, s in self.seconds.items())
+        return line + (f"; total {sum(self.seconds.values()):.1f}s" if total else "")
+
+
+# -------------------------------------------------------------------------------- parent parsers
+
+
+def config_flags() -> argparse.ArgumentParser:
+    """The NESConfig flags (summary, compress, compile, export). Defaults are None so that we can tell
+    what the user set; NESConfig supplies the real defaults and validates every value."""
+    group = argparse.ArgumentParser(add_help=False)
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, metavar="R",
+                        help=f"store 1/R of the dense parameters (R >= 1; default {NESConfig.ratio:g})")
+    budget.add_argument("--params", type=int, metavar="N", help="parameter budget for the whole model")
+    group.add_argument("--policy", choices=POLICIES, help="which layers share a pool (default per_layer)")
+    group.add_argument("--min-params", type=int, metavar="N",
+                       help=f"weights with fewer elements stay dense (default {NESConfig.min_params})")
+    group.add_argument("--learner", action="store_true", default=None,
+                       help="feature-conditioned transformation learner for start indices (the paper's mode)")
+    group.add_argument("--input-size", type=int, nargs="+", metavar="D",
+                       help="example input shape without the batch dimension, e.g. 3 64 64 "
+                            "(default: the model's registered shape)")
+    return group
+
+
+def training_flags() -> argparse.ArgumentParser:
+    """Flags shared by ``train`` and ``compress``: the dataset and TrainConfig. Defaults are None so that
+    ``compress`` without ``--dataset`` can refuse training flags instead of ignoring them."""
+    group = argparse.ArgumentParser(add_help=False)
+    group.add_argument("--dataset", choices=list_datasets(), help="train on this dataset")
+    group.add_argument("--data-dir", type=Path, metavar="DIR", help="folder with the dataset's files (Fashion-MNIST)")
+    group.add_argument("--epochs", type=int, metavar="N", help=f"epochs (default {TrainConfig.epochs})")
+    group.add_argument("--batch-size", type=int, metavar="N", help=f"default {TrainConfig.batch_size}")
+    group.add_argument("--lr", type=float, help=f"learning rate (default {TrainConfig.lr})")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {TrainConfig.optimizer}")
+    group.add_argument("--weight-decay", type=float, metavar="WD", help=f"default {TrainConfig.weight_decay}")
+    group.add_argument("--schedule", choices=SCHEDULES, help=f"default {TrainConfig.schedule}")
+    group.add_argument("--seed", type=int, help="data order and dropout (default 0)")
+    group.add_argument("--limit", type=int, metavar="N", help="train on a class-balanced subset of N samples")
+    group.add_argument("--bn-recalibration", type=int, metavar="N",
+                       help="recompute batch-norm statistics over N train batches before each evaluation")
+    group.add_argument("--device", choices=DEVICES, help="default auto (cuda when available)")
+    group.add_argument("--width", type=float, metavar="W", help="width multiplier, for models that have one")
+    group.add_argument("--run-dir", type=Path, metavar="DIR",
+                       help=f"logs and checkpoints (default {DEFAULT_RUN_DIR}/MODEL-DATASET); a rerun resumes")
+    group.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a checkpoint")
+    return group
+
+
+def nes_config(args: argparse.Namespace) -> NESConfig:
+    changes = {field: getattr(args, _dest(flag)) for field, flag in CONFIG_FLAGS.items()}
+    return NESConfig(**{field: value for field, value in changes.items() if value is not None})
+
+
+def given_config_flags(args: argparse.Namespace) -> list[str]:
+    """The NESConfig flags the user set, for verbs that refuse them on a saved artifact."""
+    return [flag for field, flag in CONFIG_FLAGS.items() if getattr(args, _dest(flag)) is not None]
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    changes = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
+    return TrainConfig(**changes)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+# ------------------------------------------------------------------------- models, inputs, paths
+
+
+def is_artifact(model: str) -> bool:
+    """A registry name wins; otherwise anything that looks like a file is read as an artifact."""
+    if model in list_models():
+        return False
+    return model.endswith(ARTIFACT_SUFFIX) or os.sep in model or Path(model).is_file()
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry ``name``; an unknown name is an ``InputError`` that lists the valid ones and
+    suggests the nearest."""
+    try:
+        return get_spec(name)
+    except KeyError as e:
+        near = difflib.get_close_matches(name, list_models(), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise InputError(f"{e.args[0]}{hint} (`nesc models` lists them with their input shapes)") from None
+
+
+def create_model(spec: ModelSpec, seed: int, checkpoint: Path | None = None) -> nn.Module:
+    """The registry model with the factory's initial weights under ``seed`` (same command, same model),
+    then ``checkpoint``'s weights if one is given."""
+    torch.manual_seed(seed)
+    model = spec.create()
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def example_inputs(spec: ModelSpec, size: list[int] | None) -> tuple[torch.Tensor, ...]:
+    """Batch-1 inputs of ``spec``'s registered shape, or of ``--input-size`` (checked against its rank)."""
+    if size is None:
+        return spec.example_inputs(1)
+    if len(size) != len(spec.input_shape) or any(d < 1 for d in size):
+        raise InputError(
+            f"--input-size {' '.join(map(str, size))} does not fit {spec.name}: it takes inputs of "
+            f"{len(spec.input_shape)} positive sizes without the batch dimension, e.g. "
+            f"--input-size {' '.join(map(str, spec.input_shape))}"
+        )
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn((1, *size), generator=generator),)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the work, not after it: a missing folder or a folder given as the file."""
+    if path.is_dir():
+        raise InputError(f"--out {str(path)!r} is a directory; pass a file path such as {str(path / 'model.nesc')!r}")
+    if not path.parent.is_dir():
+        raise InputError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
+
+
+# ------------------------------------------------------------------------------ training helpers
+
+
+def load_data(args: argparse.Namespace, spec: ModelSpec) -> Dataset:
+    """``--dataset``, checked against the model's input rank and channels."""
+    ds = load_dataset(args.dataset, seed=args.seed or 0, data_dir=args.data_dir)
+    want, got = spec.input_shape, ds.spec.input_shape
+    if len(want) != len(got) or want[0] != got[0]:
+        fits = [n for n in list_models() if len(get_spec(n).input_shape) == len(got)
+                and get_spec(n).input_shape[0] == got[0]]
+        raise InputError(f"model {spec.name} takes inputs of shape {want} (channels first); dataset {args.dataset} "
+                         f"has {got}. Models that fit {args.dataset}: {', '.join(fits) or 'none'}")
+    return ds
+
+
+def build_model(args: argparse.Namespace, spec: ModelSpec, ds: Dataset, seed: int) -> nn.Module:
+    """The registry model sized for ``ds``'s classes and ``--width``."""
+    kwargs: dict[str, object] = {"num_classes": ds.spec.num_classes}
+    if args.width is not None:
+        if "width_mult" not in inspect.signature(spec.factory).parameters:
+            raise InputError(f"--width: model {spec.name} has no width multiplier; drop --width")
+        kwargs["width_mult"] = args.width
+    torch.manual_seed(seed)
+    return spec.create(**kwargs)
+
+
+def run_dir(args: argparse.Namespace, spec: ModelSpec) -> Path:
+    return args.run_dir if args.run_dir is not None else DEFAULT_RUN_DIR / f"{spec.name}-{args.dataset}"
+
+
+# -------------------------------------------------------------------------------------- printing
+
+
+def print_heading(out: Console, name: str, rest: str) -> None:
+    out.print(Text.assemble((name, "bold"), " ", rest))
+
+
+def print_plan_notes(out: Console, gm: fx.GraphModule) -> None:
+    notes = gm.meta[names.PLAN].notes
+    out.print("plan notes:" if notes else "plan notes: none (the budget overrode no preference)")
+    for note in notes:
+        out.print(f"  - {note}")
+
+
+def print_fit_errors(out: Console, errors: dict[str, float]) -> None:
+    if not errors:
+        out.print("reconstruction error: no layer was compressed")
+        return
+    worst = max(errors, key=errors.__getitem__)
+    mean = sum(errors.values()) / len(errors)
+    out.print(f"reconstruction error ||W_hat - W|| / ||W|| over {len(errors)} layers: mean {mean:.4f}, "
+              f"max {errors[worst]:.4f} ({worst})")
+
+
+def print_results(out: Console, title: str, results: dict[str, TrainResult]) -> None:
+    """One row per trained model: accuracy, loss, stored size, MAdd, epochs and training time."""
+    table = Table(title=title)
+    for col, justify in [("model", "left"), ("test acc", "right"), ("test loss", "right"), ("params", "right"),
+                         ("bytes", "right"), ("MAdd", "right"), ("epochs", "right"), ("train s", "right")]:
+        table.add_column(col, justify=justify)
+    for name, r in results.items():
+        table.add_row(name, f"{r.test_acc:.2%}", f"{r.test_loss:.4f}", f"{r.stored_params:,}", f"{r.stored_bytes:,}",
+                      f"{r.madd:,}" if r.madd is not None else "-", str(r.epochs), f"{r.seconds:.1f}")
+    out.print(table)
+
+
+def describe(config: NESConfig) -> str:
+    return (f"{budget(config)}, policy {config.policy}, min_params {config.min_params:,}"
+            + (", learner" if config.learner else ""))
+
+
+def budget(config: NESConfig) -> str:
+    if config.param_budget is not None:
+        return f"budget {config.param_budget:,} params"
+    return f"ratio {config.ratio:g}x"
+
+
+def format_shape(dims: Sequence[int]) -> str:
+    return "x".join(map(str, dims))
+
+
+def format_bytes(n: int) -> str:
+    """A byte count for people: ``1,234 bytes (0.00 MiB)``."""
+    return f"{n:,} bytes ({n / 2**20:.2f} MiB)"

@@ -1,0 +1,193 @@
+"""``nesc compress``: transform, fit, freeze and save a registry model as one ``.nesc`` artifact.
+
+    nesc compress resnet18_cifar --init dense.pt                    # fit the pools to a dense checkpoint
+    nesc compress resnet_fmnist --dataset fashion_mnist --ratio 4   # train, compress, fine-tune, freeze, save
+
+Without ``--dataset`` the pools are fitted to the model's weights (``--init CHECKPOINT``, or the
+factory's initial ones) and each stage is timed: capture, plan and fit through ``nesc.api.transform``'s
+``on_stage`` hook, freeze and save as their own calls. With ``--dataset`` the dense model is trained
+first (or ``--init CHECKPOINT`` evaluated), the pools are fitted to it, the compressed model is trained
+(distilled from the dense one with ``--distill``, or from ``--teacher CHECKPOINT``), frozen and saved,
+and the summary shows both accuracies. Logs and per-epoch checkpoints go under ``--run-dir``; running
+the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+from torch import nn
+
+from nesc.api import freeze, save, transform
+from nesc.cli.common import (
+    ARTIFACT_SUFFIX,
+    FLOAT32_BYTES,
+    TRAIN_FIELDS,
+    Stages,
+    budget,
+    build_model,
+    check_writable,
+    create_model,
+    describe,
+    example_inputs,
+    format_bytes,
+    format_shape,
+    load_data,
+    model_spec,
+    nes_config,
+    print_fit_errors,
+    print_heading,
+    print_plan_notes,
+    print_results,
+    run_dir,
+    train_config,
+)
+from nesc.core import names
+from nesc.core.errors import InputError
+from nesc.data import Dataset, list_datasets
+from nesc.fitting import load_checkpoint
+from nesc.models import ModelSpec
+from nesc.report import Report, build_report
+from nesc.train import TrainConfig, TrainResult, evaluate, fit, model_size
+
+DEFAULT_MODEL = "resnet18_cifar"
+# What transform's stages are called in the spinner and the timings.
+STAGE_LABELS = {"fit": "fit pools"}
+# Flags that only mean something when training, besides TrainConfig's, by destination.
+OTHER_TRAIN_FLAGS = {"data_dir": "--data-dir", "width": "--width", "run_dir": "--run-dir", "distill": "--distill",
+                     "teacher": "--teacher"}
+
+
+def add_parser(commands, config: argparse.ArgumentParser, training: argparse.ArgumentParser) -> None:
+    compress = commands.add_parser(
+        "compress", parents=[config, training], help="transform, fit, freeze and save a model as a .nesc artifact",
+        description="Build a registry model (optionally from a local dense checkpoint), fit its epitome "
+                    "pools to the dense weights, freeze the routing maps and save one .nesc artifact.")
+    compress.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL,
+                          help=f"a registry model name (default: {DEFAULT_MODEL})")
+    compress.add_argument("--init", metavar="CHECKPOINT", type=Path,
+                          help="local dense checkpoint (.safetensors or .pt state_dict) to start from")
+    compress.add_argument("--out", metavar="PATH", type=Path,
+                          help=f"where to write the artifact (default: ./MODEL{ARTIFACT_SUFFIX})")
+    compress.add_argument("--distill", action="store_true", default=None,
+                          help="with --dataset: distil the compressed model from the dense one")
+    compress.add_argument("--teacher", type=Path, metavar="CHECKPOINT",
+                          help="with --dataset: distil from this dense checkpoint of the same model")
+    compress.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.dataset is not None:
+        return _run_trained(args, out, err)
+    _check_training_flags_unused(args)
+    return _run_fitted(args, out, err)
+
+
+def _check_training_flags_unused(args: argparse.Namespace) -> None:
+    """Without ``--dataset`` nothing is trained: training flags would be ignored, so refuse them."""
+    given = [flag for dest, flag in {**TRAIN_FIELDS, **OTHER_TRAIN_FLAGS}.items()
+             if getattr(args, dest, None) not in (None, False)]
+    if given:
+        raise InputError(f"{', '.join(given)} only apply when training: add --dataset NAME "
+                         f"({', '.join(list_datasets())}) or drop them")
+
+
+def _artifact_path(args: argparse.Namespace, spec: ModelSpec) -> Path:
+    path = args.out if args.out is not None else Path(f"{spec.name}{ARTIFACT_SUFFIX}")
+    check_writable(path)
+    return path
+
+
+# ------------------------------------------------------------------ fitted to the dense weights
+
+
+def _run_fitted(args: argparse.Namespace, out: Console, err: Console) -> int:
+    spec, config = model_spec(args.model), nes_config(args)
+    inputs = example_inputs(spec, args.input_size)
+    path = _artifact_path(args, spec)
+    stages = Stages(err, STAGE_LABELS)
+    with stages.progress():
+        with stages.stage("build", spec.name + (f" from {args.init}" if args.init else "")):
+            model = create_model(spec, config.seed, args.init)
+        gm = transform(model, inputs, config, on_stage=stages.stage)  # capture, plan, fit pools
+        with stages.stage("freeze"):
+            frozen = freeze(gm)
+        with stages.stage("save", str(path)):
+            save(frozen, path)
+    report = build_report(frozen)
+    print_heading(out, spec.name, f"input {format_shape(inputs[0].shape)}, {describe(config)}")
+    out.print(report)
+    print_plan_notes(out, gm)
+    out.print(f"ratio: {report.ratio:.2f}x achieved (asked: {budget(config)})")
+    print_fit_errors(out, gm.meta[names.FIT_ERRORS])
+    if args.init is None:
+        out.print(Text("  (no --init checkpoint: the pools were fitted to the model's random initial weights)",
+                       style="dim"))
+    _print_sizes(out, path, report)
+    out.print(stages.times(total=True))
+    return 0
+
+
+def _print_sizes(out: Console, path: Path, report: Report) -> None:
+    size, dense = path.stat().st_size, report.dense_params * FLOAT32_BYTES
+    out.print(f"artifact: {path} {format_bytes(size)}; dense float32 {format_bytes(dense)}; "
+              f"{dense / max(size, 1):.2f}x smaller")
+
+
+# --------------------------------------------------------------------------- trained on a dataset
+
+
+def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
+    spec, nes = model_spec(args.model), nes_config(args)
+    if args.input_size is not None:
+        raise InputError("--input-size does not apply with --dataset: the dataset fixes the input shape")
+    config = train_config(args)
+    path = _artifact_path(args, spec)
+    ds = load_data(args, spec)
+    folder = run_dir(args, spec)
+    dense, dense_result = _dense(args, spec, ds, config, err)
+    teacher = None
+    if args.teacher is not None:
+        teacher = load_checkpoint(build_model(args, spec, ds, config.seed), args.teacher)
+    elif args.distill:
+        teacher = dense
+    gm = transform(dense, (ds.x_train[:2],), nes)  # pools fitted to the dense weights
+    err.print(f"training the compressed model -> {folder / 'nesc'}")
+    result = fit(gm, ds, config, out_dir=folder / "nesc", teacher=teacher, resume=not args.no_resume)
+    frozen = freeze(gm)
+    frozen_loss, frozen_acc = evaluate(frozen, ds, config.resolved_device())
+    save(frozen.cpu(), path)
+    print_heading(out, spec.name, f"on {ds.spec.name}, {describe(nes)}")
+    report = build_report(frozen)
+    out.print(report)
+    print_fit_errors(out, gm.meta.get(names.FIT_ERRORS, {}))
+    params, nbytes, madd = model_size(frozen, ds)
+    frozen_result = TrainResult(frozen_acc, frozen_loss, params, nbytes, madd, result.seconds, result.epochs)
+    print_results(out, f"{spec.name} on {ds.spec.name}", {"dense": dense_result, "nesc (frozen)": frozen_result})
+    gain = frozen_acc - dense_result.test_acc
+    out.print(f"ratio: {report.ratio:.2f}x; artifact: {path} ({path.stat().st_size:,} bytes); "
+              f"accuracy {frozen_acc:.2%} vs dense {dense_result.test_acc:.2%} ({gain:+.2%})")
+    return 0
+
+
+def _dense(args: argparse.Namespace, spec: ModelSpec, ds: Dataset, config: TrainConfig,
+           err: Console) -> tuple[nn.Module, TrainResult]:
+    """The dense model and its result: ``--init`` evaluated, or trained under ``--run-dir``/dense."""
+    dense = build_model(args, spec, ds, config.seed)
+    if args.init is not None:
+        load_checkpoint(dense, args.init)
+        return dense, _evaluate_only(dense, ds, config)
+    folder = run_dir(args, spec) / "dense"
+    err.print(f"training the dense {spec.name} on {ds.spec.name} -> {folder}")
+    return dense, fit(dense, ds, config, out_dir=folder, resume=not args.no_resume)
+
+
+def _evaluate_only(model: nn.Module, ds: Dataset, config: TrainConfig) -> TrainResult:
+    t0 = time.perf_counter()
+    loss, acc = evaluate(model, ds, config.resolved_device())
+    params, nbytes, madd = model_size(model, ds)
+    return TrainResult(acc, loss, params, nbytes, madd, time.perf_counter() - t0, 0)

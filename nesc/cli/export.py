@@ -1,0 +1,116 @@
+"""``nesc export --onnx``: one compressed ONNX file that stores the pools and routing maps and
+regenerates the weights with Gather + interpolation nodes.
+
+    nesc export r18.nesc --onnx r18.onnx                  # an artifact: input shape from the artifact
+    nesc export resnet18_cifar --ratio 4 --onnx r18.onnx  # compressed on the fly; its dense ONNX to compare
+
+The onnx backend is an optional extra, so it is imported when the verb runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import fx
+
+from nesc.api import export_onnx, freeze, load, transform
+from nesc.cli.common import (
+    ARTIFACT_SUFFIX,
+    FLOAT32_BYTES,
+    Stages,
+    create_model,
+    describe,
+    example_inputs,
+    format_shape,
+    given_config_flags,
+    is_artifact,
+    model_spec,
+    nes_config,
+    print_heading,
+)
+from nesc.core import names
+from nesc.core.errors import ConfigError, InputError
+from nesc.core.inputs import from_specs
+from nesc.report import build_report
+
+
+def add_parser(commands, config: argparse.ArgumentParser) -> None:
+    export = commands.add_parser(
+        "export", parents=[config], help="export a .nesc artifact or a registry model to compressed ONNX",
+        description="Write one ONNX file that stores the epitome pools and routing maps and regenerates the "
+                    "weights with Gather + interpolation nodes (simplified with onnxsim, without folding "
+                    "them back). MODEL is a saved .nesc artifact (input shape from the artifact, or "
+                    "--input-size) or a registry model name, compressed on the fly with the config flags; "
+                    "a registry model's dense ONNX is exported the same way to compare sizes.")
+    export.add_argument("model", metavar="MODEL", help=f"a {ARTIFACT_SUFFIX} artifact path or a registry model name")
+    export.add_argument("--onnx", metavar="OUT", type=Path, required=True, help="where to write the .onnx file")
+    export.add_argument("--no-simplify", action="store_true", help="skip onnxsim (the raw exporter output)")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default 18, the lowest supported)")
+    export.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from nesc.backends.onnx import DEFAULT_OPSET
+
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    stages = Stages(err)
+    with stages.progress():
+        frozen, inputs, dense, label = _source(args, stages)
+        with stages.stage("export", f"{args.onnx} (opset {opset}{', dense too' if dense is not None else ''})"):
+            report = export_onnx(frozen, inputs, args.onnx, simplify=not args.no_simplify, opset=opset, dense=dense)
+    print_heading(out, label, f"-> {report.path}, input {format_shape(inputs[0].shape[1:])} with a symbolic batch")
+    out.print(_size_table(report, frozen))
+    out.print(f"ops: {', '.join(report.ops)}")
+    out.print(stages.times())
+    return 0
+
+
+def _source(args: argparse.Namespace, stages: Stages):
+    """(frozen model, example inputs, dense model or None, label) from an artifact or a registry name."""
+    if not is_artifact(args.model):
+        spec, config = model_spec(args.model), nes_config(args)
+        inputs = tuple(torch.cat([x, x]) for x in example_inputs(spec, args.input_size))  # batch 2
+        with stages.stage("compress", f"{spec.name}, {describe(config)}"):
+            dense = create_model(spec, config.seed).eval()
+            frozen = freeze(transform(dense, inputs, config))
+        return frozen, inputs, dense, spec.name
+    given = given_config_flags(args)
+    if given:
+        raise ConfigError(f"cannot apply {', '.join(given)} to {args.model!r}: it is a saved artifact, already "
+                          f"compressed. Drop the flags, or pass a registry model name to compress one.")
+    with stages.stage("load", args.model):
+        frozen = load(args.model)
+    return frozen, _artifact_inputs(frozen, args), None, args.model
+
+
+def _artifact_inputs(gm: fx.GraphModule, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """Inputs of the shapes the artifact recorded (at their recorded batch), or of ``--input-size``."""
+    specs = gm.meta.get(names.INPUT_SPECS) or []
+    if args.input_size is not None:
+        if len(specs) > 1:
+            raise InputError(f"--input-size sets one input, but {args.model!r} takes {len(specs)}; drop the flag to "
+                             f"use the shapes saved in the artifact")
+        specs = [((1, *args.input_size), specs[0][1] if specs else "float32")]
+    if not specs:
+        raise InputError(f"{args.model!r} records no input shape; pass --input-size D ... (without the batch "
+                         f"dimension, e.g. --input-size 3 32 32)")
+    return from_specs(specs, seed=0)
+
+
+def _size_table(report, frozen: fx.GraphModule) -> Table:
+    table = Table(title="ONNX file size")
+    for col, justify in [("file", "left"), ("bytes", "right"), ("tensors", "right"), ("ratio", "right")]:
+        table.add_column(col, justify=justify)
+    table.add_row("compressed (pools + routing maps)", f"{report.file_bytes:,}", f"{report.tensor_bytes:,}", "1.00x")
+    if report.dense_file_bytes is not None:
+        table.add_row("dense, exported the same way", f"{report.dense_file_bytes:,}", f"{report.dense_tensor_bytes:,}",
+                      f"{report.file_ratio:.2f}x")
+    else:  # an artifact carries no dense model; its float32 weights are what a dense file would hold
+        dense = build_report(frozen).dense_params * FLOAT32_BYTES
+        table.add_row("dense float32 weights (not exported)", "-", f"{dense:,}",
+                      f"{dense / report.tensor_bytes:.2f}x (tensors)")
+    return table

@@ -1,0 +1,63 @@
+"""Save and load nesc models: one safetensors file holding tensors and a JSON graph; never pickle.
+
+Why not ``torch.save``: a pickle runs code when it is loaded and ties the file to the classes that
+wrote it. A nesc artifact is plain data, so a file from anyone can be opened safely: tensors in the
+safetensors body, everything else as JSON strings in its header; every name that ends up in
+generated Python code (node names, attribute paths, argument names) is checked to be an identifier,
+and call targets resolve only to torch ops and a fixed list of arithmetic functions.
+
+A graph captured by ``symbolic_trace`` calls modules (``nn.BatchNorm2d``, ...) whose constructor
+arguments cannot be recovered generically, so ``save`` first re-exports the model with
+``torch.export`` in eval mode, which leaves one aten-level graph of ``call_function`` nodes on
+``get_attr`` tensors, and writes that graph. ``load`` rebuilds it and turns batch norm / dropout back
+into modules that follow ``train()``/``eval()`` (``nesc.capture.make_mode_aware``).
+
+Format, ``FORMAT_VERSION`` 1. Tensors: every parameter and buffer of the saved module under its
+``state_dict`` name, plus tensor constants of the exported graph; a name that aliases another tensor
+(tied weights) is stored once. Tensors are stored contiguous; a transposed or channels_last one
+records its strides and gets them back. Header metadata (all strings):
+
+    format          "nesc"
+    format_version  "1"
+    nesc_version    the nesc that wrote the file (key ``names.NESC_VERSION``)
+    torch_version   the torch that wrote it
+    graph           JSON {"nodes": [...], "codegen": {...}} (see ``codec``)
+    tensors         JSON {name: {"kind": "parameter"|"buffer"|"constant", "requires_grad",
+                    "persistent", "stride", "alias_of"}} (see ``tensors``)
+    input_specs     JSON [[shape, dtype], ...] of the example inputs
+    extra           JSON of the caller's ``extra`` dict (e.g. the compression report)
+    sha256          hex digest over the stored tensors: name, dtype, shape and bytes, by name
+
+Decisions:
+
+* Call signature: the exported graph's pytree codegen is kept (input and output ``TreeSpec`` via
+  ``treespec_dumps``), so the loaded module takes the same arguments and returns the same nested
+  outputs (a dict stays a dict) as the saved one.
+* ``_guards_fn`` is dropped: it is a Python callable ``torch.export`` attaches to check input
+  shapes against the export-time constraints; it is code, not data, and cannot be written without
+  pickle. Nothing is lost numerically: the graph keeps the batch symbolic (``aten.sym_size`` nodes)
+  where the exporter did, so the loaded module runs at any batch size; a wrong input shape fails in
+  the first op that cannot take it instead of up front.
+* The batch stays symbolic even for a batch-1 example: the export uses batch 2 in that case,
+  because torch.export specialises dimensions of size 1 to constants.
+* ``save`` checks the artifact before writing it: it rebuilds the module from what it is about to
+  write and requires outputs equal (``torch.equal``) to the saved module's eval outputs. Layout
+  (strides) and alignment (tensors are cloned into torch's 64-byte-aligned memory on load) matter
+  for that: CPU kernels may sum in another order otherwise.
+* Load order of checks: file exists; safetensors header readable; ``format``; ``format_version``;
+  ``sha256``; graph JSON well-formed; every call target resolves. Each failure is an
+  ``ArtifactError`` naming the file, the problem and the fix.
+
+Modules, bottom to top (each imports only those before it): ``codec`` (graph <-> JSON, the schema
+and allow-list), ``tensors`` (the tensor table, aliasing, layout, digest), ``loader`` (``load``: the
+checks above, assembling the module), ``writer`` (``save``: re-export, rebuild check, writing).
+"""
+
+from __future__ import annotations
+
+from nesc.core.names import EXTRA  # gm.meta key under which load() returns the caller's ``extra``
+
+from .loader import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, load
+from .writer import save
+
+__all__ = ["save", "load", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "EXTRA"]
