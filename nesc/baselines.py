@@ -32,6 +32,7 @@ as HashedNets' xxhash does, so they are rebuilt from the seed and cost nothing.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -180,8 +181,6 @@ def _thinner(ctx: BuildContext) -> nn.Module:
 
 
 def _factory_args(model: str) -> set[str]:
-    import inspect
-
     return set(inspect.signature(get_spec(model).factory).parameters)
 
 

@@ -24,14 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import update_bn
 
+from nesc.capture import capture
 from nesc.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_metrics
-from nesc.data import Dataset, balanced_indices
-from nesc.core.modules import samplers_by_pool
-from nesc.fitting import distillation_loss
 from nesc.core.errors import ConfigError, InputError
+from nesc.core.modules import samplers_by_pool
+from nesc.data import Dataset, balanced_indices
+from nesc.fitting import distillation_loss
+from nesc.report import build_report, stored_bytes, stored_params
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -229,7 +232,6 @@ def recalibrate_bn(model: nn.Module, x: Tensor, config: TrainConfig, device) -> 
     train batches (a fixed set: the result depends on the weights only)."""
     if config.bn_recalibration == 0:
         return
-    from torch.optim.swa_utils import update_bn
 
     n = config.bn_recalibration * config.batch_size
     batches = [x[lo : lo + config.batch_size].to(device) for lo in range(0, min(n, len(x)), config.batch_size)]
@@ -304,11 +306,6 @@ def _report(model: nn.Module, dataset: Dataset, history: list[dict], elapsed: fl
 def model_size(model: nn.Module, dataset: Dataset | None = None) -> tuple[int, int, int | None]:
     """(stored parameters, stored bytes, MAdd per example) via ``nesc.report``. A plain module is
     captured first to count its MAdd (which needs an example input: ``dataset``'s shape)."""
-    from torch import fx
-
-    from nesc.capture import capture
-    from nesc.report import build_report, stored_bytes, stored_params
-
     if isinstance(model, fx.GraphModule):
         gm = model
     elif dataset is not None:
@@ -342,7 +339,13 @@ def _progress(config: TrainConfig):
     if not show:
         return _NoBar()
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     # stderr, as the command line's other progress output: stdout keeps only the tables.
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
