@@ -81,13 +81,14 @@ def summary(gm: fx.GraphModule, print_table: bool = True) -> Report:
     return report
 
 
-def save(gm: fx.GraphModule, path: str | Path) -> None:
-    """Write a frozen model to one safetensors file with its graph as JSON; no pickle."""
+def save(gm: fx.GraphModule, path: str | Path, *, overwrite: bool = False) -> None:
+    """Write a frozen model to one safetensors file with its graph as JSON; no pickle. An existing
+    file is replaced only with ``overwrite=True``; links and non-regular files never are."""
     report = build_report(gm)
     config = gm.meta.get(names.CONFIG)
     extra = {"dense_reasons": gm.meta.get(names.DENSE_REASONS, {}), "report": report.to_dict(),
              "config": repr(config) if config is not None else None}
-    serialize.save(gm, path, extra=extra)
+    serialize.save(gm, path, extra=extra, overwrite=overwrite)
 
 
 def load(path: str | Path) -> fx.GraphModule:
@@ -111,13 +112,15 @@ def compile(frozen: nn.Module, example_inputs, target="llvm", *, tune=None, cach
 
 
 def export_onnx(frozen: fx.GraphModule, example_inputs, path: str | Path, *, simplify: bool = True,
-                opset: int | None = None, dynamic_batch: bool = True, dense: nn.Module | None = None):
+                opset: int | None = None, dynamic_batch: bool = True, dense: nn.Module | None = None,
+                overwrite: bool = False):
     """Export a frozen model to one ONNX file that keeps pools and routing maps as its tensors and
     regenerates the weights with Gather + interpolation nodes (``nesc.backends.onnx``). Opset 18 by
     default; the batch dimension stays symbolic unless ``dynamic_batch=False``; ``dense`` (the
-    uncompressed model) is exported the same way to report its size. Returns an ``OnnxExport``."""
+    uncompressed model) is exported the same way to report its size; an existing file is replaced only
+    with ``overwrite=True``. Returns an ``OnnxExport``."""
     from nesc.backends import onnx as onnx_backend
 
     opset = onnx_backend.DEFAULT_OPSET if opset is None else opset
     return onnx_backend.export_onnx(frozen, example_inputs, path, simplify=simplify, opset=opset,
-                                    dynamic_batch=dynamic_batch, dense=dense)
+                                    dynamic_batch=dynamic_batch, dense=dense, overwrite=overwrite)

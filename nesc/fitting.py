@@ -13,6 +13,9 @@ iterations.
 
 from __future__ import annotations
 
+import inspect
+import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from scipy.sparse.linalg import LinearOperator, lsqr
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from nesc.core.errors import InputError
+from nesc.core.errors import InputError, NescWarning
 from nesc.core.modules import EpitomeSampler, samplers_by_pool
 from nesc.core.sampling import regenerate
 
@@ -37,6 +40,7 @@ def fit_pools(gm: fx.GraphModule, dense: Mapping[str, Tensor], iters: int = 30) 
             f"fit_pools needs the dense weight of every sampled layer; missing {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}. Pass the dense model's state_dict."
         )
+    _warn_non_finite(gm, dense)
     errors = {}
     for pool_name, samplers in samplers_by_pool(gm).items():
         pool = gm.get_parameter(pool_name)
@@ -50,6 +54,35 @@ def fit_pools(gm: fx.GraphModule, dense: Mapping[str, Tensor], iters: int = 30) 
             w_hat = _sample(route, pool.double())
             errors[route[0].weight_name] = float((w_hat - w).norm() / w.norm().clamp_min(1e-12))
     return errors
+
+
+def _warn_non_finite(gm: fx.GraphModule, dense: Mapping[str, Tensor]) -> None:
+    """NaN or inf in a dense weight is legal but almost always a damaged checkpoint or a diverged run:
+    least squares spreads it over the whole pool, and so over every layer sampling from it."""
+    bad = {}
+    for pool_name, samplers in samplers_by_pool(gm).items():
+        for s in samplers:
+            w = dense[s.weight_name].detach()
+            count = int(w.numel() - torch.isfinite(w).sum())
+            if count:
+                bad[s.weight_name] = (count, w.numel(), pool_name)
+    if bad:
+        layers = ", ".join(f"{name} ({n:,} of {total:,} values, pool {pool})" for name, (n, total, pool) in bad.items())
+        warnings.warn(NescWarning(
+            f"the dense weights of {len(bad)} layer(s) hold NaN or inf: {layers}. The pools fitted to them "
+            f"will not be finite, nor will any weight sampled from those pools. Check the checkpoint (or the "
+            f"run that produced it) before compressing, or keep these layers dense (override -> None)."
+        ), stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first caller outside nesc and torch (the user's line,
+    whether they called ``fit_pools`` or ``nesc.transform``)."""
+    ours = tuple(str(Path(f).resolve().parent) + os.sep for f in (__file__, torch.__file__))
+    frame, level = inspect.currentframe(), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level - 1  # counted from our caller, as warn() counts from itself
 
 
 def _sample(route: tuple[EpitomeSampler, Tensor, Tensor], pool: Tensor) -> Tensor:

@@ -4,10 +4,11 @@
     result.test_acc, result.stored_params, result.stored_bytes, result.madd, result.seconds
 
 Every epoch appends its metrics to ``metrics.json`` and ``metrics.csv`` and writes a checkpoint
-(``nesc.checkpoint``: tensors in safetensors, the rest in JSON; no pickle anywhere). Calling
-``fit`` again with the same ``out_dir`` resumes after the last finished epoch and ends with weights
-bit-identical to an uninterrupted run: the data order of an epoch is a function of ``(seed, epoch)``
-only, and the global RNG (dropout) is restored from the checkpoint.
+(``nesc.checkpoint``: tensors in safetensors, the rest in JSON, both hashed; no pickle anywhere).
+Calling ``fit`` again with the same ``out_dir`` resumes after the last verified epoch and ends with
+weights bit-identical to an uninterrupted run: the data order of an epoch is a function of
+``(seed, epoch)`` only, and the global RNG (dropout) is restored from the checkpoint. A damaged
+newest checkpoint is reported and the one before it used (``strict_resume=True``: an error instead).
 
 The model may be a plain ``nn.Module`` or a GraphModule from ``nesc.transform`` (pools and start
 indices train; ``train()``/``eval()`` switch batch norm and dropout as on the original model).
@@ -29,7 +30,13 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import update_bn
 
 from nesc.capture import capture
-from nesc.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, write_metrics
+from nesc.checkpoint import (
+    prepare_run_dir,
+    resume_checkpoint,
+    save_checkpoint,
+    write_metrics,
+)
+from nesc.core.config import replace_fields
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.modules import samplers_by_pool
 from nesc.data import Dataset, balanced_indices
@@ -105,7 +112,8 @@ class TrainConfig:
             raise ConfigError("TrainConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
 
     def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; a misspelled field is a ``ConfigError`` suggesting the close one."""
+        return replace_fields(self, changes)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -134,17 +142,21 @@ class TrainResult:
 
 
 def fit(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *, out_dir: str | Path | None = None,
-        teacher: nn.Module | None = None, resume: bool = True,
+        teacher: nn.Module | None = None, resume: bool = True, strict_resume: bool = False,
         stop_after: int | None = None) -> TrainResult:
     """Train ``model`` in place on ``dataset`` and return the final report.
 
-    ``out_dir``: where logs and the per-epoch checkpoint go (None: no files, no resume).
+    ``out_dir``: the folder for logs and per-epoch checkpoints (None: no files, no resume); created when
+        missing, and checked before any training (``OutputError`` for a file, a link, an unwritable place).
     ``teacher``: a dense model for distillation (kept in eval mode, never updated).
-    ``resume``: continue from ``out_dir``'s checkpoint when there is one.
+    ``resume``: continue from ``out_dir``'s newest intact checkpoint when there is one; a damaged newest
+        one is reported (``NescWarning``) and the one before it used. ``CheckpointError`` when none is usable.
+    ``strict_resume``: a damaged newest checkpoint is a ``CheckpointError`` instead of a fallback.
     ``stop_after``: stop after this many epochs in total (the schedule still spans ``config.epochs``);
         what an interrupted run looks like, for tests and for sharing work across sessions.
     """
     config = config or TrainConfig()
+    out = prepare_run_dir(out_dir) if out_dir is not None else None
     device = config.resolved_device()
     model.to(device)
     if teacher is not None:
@@ -156,13 +168,14 @@ def fit(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *
         raise InputError(f"{type(model).__name__} has no trainable parameters; nothing to train")
     optimizer = _optimizer(groups, config)
     scheduler = _scheduler(optimizer, config, steps_per_epoch)
-    out = Path(out_dir) if out_dir is not None else None
+    settings = dataclasses.asdict(config)
     history: list[dict] = []
-    start_epoch, elapsed = 0, 0.0
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume and (out / f"{CHECKPOINT}.json").is_file():
-            start_epoch, history, elapsed = load_checkpoint(out, model, optimizer, scheduler, dataclasses.asdict(config))
+    start_epoch, elapsed, kept = 0, 0.0, None  # kept: the last verified checkpoint, kept while the next is written
+    if out is not None and resume:
+        restored = resume_checkpoint(out, model, optimizer, scheduler, settings, strict=strict_resume)
+        if restored is not None:
+            start_epoch, history, elapsed = restored
+            kept = start_epoch
     if start_epoch == 0:
         torch.manual_seed(config.seed)  # dropout masks; a resumed run restored the generator instead
     last = config.epochs if stop_after is None else min(config.epochs, stop_after)
@@ -179,7 +192,8 @@ def fit(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *
             history.append(row)
             if out is not None:
                 write_metrics(out, history)
-                save_checkpoint(out, model, optimizer, scheduler, dataclasses.asdict(config), epoch + 1, history, elapsed)
+                save_checkpoint(out, model, optimizer, scheduler, settings, epoch + 1, history, elapsed, keep=kept)
+                kept = epoch + 1
     return _report(model, dataset, history, elapsed, device)
 
 

@@ -101,20 +101,42 @@ def _plan(gm: fx.GraphModule, config: NESConfig) -> PoolPlan:
     infos = _first_per_weight(weight_infos(gm))
     own = tensor_roles(gm)  # a second run on a transformed graph: its pools are not the dense model's
     dense_total = sum(p.numel() for n, p in gm.named_parameters() if n not in own)
-    if config.param_budget is not None and config.param_budget > dense_total:
-        raise PlanError(
-            f"param_budget={config.param_budget:,} exceeds the dense model's {dense_total:,} "
-            f"parameters, so there is nothing to compress; pass a smaller budget (or ratio > 1)"
-        )
-    target = config.param_budget if config.param_budget is not None else round(dense_total / config.ratio)
+    target = _target(config, dense_total)
     compress, dense, notes = _select(gm, infos, config, target, dense_total)
     groups = _group(compress, config)
     fixed = dense_total - sum(i.numel for i, _ in compress)
-    shapes = _size(groups, target, fixed, dense_total)
+    shapes = _size(groups, target, fixed, _asked(config, dense_total, target))
     plan = _build(groups, shapes, dense, dense_total, target, fixed)
     plan.notes = notes
     _check_budget(plan, config)
     return plan
+
+
+def _target(config: NESConfig, dense_total: int) -> int:
+    """The budget in parameters: at least one, at most the dense size (the config cannot check
+    either: it does not know the model)."""
+    if config.param_budget is not None:
+        if config.param_budget > dense_total:
+            raise PlanError(
+                f"param_budget={config.param_budget:,} exceeds the dense model's {dense_total:,} "
+                f"parameters, so there is nothing to compress; pass a smaller budget (or ratio > 1)"
+            )
+        return config.param_budget
+    target = round(dense_total / config.ratio)
+    if target < 1:
+        raise PlanError(
+            f"ratio={config.ratio:g} leaves a budget of {dense_total / config.ratio:.3g} parameters for the dense "
+            f"model's {dense_total:,} (budget {target}): less than one parameter. Pass a ratio of at most "
+            f"{dense_total:,} (one that leaves room for what stays dense), or param_budget=<int>."
+        )
+    return target
+
+
+def _asked(config: NESConfig, dense_total: int, target: int) -> str:
+    """What the caller asked for, for messages: ``ratio=100 (a budget of 2,000 of the dense model's
+    200,000 parameters)``."""
+    asked = f"ratio={config.ratio:g}" if config.param_budget is None else f"param_budget={config.param_budget:,}"
+    return f"{asked} (a budget of {target:,} of the dense model's {dense_total:,} parameters)"
 
 
 # keep_first / keep_classifier are preferences: a layer they keep dense is compressed after all when
@@ -266,8 +288,9 @@ def _routing(g: _Group, shape) -> int:
     return sum(_geometry(i, shape).num_blocks for i, _ in g.members) * ROUTING_SCALARS_PER_BLOCK
 
 
-def _size(groups: list[_Group], target: int, fixed: int, dense_total: int) -> dict[str, tuple]:
-    """Pool shapes meeting ``target`` = fixed + pools + routing, as closely as integer shapes allow."""
+def _size(groups: list[_Group], target: int, fixed: int, asked: str) -> dict[str, tuple]:
+    """Pool shapes meeting ``target`` = fixed + pools + routing, as closely as integer shapes allow;
+    ``asked`` (see ``_asked``) is what the messages quote."""
     shapes: dict[str, tuple] = {}
     free = []
     for g in groups:
@@ -286,10 +309,10 @@ def _size(groups: list[_Group], target: int, fixed: int, dense_total: int) -> di
         avail = target - fixed - taken - routing
         if avail <= 0:
             raise PlanError(
-                f"the budget of {target:,} parameters (1/{dense_total / target:.2f} of {dense_total:,}) "
-                f"is already spent by what stays dense ({fixed:,}) and fixed pools ({taken:,}); "
-                f"lower the ratio, or compress more layers (min_params, keep_first=False, "
-                f"keep_classifier=False, or overrides)"
+                f"{asked} is already spent by what stays dense ({fixed:,}), fixed pools ({taken:,}) and "
+                f"routing maps ({routing:,}): nothing is left for the pools; lower the ratio (raise the "
+                f"budget), or compress more layers (min_params, keep_first=False, keep_classifier=False, "
+                f"or overrides)"
             )
         for g in free:
             shapes[g.key] = _shape_for(g, avail * g.weight_numel / free_weights)

@@ -18,7 +18,10 @@ constants). So the route is, one named step per line of ``export_onnx``:
 6. ``check_compressed``: the bytes of every tensor stored in the file (initializers and
    ``Constant`` nodes) must stay at what the frozen module stores, and fail loudly when a folded
    weight brought the dense size back;
-7. ``save``: one self-contained file (no ``.onnx.data`` next to it).
+7. ``save``: one self-contained file (no ``.onnx.data`` next to it), written through
+   ``nesc.core.files``: the path is checked before step 1 (an existing file is replaced only with
+   ``overwrite=True``; links, folders and devices never are), and the file appears whole or not at
+   all (temporary file, fsync, rename; a full disk is an ``OutputError`` and leaves nothing).
 
 Files: this one holds the entry points (``export_onnx``, ``export_dense_onnx``), their argument
 checks and the ``OnnxExport`` report; ``export.py`` the steps (1, 2, 4, 5, 7); ``check.py`` the two
@@ -39,6 +42,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from nesc.core import files
 from nesc.core.errors import InputError, NescError
 from nesc.core.inputs import as_tensors, export_batch
 from nesc.report import stored_bytes
@@ -120,35 +124,37 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     dense: nn.Module | None = None,
+    overwrite: bool = False,
 ) -> OnnxExport:
     """Export a frozen nesc model to one ONNX file that stores pools and routing maps, not weights.
 
     ``example_inputs``: a tensor or tuple of tensors with a batch dimension first (a batch of 1 is
     exported at batch 2: torch.export fixes dimensions of size 1). ``dynamic_batch``: the file
     takes any batch size (dimension ``"batch"``). ``dense``: the uncompressed model, exported the same
-    way to a temporary file to report its size next to this one.
+    way to a temporary file to report its size next to this one. ``overwrite``: replace an existing
+    file at ``path`` (otherwise an ``OutputError``, raised before any work).
     """
     inputs = _check_inputs(example_inputs, dynamic_batch)
-    path = _check_path(path)
+    path = _check_path(path, overwrite)
     _check_opset(opset)
     graph = lower(frozen)
     model, ops = _to_onnx(graph, inputs, simplify=simplify, opset=opset, dynamic_batch=dynamic_batch)
     expected = module_bytes(frozen)
     check_compressed(model, expected, what=type(frozen).__name__)
-    save(model, path)
+    save(model, path, overwrite=overwrite)
     dense_sizes = _dense_sizes(dense, inputs, simplify, opset, dynamic_batch) if dense is not None else (None, None)
     return OnnxExport(path, path.stat().st_size, tensor_bytes(model), expected, stored_bytes(frozen), opset,
                       ops, simplify, *dense_sizes)
 
 
 def export_dense_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, simplify: bool = True,
-                      opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> Path:
+                      opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, overwrite: bool = False) -> Path:
     """Export any (dense) model the way ``export_onnx`` exports a frozen one, for size comparisons."""
-    inputs, path = _check_inputs(example_inputs, dynamic_batch), _check_path(path)
+    inputs, path = _check_inputs(example_inputs, dynamic_batch), _check_path(path, overwrite)
     _check_opset(opset)
     model_proto, _ = _to_onnx(copy.deepcopy(model).eval(), inputs, simplify=simplify, opset=opset,
                               dynamic_batch=dynamic_batch)
-    save(model_proto, path)
+    save(model_proto, path, overwrite=overwrite)
     return path
 
 
@@ -190,11 +196,13 @@ def _check_opset(opset) -> None:
                          f"installed onnx's newest); got {opset!r}")
 
 
-def _check_path(path) -> Path:
+def _check_path(path, overwrite: bool) -> Path:
+    """Refuse ``path`` before any work: an InputError for a folder or a missing folder, an OutputError
+    (``files.check_output``) for an existing file without ``overwrite``, a link or a device."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         raise InputError(f"export_onnx: {str(path)!r} is a directory; pass a file path such as "
                          f"{str(path / 'model.onnx')!r}")
     if not path.parent.is_dir():
         raise InputError(f"export_onnx: folder {str(path.parent)!r} does not exist; create it first")
-    return path
+    return files.check_output(path, overwrite=overwrite, what="ONNX file")

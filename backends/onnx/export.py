@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import onnx
 import torch
 from torch import Tensor, fx, nn
 
-from nesc.core import names
+from nesc.core import files, names
 from nesc.core.errors import InputError
 from nesc.core.inputs import batch_dims
 from nesc.passes import pipeline
@@ -157,14 +156,16 @@ def _tensor_constants(model: onnx.ModelProto) -> None:
         node.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(array)))
 
 
-def save(model: onnx.ModelProto, path: Path) -> None:
+def save(model: onnx.ModelProto, path: Path, *, overwrite: bool = False) -> None:
+    """One file, written whole or not at all (``files.atomic_write``); an existing one is replaced only
+    with ``overwrite=True``, a link or a device never."""
     size = model.ByteSize()
     if size >= PROTOBUF_LIMIT:
         raise OnnxExportError(f"export_onnx: the model serialises to {size:,} bytes, over protobuf's 2 GiB limit "
                               f"for one file; nesc writes single-file ONNX only")
-    partial = path.with_name(path.name + ".partial")
-    onnx.save_model(model, partial)  # below 2 GiB onnx writes every tensor inline: one file
-    os.replace(partial, path)
+    # below 2 GiB onnx writes every tensor inline: one file; format=protobuf, whatever the temporary name
+    files.atomic_write(path, lambda tmp: onnx.save_model(model, str(tmp), format="protobuf"), overwrite=overwrite,
+                       what="ONNX file")
 
 
 def _shapes(inputs: Sequence[Tensor]) -> str:

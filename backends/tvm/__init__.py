@@ -8,5 +8,7 @@
     tune.py      opt-in MetaSchedule tuning with a record cache
     targets.py   the table of named targets (llvm, aarch64, cuda)
     build.py     ``nesc.compile`` and ``CompiledModel`` (call it, or ``export_library``)
-    runtime.py   loads an export with tvm and numpy only (no torch, no nesc): copy it to the device
+    export.py    writes the library and its parameters file (the build's facts compiled into both)
+    runtime.py   loads an export with tvm and numpy only (no torch, no nesc), checking the parameters
+                 file as untrusted input: copy it to the device
 """

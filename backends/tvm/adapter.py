@@ -85,6 +85,19 @@ def var_shape(var) -> tuple:
 __all__ += ["var_shape"]
 
 
+def with_string_function(mod, name: str, text: str):
+    """``mod`` plus a public Relax function ``name() -> text``: a string the compiled library carries
+    (called through the VM like ``main``). ``StringImm`` is ``tvm.ir.StringImm`` in 0.27 (was
+    ``relax.StringImm``); a function without ``global_symbol`` is private and may be dropped."""
+    string = getattr(tvm.ir, "StringImm", None) or relax.StringImm
+    mod = mod.clone()
+    mod[name] = relax.Function([], string(text)).with_attr("global_symbol", name)
+    return mod
+
+
+__all__ += ["with_string_function"]
+
+
 def host_llvm() -> dict:
     """LLVM for the CPU this process runs on, as a target dict: ``mcpu`` set, so AVX2/AVX-512 and FMA
     are used (a bare ``{"kind": "llvm"}`` compiles for baseline x86-64: SSE2, no FMA), and every core

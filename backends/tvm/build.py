@@ -3,13 +3,15 @@
     lower (torch.export -> Relax, parameters as inputs)   lower.py
     -> [tune: MetaSchedule on the fused kernels, cached]  tune.py   (opt-in)
     -> prepare (legalize, fuse, default schedules)        schedule.py
+    -> + the deploy facts (param dtypes/shapes, routes)   export.py
     -> tvm.compile for the target                         targets.py
     -> CompiledModel: call it, or export_library(path) -> model.so + model.params.safetensors
 
 The parameters are function inputs of the compiled program, never constants of the library, so
 nothing can fold the regeneration gather into a dense weight, and the exported parameters file holds
 exactly the epitome pools, the routing maps and the weights that stayed dense (``kinds`` says which
-is which). ``runtime.py`` loads an export with tvm and numpy only.
+is which). ``runtime.py`` loads an export with tvm and numpy only, after checking the parameters
+against the facts the library was built with (``export.py``), so that no kernel reads outside a pool.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from nesc.backends.tvm import runtime
+from nesc.backends.tvm import export, runtime
 from nesc.backends.tvm.adapter import tvm
+from nesc.backends.tvm.export import ExportedFiles
 from nesc.backends.tvm.lower import Lowered, lower
 from nesc.backends.tvm.schedule import prepare
 from nesc.backends.tvm.targets import TargetError, TargetSpec, get_target
@@ -32,26 +35,6 @@ from nesc.core.errors import ConfigError, InputError
 from nesc.core.inputs import as_tensors
 
 KINDS = ("pool", "route", "dense")
-
-
-@dataclass(frozen=True)
-class ExportedFiles:
-    """What ``export_library`` wrote: the library, its parameters file, and their sizes in bytes."""
-
-    library: Path
-    params: Path
-
-    @property
-    def library_bytes(self) -> int:
-        return self.library.stat().st_size
-
-    @property
-    def params_bytes(self) -> int:
-        return self.params.stat().st_size
-
-    @property
-    def total_bytes(self) -> int:
-        return self.library_bytes + self.params_bytes
 
 
 @dataclass
@@ -67,6 +50,8 @@ class CompiledModel:
     tvm_target: str = ""  # the TVM target it was built with, as JSON (recorded in the export)
     tuning: TuneReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> build time
+    routes: dict[str, dict] = field(default_factory=dict)  # routing map -> its pool and value range (Lowered)
+    facts: dict = field(default_factory=dict)  # what the library was built for (export.deploy_facts)
     _runner: runtime.Runner | None = field(default=None, repr=False)
 
     def __call__(self, *inputs) -> np.ndarray | tuple[np.ndarray, ...]:
@@ -91,19 +76,22 @@ class CompiledModel:
             out[self.kinds[name]] += a.nbytes
         return out
 
-    def export_library(self, path: str | Path) -> ExportedFiles:
+    def export_library(self, path: str | Path, *, overwrite: bool = False) -> ExportedFiles:
         """Write ``path`` (the .so, linked by the target's compiler: a cross compiler for aarch64) and
-        ``<stem>.params.safetensors`` next to it. Both are needed to run it (``runtime.load(path)``)."""
+        ``<stem>.params.safetensors`` next to it. Both are needed to run it (``runtime.load(path)``).
+
+        Neither file replaces an existing one unless ``overwrite=True``; links and devices never are;
+        both paths are checked before anything is linked, and each file appears whole or not at all
+        (``nesc.core.files``). A full disk or a refused path is an ``OutputError``."""
         path = Path(path)
         if path.suffix != ".so":
             raise InputError(f"export path {str(path)!r} must end in .so (a shared library); e.g. "
                              f"{str(path.with_suffix('.so'))!r}")
         if not path.parent.is_dir():
             raise InputError(f"cannot export to {str(path)!r}: folder {str(path.parent)!r} does not exist")
-        self.executable.export_library(str(path), fcompile=self.target.fcompile())
-        meta = {"inputs": [s.to_json() for s in self.input_specs], "kinds": self.kinds,
-                "device": self.target.device, "target": {"name": self.target.name, "tvm": self.tvm_target}}
-        return ExportedFiles(path, runtime.save_params(path, self.params, meta))
+        extra = {"device": self.target.device, "target": {"name": self.target.name, "tvm": self.tvm_target}}
+        return export.write(self.executable, self.target.fcompile(), self.params, self.facts, extra, path,
+                            overwrite=overwrite)
 
     def cuda_source(self) -> str:
         """The generated CUDA C of a CUDA build (what can be checked on a machine without a GPU)."""
@@ -153,13 +141,14 @@ def compile(
     if config is not None:
         with _timed(seconds, "tune"):
             mod, report = tune_module(mod, tvm_target, config, cache_dir)
+    inputs = _input_specs(lowered, example_inputs, dynamic=dynamic_batch)
+    facts = export.deploy_facts(lowered.params, lowered.kinds, inputs, lowered.routes)
     with _timed(seconds, "prepare"):
-        mod = prepare(mod, tvm_target)
+        mod = export.with_manifest(prepare(mod, tvm_target), facts)
     with _timed(seconds, "build"):
         executable = tvm.compile(mod, tvm_target)
-    return CompiledModel(executable, spec, dict(lowered.params), dict(lowered.kinds),
-                         _input_specs(lowered, example_inputs, dynamic=dynamic_batch), str(tvm_target), report,
-                         seconds)
+    return CompiledModel(executable, spec, dict(lowered.params), dict(lowered.kinds), inputs, str(tvm_target),
+                         report, seconds, dict(lowered.routes), facts)
 
 
 def _check_example_inputs(example_inputs) -> tuple[torch.Tensor, ...]:

@@ -17,7 +17,9 @@ The steps, in order:
    ``nesc.regenerate`` into the TE kernel of ``kernels.regenerate_te`` (pool + routing map in, weight
    out, computed at run time). (``from_fx`` is not used: in TVM 0.27 it miscompiles conv/pool padding.)
 5. ``Lowered``: the module, the parameters in the order ``main`` takes them after the data inputs,
-   and what each parameter is (pool, route or dense, from step 0).
+   what each parameter is (pool, route or dense, from step 0), and for every routing map the pool
+   it indexes and the range its values must stay in (``_routes``, read from the regenerate nodes),
+   which the deploy runtime checks before any kernel runs.
 
 Batch norm stays a scale/shift on the conv output: it is never folded into a weight, let alone into
 a pool that other layers share.
@@ -26,7 +28,7 @@ a pool that other layers share.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from torch import fx, nn
 
 from nesc.core.errors import NescError
 from nesc.core.inputs import as_tensors, batch_dims, export_batch
-from nesc.core.modules import tensor_roles
+from nesc.core.modules import is_regenerate, tensor_roles
 from nesc.core.sampling import Geometry
 
 from .adapter import ExportedProgramImporter, detach_params, from_exported_program, relax, tvm, var_name
@@ -56,6 +58,9 @@ class Lowered:
     params: dict[str, np.ndarray]  # qualified name -> array, in the order "main" takes them
     input_names: tuple[str, ...]
     kinds: dict[str, str]  # param name -> "pool" | "route" | "dense"
+    # routing-map param name -> {role: starts | fracs, pool: its name, pool_shape, grid: (nbo, nbi),
+    # max (starts): the largest valid value of each of the 4 coordinates}
+    routes: dict[str, dict] = field(default_factory=dict)
 
 
 def lower(model: nn.Module | fx.GraphModule, example_inputs: tuple, *, dynamic_batch: bool = True) -> Lowered:
@@ -83,7 +88,7 @@ def lower(model: nn.Module | fx.GraphModule, example_inputs: tuple, *, dynamic_b
         )
     input_names = tuple(var_name(v) for v in main.params[:num_inputs])
     kinds = {name: KIND_OF_ROLE.get(roles.get(name), "dense") for name in params}
-    return Lowered(mod, params, input_names, kinds)
+    return Lowered(mod, params, input_names, kinds, _routes(ep))
 
 
 # --------------------------------------------------------------------------------- export
@@ -198,3 +203,31 @@ def _params_in_order(ep: torch.export.ExportedProgram) -> dict[str, np.ndarray]:
         for spec in ep.graph_signature.input_specs
         if spec.kind is kind
     }
+
+
+def _routes(ep: torch.export.ExportedProgram) -> dict[str, dict]:
+    """For every routing-map parameter, the pool it indexes and the range of its values, from the
+    regenerate nodes ``(pool, starts, fracs, scale, shape, block, layout)`` of the exported program,
+    whose placeholders are exactly the parameters ``main`` takes. Starts index the padded pool of
+    ``kernels.padded_pool_te``: channel starts in [0, Op) and [0, Ip), spatial ones in [0, K - k];
+    a map shared by several layers must fit all of them."""
+    names = ep.graph_signature.inputs_to_parameters
+    routes: dict[str, dict] = {}
+    for node in filter(is_regenerate, ep.graph.nodes):
+        pool, starts, fracs, _, shape, block, layout = node.args
+        g = Geometry(tuple(shape), tuple(pool.meta["val"].shape), tuple(block), layout)
+        common = {"pool": names.get(pool.name), "pool_shape": list(g.pool), "grid": list(g.grid)}
+        limits = [g.pool[0] - 1, g.pool[1] - 1, *g.start_limits]
+        for arg, entry in ((starts, {"role": "starts", "max": limits}), (fracs, {"role": "fracs"})):
+            name = names.get(getattr(arg, "name", None))
+            if name is None or tuple(arg.meta["val"].shape) != (*g.grid, 4):
+                raise LoweringError(f"{node.name}: its {entry['role']} must be a stored parameter of shape "
+                                    f"{(*g.grid, 4)}, the routing map the deploy runtime checks; got {arg}")
+            entry = common | entry
+            if name in routes:  # shared: the tightest range, and the same grid
+                old = routes[name]
+                if old["grid"] != entry["grid"]:
+                    raise LoweringError(f"routing map {name!r} is read with grids {old['grid']} and {entry['grid']}")
+                entry = old | ({"max": [min(a, b) for a, b in zip(old["max"], limits)]} if "max" in old else {})
+            routes[name] = entry
+    return routes

@@ -3,7 +3,8 @@
 Consoles and error printing; ``Stages`` (a spinner on a terminal, and how long each stage took); the
 two parent parsers (the NESConfig flags, the training flags) and what turns their values into a
 ``NESConfig`` / ``TrainConfig``; registry-model lookup with a did-you-mean; example inputs from
-``--input-size``; output-path checks; and the printing helpers several verbs use. Every verb module
+``--input-size``; output-path and run-folder checks (before any work: nothing is replaced silently,
+see ``nesc.core.files``); and the printing helpers several verbs use. Every verb module
 imports this one and the nesc layers below; no verb imports another.
 """
 
@@ -26,8 +27,9 @@ from rich.text import Text
 from torch import fx, nn
 
 from nesc.core import names
-from nesc.core.config import POLICIES, NESConfig
-from nesc.core.errors import InputError
+from nesc.core.config import DEFAULT_RATIO, POLICIES, NESConfig
+from nesc.core.errors import InputError, OutputError
+from nesc.core.files import check_output
 from nesc.data import Dataset, list_datasets, load_dataset
 from nesc.fitting import load_checkpoint
 from nesc.models import ModelSpec, get_spec, list_models
@@ -48,6 +50,7 @@ CONFIG_FLAGS = {"ratio": "--ratio", "param_budget": "--params", "policy": "--pol
 TRAIN_FIELDS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "optimizer": "--optimizer",
                 "weight_decay": "--weight-decay", "schedule": "--schedule", "seed": "--seed", "limit": "--limit",
                 "bn_recalibration": "--bn-recalibration", "device": "--device"}
+FORCE_HELP = "replace the output file if it exists (never a link, a folder or a device)"
 
 
 # ------------------------------------------------------------------------------ consoles and stages
@@ -112,7 +115,7 @@ def config_flags() -> argparse.ArgumentParser:
     group = argparse.ArgumentParser(add_help=False)
     budget = group.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, metavar="R",
-                        help=f"store 1/R of the dense parameters (R >= 1; default {NESConfig.ratio:g})")
+                        help=f"store 1/R of the dense parameters (R >= 1; default {DEFAULT_RATIO:g})")
     budget.add_argument("--params", type=int, metavar="N", help="parameter budget for the whole model")
     group.add_argument("--policy", choices=POLICIES, help="which layers share a pool (default per_layer)")
     group.add_argument("--min-params", type=int, metavar="N",
@@ -145,7 +148,10 @@ def training_flags() -> argparse.ArgumentParser:
     group.add_argument("--width", type=float, metavar="W", help="width multiplier, for models that have one")
     group.add_argument("--run-dir", type=Path, metavar="DIR",
                        help=f"logs and checkpoints (default {DEFAULT_RUN_DIR}/MODEL-DATASET); a rerun resumes")
-    group.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a checkpoint")
+    resume = group.add_mutually_exclusive_group()
+    resume.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a checkpoint")
+    resume.add_argument("--strict-resume", action="store_true",
+                        help="fail, rather than start over, when --run-dir's checkpoint is damaged or from other settings")
     return group
 
 
@@ -213,42 +219,93 @@ def example_inputs(spec: ModelSpec, size: list[int] | None) -> tuple[torch.Tenso
     return (torch.randn((1, *size), generator=generator),)
 
 
-def check_writable(path: Path) -> None:
-    """Fail before the work, not after it: a missing folder or a folder given as the file."""
-    if path.is_dir():
-        raise InputError(f"--out {str(path)!r} is a directory; pass a file path such as {str(path / 'model.nesc')!r}")
-    if not path.parent.is_dir():
-        raise InputError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
+def check_out(args: argparse.Namespace, path: Path, flag: str) -> Path:
+    """Fail before the work, not after it: an existing file without ``--force``, a link, a folder, a
+    device, a missing or unwritable folder (``nesc.core.files.check_output``)."""
+    return check_output(path, overwrite=args.force, what=flag)
 
 
 # ------------------------------------------------------------------------------ training helpers
 
 
 def load_data(args: argparse.Namespace, spec: ModelSpec) -> Dataset:
-    """``--dataset``, checked against the model's input rank and channels."""
+    """``--dataset``, checked against the model's input rank and channels (``build_model`` then tries
+    the model on one sample)."""
     ds = load_dataset(args.dataset, seed=args.seed or 0, data_dir=args.data_dir)
     want, got = spec.input_shape, ds.spec.input_shape
     if len(want) != len(got) or want[0] != got[0]:
-        fits = [n for n in list_models() if len(get_spec(n).input_shape) == len(got)
-                and get_spec(n).input_shape[0] == got[0]]
+        fits = [n for n in list_models() if _fits(get_spec(n), ds)]
         raise InputError(f"model {spec.name} takes inputs of shape {want} (channels first); dataset {args.dataset} "
                          f"has {got}. Models that fit {args.dataset}: {', '.join(fits) or 'none'}")
     return ds
 
 
 def build_model(args: argparse.Namespace, spec: ModelSpec, ds: Dataset, seed: int) -> nn.Module:
-    """The registry model sized for ``ds``'s classes and ``--width``."""
+    """The registry model sized for ``ds``'s classes and ``--width``, checked to run on one sample."""
     kwargs: dict[str, object] = {"num_classes": ds.spec.num_classes}
     if args.width is not None:
         if "width_mult" not in inspect.signature(spec.factory).parameters:
             raise InputError(f"--width: model {spec.name} has no width multiplier; drop --width")
         kwargs["width_mult"] = args.width
     torch.manual_seed(seed)
-    return spec.create(**kwargs)
+    model = spec.create(**kwargs)
+    problem = _trial_forward(model, ds)
+    if problem is not None:
+        fits = [n for n in list_models() if n != spec.name and _fits(get_spec(n), ds)]
+        raise InputError(f"model {spec.name} (inputs of shape {spec.input_shape}) does not run on dataset "
+                         f"{ds.spec.name} (samples of shape {ds.spec.input_shape}): {problem}. Models that fit "
+                         f"{ds.spec.name}: {', '.join(fits) or 'none'}")
+    return model
+
+
+def _trial_forward(model: nn.Module, ds: Dataset) -> str | None:
+    """None if ``model`` maps one sample of ``ds`` to one logit per class (eval mode, no grad: no
+    statistics move); otherwise what went wrong."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(ds.x_train[:1])
+    except (RuntimeError, ValueError, IndexError) as e:
+        return f"the forward fails ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    finally:
+        model.train(was)
+    want = (1, ds.spec.num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return f"it returns {got} for one sample, expected logits of shape {want}"
+    return None
+
+
+def _fits(spec: ModelSpec, ds: Dataset) -> bool:
+    """``spec``'s model runs on ``ds`` (the models of other input ranks or channels are not built)."""
+    want, got = spec.input_shape, ds.spec.input_shape
+    if len(want) != len(got) or want[0] != got[0]:
+        return False
+    torch.manual_seed(0)
+    return _trial_forward(spec.create(num_classes=ds.spec.num_classes), ds) is None
 
 
 def run_dir(args: argparse.Namespace, spec: ModelSpec) -> Path:
-    return args.run_dir if args.run_dir is not None else DEFAULT_RUN_DIR / f"{spec.name}-{args.dataset}"
+    """``--run-dir`` (or the default), checked before any work: a folder, or a path where one can be made."""
+    folder = args.run_dir if args.run_dir is not None else DEFAULT_RUN_DIR / f"{spec.name}-{args.dataset}"
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if existing.is_symlink() and not existing.exists():
+        raise OutputError(f"--run-dir {str(folder)!r}: {str(existing)!r} is a broken symbolic link; pass a folder")
+    if not existing.is_dir():
+        where = "is" if existing == folder else f"is inside {str(existing)!r}, which is"
+        raise OutputError(f"--run-dir {str(folder)!r} {where} a file, not a folder; pass a folder for logs and "
+                          f"checkpoints (it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"--run-dir {str(folder)!r}: folder {str(existing)!r} is not writable; pass a folder "
+                          f"you can write to")
+    return folder
+
+
+def fit_options(args: argparse.Namespace) -> dict[str, bool]:
+    """``nesc.train.fit``'s resume keywords from ``--no-resume`` / ``--strict-resume`` (the latter passed
+    only when set)."""
+    return {"resume": not args.no_resume, **({"strict_resume": True} if args.strict_resume else {})}
 
 
 # -------------------------------------------------------------------------------------- printing

@@ -5,7 +5,9 @@ into a deployable library and its parameters file.
     nesc compile r18.nesc -o r18-arm64.so --target aarch64
 
 ``nesc/backends/tvm/runtime.py`` runs the exported files with tvm and numpy only. TVM is an optional
-extra, so its modules are imported when the verb runs, not when the command line starts.
+extra, so its modules are imported when the verb runs, not when the command line starts. Both files
+(``-o`` and the parameters file next to it) are checked before any work; existing ones are replaced
+only with ``--force``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from nesc.api import freeze, load, transform
 from nesc.cli.common import (
     ARTIFACT_SUFFIX,
     FLOAT32_BYTES,
+    FORCE_HELP,
     Stages,
-    check_writable,
+    check_out,
     create_model,
     example_inputs,
     format_bytes,
@@ -48,6 +51,7 @@ def add_parser(commands, config: argparse.ArgumentParser) -> None:
     compile_.add_argument("model", metavar="MODEL_OR_ARTIFACT",
                           help=f"a registry model name or a {ARTIFACT_SUFFIX} artifact path")
     compile_.add_argument("-o", "--out", metavar="PATH", type=Path, required=True, help="the library to write (.so)")
+    compile_.add_argument("--force", action="store_true", help=FORCE_HELP + "; the parameters file next to it too")
     compile_.add_argument("--target", default="llvm", help="llvm (this CPU, default), aarch64 (cross) or cuda")
     compile_.add_argument("--tune", metavar="N|Ss", help="MetaSchedule budget: N trials or S seconds ('120s')")
     compile_.add_argument("--batch", type=int, default=1, help="batch size the library is built for (default 1)")
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             compiled = tvm_compile(frozen, inputs, target, tune=tune, cache_dir=args.cache_dir,
                                    dynamic_batch=args.dynamic_batch)
         with stages.stage("export", str(args.out)):
-            files = compiled.export_library(args.out)
+            files = compiled.export_library(args.out, overwrite=args.force)
         if args.compare_dense:
             with stages.stage("dense", "compile and export the dense model the same way"):
                 dense_bytes = _dense_deployed_bytes(args, inputs, target, tune)
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _check(args: argparse.Namespace):
     """(target, tune config), after every flag is checked: fail before the work, not after it."""
+    from nesc.backends.tvm.runtime import params_path
     from nesc.backends.tvm.targets import get_target
     from nesc.backends.tvm.tune import as_tune_config
 
@@ -107,10 +112,11 @@ def _check(args: argparse.Namespace):
     target, tune = get_target(args.target), as_tune_config(args.tune)
     if args.out.suffix != ".so":
         raise InputError(f"-o {str(args.out)!r} must end in .so (a shared library)")
-    check_writable(args.out)
     if args.compare_dense and is_artifact(args.model):
         raise InputError(f"--compare-dense needs a registry model name, not the artifact {args.model!r}: "
                          f"an artifact holds no dense weights to build")
+    check_out(args, args.out, "-o")
+    check_out(args, params_path(args.out), "-o's parameters file")
     return target, tune
 
 

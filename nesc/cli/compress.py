@@ -9,7 +9,8 @@ factory's initial ones) and each stage is timed: capture, plan and fit through `
 first (or ``--init CHECKPOINT`` evaluated), the pools are fitted to it, the compressed model is trained
 (distilled from the dense one with ``--distill``, or from ``--teacher CHECKPOINT``), frozen and saved,
 and the summary shows both accuracies. Logs and per-epoch checkpoints go under ``--run-dir``; running
-the same command again resumes.
+the same command again resumes. ``--out`` and ``--run-dir`` are checked before any work; an existing
+artifact is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ from nesc.api import freeze, save, transform
 from nesc.cli.common import (
     ARTIFACT_SUFFIX,
     FLOAT32_BYTES,
+    FORCE_HELP,
     TRAIN_FIELDS,
     Stages,
     budget,
     build_model,
-    check_writable,
+    check_out,
     create_model,
     describe,
     example_inputs,
+    fit_options,
     format_bytes,
     format_shape,
     load_data,
@@ -59,7 +62,7 @@ DEFAULT_MODEL = "resnet18_cifar"
 STAGE_LABELS = {"fit": "fit pools"}
 # Flags that only mean something when training, besides TrainConfig's, by destination.
 OTHER_TRAIN_FLAGS = {"data_dir": "--data-dir", "width": "--width", "run_dir": "--run-dir", "distill": "--distill",
-                     "teacher": "--teacher"}
+                     "teacher": "--teacher", "no_resume": "--no-resume", "strict_resume": "--strict-resume"}
 
 
 def add_parser(commands, config: argparse.ArgumentParser, training: argparse.ArgumentParser) -> None:
@@ -73,6 +76,7 @@ def add_parser(commands, config: argparse.ArgumentParser, training: argparse.Arg
                           help="local dense checkpoint (.safetensors or .pt state_dict) to start from")
     compress.add_argument("--out", metavar="PATH", type=Path,
                           help=f"where to write the artifact (default: ./MODEL{ARTIFACT_SUFFIX})")
+    compress.add_argument("--force", action="store_true", help=FORCE_HELP)
     compress.add_argument("--distill", action="store_true", default=None,
                           help="with --dataset: distil the compressed model from the dense one")
     compress.add_argument("--teacher", type=Path, metavar="CHECKPOINT",
@@ -98,8 +102,7 @@ def _check_training_flags_unused(args: argparse.Namespace) -> None:
 
 def _artifact_path(args: argparse.Namespace, spec: ModelSpec) -> Path:
     path = args.out if args.out is not None else Path(f"{spec.name}{ARTIFACT_SUFFIX}")
-    check_writable(path)
-    return path
+    return check_out(args, path, "--out")
 
 
 # ------------------------------------------------------------------ fitted to the dense weights
@@ -117,7 +120,7 @@ def _run_fitted(args: argparse.Namespace, out: Console, err: Console) -> int:
         with stages.stage("freeze"):
             frozen = freeze(gm)
         with stages.stage("save", str(path)):
-            save(frozen, path)
+            save(frozen, path, overwrite=args.force)
     report = build_report(frozen)
     print_heading(out, spec.name, f"input {format_shape(inputs[0].shape)}, {describe(config)}")
     out.print(report)
@@ -147,8 +150,8 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise InputError("--input-size does not apply with --dataset: the dataset fixes the input shape")
     config = train_config(args)
     path = _artifact_path(args, spec)
-    ds = load_data(args, spec)
     folder = run_dir(args, spec)
+    ds = load_data(args, spec)
     dense, dense_result = _dense(args, spec, ds, config, err)
     teacher = None
     if args.teacher is not None:
@@ -157,10 +160,10 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
         teacher = dense
     gm = transform(dense, (ds.x_train[:2],), nes)  # pools fitted to the dense weights
     err.print(f"training the compressed model -> {folder / 'nesc'}")
-    result = fit(gm, ds, config, out_dir=folder / "nesc", teacher=teacher, resume=not args.no_resume)
+    result = fit(gm, ds, config, out_dir=folder / "nesc", teacher=teacher, **fit_options(args))
     frozen = freeze(gm)
     frozen_loss, frozen_acc = evaluate(frozen, ds, config.resolved_device())
-    save(frozen.cpu(), path)
+    save(frozen.cpu(), path, overwrite=args.force)
     print_heading(out, spec.name, f"on {ds.spec.name}, {describe(nes)}")
     report = build_report(frozen)
     out.print(report)
@@ -183,7 +186,7 @@ def _dense(args: argparse.Namespace, spec: ModelSpec, ds: Dataset, config: Train
         return dense, _evaluate_only(dense, ds, config)
     folder = run_dir(args, spec) / "dense"
     err.print(f"training the dense {spec.name} on {ds.spec.name} -> {folder}")
-    return dense, fit(dense, ds, config, out_dir=folder, resume=not args.no_resume)
+    return dense, fit(dense, ds, config, out_dir=folder, **fit_options(args))
 
 
 def _evaluate_only(model: nn.Module, ds: Dataset, config: TrainConfig) -> TrainResult:

@@ -4,7 +4,8 @@ regenerates the weights with Gather + interpolation nodes.
     nesc export r18.nesc --onnx r18.onnx                  # an artifact: input shape from the artifact
     nesc export resnet18_cifar --ratio 4 --onnx r18.onnx  # compressed on the fly; its dense ONNX to compare
 
-The onnx backend is an optional extra, so it is imported when the verb runs.
+The onnx backend is an optional extra, so it is imported when the verb runs. ``--onnx`` is checked
+before any work; an existing file is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from nesc.api import export_onnx, freeze, load, transform
 from nesc.cli.common import (
     ARTIFACT_SUFFIX,
     FLOAT32_BYTES,
+    FORCE_HELP,
     Stages,
+    check_out,
     create_model,
     describe,
     example_inputs,
@@ -48,6 +51,7 @@ def add_parser(commands, config: argparse.ArgumentParser) -> None:
                     "a registry model's dense ONNX is exported the same way to compare sizes.")
     export.add_argument("model", metavar="MODEL", help=f"a {ARTIFACT_SUFFIX} artifact path or a registry model name")
     export.add_argument("--onnx", metavar="OUT", type=Path, required=True, help="where to write the .onnx file")
+    export.add_argument("--force", action="store_true", help=FORCE_HELP)
     export.add_argument("--no-simplify", action="store_true", help="skip onnxsim (the raw exporter output)")
     export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default 18, the lowest supported)")
     export.set_defaults(run=run)
@@ -57,11 +61,13 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     from nesc.backends.onnx import DEFAULT_OPSET
 
     opset = DEFAULT_OPSET if args.opset is None else args.opset
+    check_out(args, args.onnx, "--onnx")
     stages = Stages(err)
     with stages.progress():
         frozen, inputs, dense, label = _source(args, stages)
         with stages.stage("export", f"{args.onnx} (opset {opset}{', dense too' if dense is not None else ''})"):
-            report = export_onnx(frozen, inputs, args.onnx, simplify=not args.no_simplify, opset=opset, dense=dense)
+            report = export_onnx(frozen, inputs, args.onnx, simplify=not args.no_simplify, opset=opset, dense=dense,
+                                 overwrite=args.force)
     print_heading(out, label, f"-> {report.path}, input {format_shape(inputs[0].shape[1:])} with a symbolic batch")
     out.print(_size_table(report, frozen))
     out.print(f"ops: {', '.join(report.ops)}")

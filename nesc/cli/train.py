@@ -4,6 +4,8 @@
 
 Progress bars, per-epoch metrics (JSON + CSV) and a checkpoint every epoch under ``--run-dir`` (a
 rerun resumes), then the weights as safetensors (``nesc compress --init`` takes them) and a report.
+The weights file lives in the run folder, which the rerun owns: it is replaced there (never through a
+link), and the folder is checked before any work.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import argparse
 from rich.console import Console
 from safetensors.torch import save_file
 
-from nesc.cli.common import build_model, load_data, model_spec, print_results, run_dir, train_config
+from nesc.cli.common import build_model, fit_options, load_data, model_spec, print_results, run_dir, train_config
 from nesc.core.errors import InputError
+from nesc.core.files import atomic_write, check_output
 from nesc.data import list_datasets
 from nesc.train import fit
+
+WEIGHTS = "model.safetensors"  # in the run folder
 
 
 def add_parser(commands, training: argparse.ArgumentParser) -> None:
@@ -33,13 +38,16 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise InputError(f"nesc train needs --dataset NAME; valid: {', '.join(list_datasets())}")
     spec = model_spec(args.model)
     config = train_config(args)
+    folder = run_dir(args, spec)
+    weights = folder / WEIGHTS
+    if folder.is_dir():  # a rerun replaces its own weights file, but never a link, folder or device there
+        check_output(weights, overwrite=True, what="the weights file")
     ds = load_data(args, spec)
     model = build_model(args, spec, ds, config.seed)
-    folder = run_dir(args, spec)
     err.print(f"training {spec.name} on {ds.spec.name} ({len(ds):,} train / {len(ds.y_test):,} test) -> {folder}")
-    result = fit(model, ds, config, out_dir=folder, resume=not args.no_resume)
-    weights = folder / "model.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    result = fit(model, ds, config, out_dir=folder, **fit_options(args))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp)), overwrite=True, what="the weights file")
     print_results(out, f"{spec.name} on {ds.spec.name}", {"dense": result})
     out.print(f"weights: {weights} (load with nesc.load_checkpoint, or pass to nesc compress --init)")
     out.print(f"logs: {folder / 'metrics.json'}, {folder / 'metrics.csv'}")

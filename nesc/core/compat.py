@@ -128,3 +128,58 @@ def tree_leaves(tree) -> list:
     """The leaves of a pytree (nested tuples, lists, dicts of tensors), in flattening order. Public
     replacement: ``torch.utils.pytree.tree_leaves`` once torch exposes ``torch.utils.pytree``."""
     return _pytree.tree_leaves(tree)
+
+
+def mutated_arguments(op) -> list[str]:
+    """Names of the arguments an op overload writes to (``Tensor(a!)`` in its schema): ``relu_`` ->
+    ["self"], ``add.out`` -> ["out"]. Public replacement: none (``op._schema``)."""
+    return [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
+def argument_names(op) -> list[str]:
+    """The op overload's argument names in schema order (positional ones first). Public: none."""
+    return [a.name for a in op._schema.arguments]
+
+
+def returns_alias(op) -> bool:
+    """The op's output may share memory with one of its inputs (``view``, ``contiguous``, ``to``,
+    ``split``, in-place ops: ``Tensor(a)`` in the returns of its schema). Public replacement: none."""
+    return any(r.alias_info is not None for r in op._schema.returns)
+
+
+# --------------------------------------------------------------------------- module casts
+
+def keep_precision_on_cast(*names: str):
+    """Class decorator for an ``nn.Module`` whose tensors ``names`` (parameters or buffers) are
+    positions, not weights: they follow every move (``.to(device)``, ``.cuda()``, ``.cpu()``) and every
+    cast to float32 or wider (``.double()``), but a cast to a narrower float (``.to(torch.bfloat16)``,
+    ``.half()``), which would quantise them, leaves them in their dtype. Their gradients likewise.
+    Public replacement: none; every move and cast of a module goes through ``nn.Module._apply(fn)``,
+    which this overrides, and torch has no public per-tensor dtype policy for modules."""
+
+    def decorate(cls):
+        def _apply(self, fn, recurse=True):
+            kept = [t for t in (getattr(self, n, None) for n in names) if t is not None]
+            ids = {id(t) for t in kept} | {id(t.grad) for t in kept if t.grad is not None}
+
+            def move_only(t):
+                new = fn(t)
+                if (id(t) in ids and isinstance(new, torch.Tensor) and new.dtype != t.dtype
+                        and new.is_floating_point() and torch.finfo(new.dtype).bits < 32):
+                    return t.detach().to(new.device, copy=True)  # fn's device; our dtype and values
+                return new
+
+            return super(cls, self)._apply(move_only, recurse)
+
+        cls._apply = _apply
+        return cls
+
+    return decorate
+
+
+def fake_tensor_mode():
+    """A ``FakeTensorMode`` in which tensors have shapes and dtypes but no storage, and real tensors
+    (a module's parameters) may be mixed in. Public replacement: none (``torch._subclasses``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)

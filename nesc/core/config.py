@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,30 @@ Policy = Literal["per_layer", "per_type", "per_stage", "global"]
 POLICIES: tuple[str, ...] = ("per_layer", "per_type", "per_stage", "global")
 INITS: tuple[str, ...] = ("dense", "random")
 OverrideKey = Union[str, type]
+DEFAULT_RATIO = 4.0
+
+
+class _DefaultRatio(float):
+    """``NESConfig.ratio`` when the caller did not set it: equal to ``DEFAULT_RATIO``, but told apart
+    from an explicit ``ratio=4.0`` by its type, so that a ``param_budget`` may replace the default
+    (and only the default) without a word."""
+
+
+_UNSET_RATIO = _DefaultRatio(DEFAULT_RATIO)
+
+
+def replace_fields(config, changes: Mapping[str, object]):
+    """``dataclasses.replace(config, **changes)``, but a misspelled field is a ``ConfigError`` that
+    names it and suggests the nearest field, not a bare ``TypeError``. Shared by every config
+    dataclass's ``replace`` (``NESConfig``; ``TrainConfig`` can use it too)."""
+    fields = [f.name for f in dataclasses.fields(config) if f.init]
+    unknown = [key for key in changes if key not in fields]
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(key, fields, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"valid fields: {', '.join(fields)}"
+        raise ConfigError(f"unknown {type(config).__name__} field {key!r}; {hint}")
+    return dataclasses.replace(config, **changes)
 
 
 @dataclass(frozen=True)
@@ -43,10 +68,10 @@ class LayerConfig:
     pool_shape: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.ratio is not None and not self.ratio >= 1.0:
+        if self.ratio is not None and not (_is_number(self.ratio) and 1.0 <= self.ratio < math.inf):
             raise ConfigError(
-                f"LayerConfig.ratio must be >= 1 (got {self.ratio}): a ratio r keeps 1/r of the "
-                f"layer's parameters. To leave the layer dense, map it to None instead."
+                f"LayerConfig.ratio must be a finite number >= 1 (got {self.ratio!r}): a ratio r keeps 1/r "
+                f"of the layer's parameters. To leave the layer dense, map it to None instead."
             )
         if self.pool_shape is not None:
             shape = tuple(self.pool_shape)
@@ -65,7 +90,8 @@ class NESConfig:
     """How to compress a model.
 
     ratio: the whole model stores ``1/ratio`` of its dense parameters (pools + routing maps +
-        what stays dense). Exclusive with ``param_budget``.
+        what stays dense); a finite number >= 1, ``DEFAULT_RATIO`` (4) unless given. Exclusive with
+        ``param_budget``: an explicit ratio with a budget is an error, the default gives way to it.
     param_budget: the same budget as an absolute parameter count.
     policy: which compressed layers share a pool: ``per_layer`` (each its own), ``per_type``
         (one pool per op kind and kernel size), ``per_stage`` (one per feature-map resolution, across
@@ -79,7 +105,7 @@ class NESConfig:
     overrides: per-module rules (see the module docstring for keys and precedence).
     """
 
-    ratio: float | None = 4.0
+    ratio: float | None = _UNSET_RATIO
     param_budget: int | None = None
     policy: Policy = "per_layer"
     min_params: int = 1024
@@ -92,21 +118,27 @@ class NESConfig:
 
     def __post_init__(self) -> None:
         if self.param_budget is not None:
-            if self.ratio is not None and self.ratio != 4.0:
+            if self.ratio is not None and not isinstance(self.ratio, _DefaultRatio):
                 raise ConfigError(
-                    f"NESConfig takes ratio or param_budget, not both (got ratio={self.ratio}, "
-                    f"param_budget={self.param_budget}); pass ratio=None with a param_budget"
+                    f"NESConfig takes ratio or param_budget, not both (got ratio={self.ratio!r}, "
+                    f"param_budget={self.param_budget!r}); pass ratio=None with a param_budget, or "
+                    f"param_budget=None with a ratio"
                 )
             object.__setattr__(self, "ratio", None)
-            if not isinstance(self.param_budget, int) or self.param_budget < 1:
+            if isinstance(self.param_budget, bool) or not isinstance(self.param_budget, int) or self.param_budget < 1:
                 raise ConfigError(f"param_budget must be a positive int, got {self.param_budget!r}")
         elif self.ratio is None:
             raise ConfigError("NESConfig needs a budget: ratio=<float >= 1> or param_budget=<int>")
-        elif not isinstance(self.ratio, (int, float)) or not self.ratio >= 1.0:
+        elif not _is_number(self.ratio) or not self.ratio >= 1.0:
             raise ConfigError(
                 f"ratio must be a number >= 1, got {self.ratio!r}: ratio r stores 1/r of the dense "
                 f"parameters (ratio=4 is a 4x smaller model). A model that should stay dense needs no "
                 f"transform."
+            )
+        elif math.isinf(self.ratio):
+            raise ConfigError(
+                f"ratio must be a finite number >= 1, got {self.ratio!r}: it would leave no parameter at "
+                f"all. Pass a finite ratio, or param_budget=<int> for an absolute size."
             )
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICIES)}")
@@ -120,7 +152,12 @@ class NESConfig:
         object.__setattr__(self, "overrides", dict(self.overrides))
 
     def replace(self, **changes) -> "NESConfig":
-        return dataclasses.replace(self, **changes)
+        """A validated copy with ``changes``; a misspelled field is a ``ConfigError`` with a suggestion."""
+        return replace_fields(self, changes)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_rule(key: object, value: object) -> None:

@@ -37,3 +37,8 @@ class OutputError(NescError, ValueError):
 
 class CheckpointError(NescError, ValueError):
     """A training checkpoint is missing, damaged or from other settings, and nothing usable was found."""
+
+
+class NescWarning(UserWarning):
+    """Legal but suspicious input, or nesc did something other than asked and says why: NaN weights, an
+    old artifact format, a damaged checkpoint skipped for the one before it."""

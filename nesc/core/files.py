@@ -33,7 +33,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, what: str 
     path = Path(path)
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the folder check below says which
         st = None
     except OSError as e:
         raise OutputError(f"{what} {str(path)!r}: cannot inspect it ({e.strerror}); pass another path") from e
@@ -52,6 +52,9 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, what: str 
                               f"--force) to replace it, or choose another path")
     folder = path.parent
     if not folder.is_dir():
+        if folder.exists():
+            raise OutputError(f"{what} {str(path)!r}: {str(folder)!r} is a file, not a folder; pass a path in a "
+                              f"folder")
         raise OutputError(f"{what} {str(path)!r}: folder {str(folder)!r} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {str(path)!r}: folder {str(folder)!r} is not writable; pass a path you can "
@@ -67,7 +70,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     checked again just before the rename, so a file that appeared meanwhile is not replaced silently.
     """
     path = check_output(path, overwrite=overwrite, what=what)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as e:  # a full disk, a folder that became read-only
+        raise OutputError(_os_message(path, e, what)) from e
     os.close(fd)
     tmp = Path(tmp_name)
     try:

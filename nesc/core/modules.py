@@ -9,6 +9,11 @@
   registers it.
 * ``tensor_roles`` / ``samplers_by_pool``: what each tensor of a GraphModule is, read from the graph's
   structure (which node consumes it), never from its name.
+
+Start indices, fractions and learned offsets are positions, not weights: they stay float32 when the
+model is cast to a narrower float (``gm.to(torch.bfloat16)``, ``gm.half()``;
+``compat.keep_precision_on_cast``), while pools and dense weights take the new dtype and the sampled
+weight comes out in the pool's dtype. ``.double()`` casts them too (nothing is lost).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from collections import defaultdict
 import torch
 from torch import Tensor, fx, nn
 
+from .compat import keep_precision_on_cast
 from .sampling import Geometry, regenerate, split_starts
 
 
+@keep_precision_on_cast("running_offset")
 class TransformationLearner(nn.Module):
     """The paper's feature-conditioned start indices: offsets predicted from the layer's input.
 
@@ -43,12 +50,14 @@ class TransformationLearner(nn.Module):
         if not self.training:
             return self.running_offset
         feats = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim]).mean(0)  # (C,)
-        offset = self.fc(feats).view(*self.grid, 4)
+        # A position: at least float32, whatever the model's dtype (the running average's dtype).
+        offset = self.fc(feats).view(*self.grid, 4).to(self.running_offset.dtype)
         with torch.no_grad():
             self.running_offset.lerp_(offset.detach(), self.momentum)
         return offset
 
 
+@keep_precision_on_cast("starts")
 class EpitomeSampler(nn.Module):
     """Trainable sampler: owns one weight's start indices (and learner); reads its pool as input.
 
@@ -97,6 +106,7 @@ class EpitomeSampler(nn.Module):
         return f"{self.weight_name}: {g.shape} <- pool {g.pool}, blocks {g.grid} of {g.block}, layout={g.layout}"
 
 
+@keep_precision_on_cast("fracs")
 class RoutingMap(nn.Module):
     """A frozen sampler's routing map: int32 starts and float fractions per block, plus geometry.
 

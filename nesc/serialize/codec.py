@@ -18,9 +18,7 @@ This module is the bottom of ``nesc.serialize``: it imports no other module of t
 
 from __future__ import annotations
 
-import keyword
 import math
-import operator
 from typing import Any
 
 import torch
@@ -29,52 +27,22 @@ from torch import fx
 from nesc.core import compat, names
 from nesc.core.errors import ArtifactError
 
+from . import ops, schema
+from .schema import Invalid
+
 # Node meta that survives a save: which weight a regenerate node samples, the module path of every
 # node (reports, backends), and the cumulative-average flag of batch norms.
 KEPT_META = (names.SAMPLED_WEIGHT, "nn_module_stack", names.BN_CUMULATIVE)
 # The module torch.export attaches to check input shapes: Python code, not data (never written).
 GUARDS = "_guards_fn"
-# The Python callables an exported graph may call (symbolic-shape arithmetic, getitem on multi-output
-# ops), by name. An explicit list, not "anything in operator": operator.attrgetter / methodcaller /
-# call would let a crafted file reach arbitrary Python.
-PY_FUNCTIONS = {
-    f"operator.{n}": getattr(operator, n)
-    for n in "getitem add sub mul truediv floordiv mod pow neg pos abs eq ne lt le gt ge and_ or_ xor "
-    "not_ invert lshift rshift".split()
-}
-PY_FUNCTIONS |= {f"math.{n}": getattr(math, n) for n in dir(math) if callable(getattr(math, n)) and n[0] != "_"}
-PY_FUNCTIONS |= {f"torch.{n}": getattr(torch, n) for n in dir(torch) if n.startswith(("sym_", "_sym_"))}
-_PY_NAMES = {id(fn): name for name, fn in PY_FUNCTIONS.items()}
 _ENUMS = {"$dtype": torch.dtype, "$layout": torch.layout, "$memory_format": torch.memory_format}
 _NODE_OPS = ("placeholder", "get_attr", "call_function", "output")
-
-
-class Invalid(Exception):
-    """A graph or tensor description that does not follow the schema; the loader names the file."""
+_NODE_KEYS = {"op", "name", "target", "args", "kwargs", "meta"}
+_FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
 class Unencodable(Exception):
     """A node or value of a graph being saved that has no JSON form."""
-
-
-# ------------------------------------------------------------------------------- names in code
-
-
-def identifier(a: str) -> bool:
-    return a.isidentifier() and not keyword.iskeyword(a)
-
-
-def check_name(name) -> None:
-    if not (isinstance(name, str) and identifier(name)):
-        raise Invalid(f"{name!r} is not a Python identifier")
-
-
-def check_path(path) -> None:
-    # Paths and names are pasted into generated Python code: only identifiers (and the digits of
-    # nn.Sequential children, which fx writes as getattr(m, "0")) may pass.
-    atoms = path.split(".") if isinstance(path, str) else [None]
-    if not all(isinstance(a, str) and (identifier(a) or (a.isascii() and a.isdigit())) for a in atoms):
-        raise Invalid(f"{path!r} is not a dotted path of Python identifiers")
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -131,9 +99,9 @@ def _encode_target(fn) -> str:
     if compat.is_op_overload(fn):
         namespace, opname, overload = compat.op_overload_name(fn)
         return f"{namespace}::{opname}.{overload}"  # e.g. aten::conv2d.default
-    if id(fn) in _PY_NAMES:
-        return _PY_NAMES[id(fn)]
-    raise Unencodable(f"target {_describe(fn)} is not a torch op overload or an operator/math function")
+    if id(fn) in ops.PY_NAMES:
+        return ops.PY_NAMES[id(fn)]
+    raise Unencodable(f"target {_describe(fn)} is not a torch op overload or an allowed operator/math function")
 
 
 def _check_encodable_attr(node: fx.Node, tensor_names) -> None:
@@ -197,15 +165,18 @@ def _encode_codegen(graph: fx.Graph) -> dict:
 # ----------------------------------------------------------------------------------- decoding
 
 
-def decode_graph(doc: dict, table: dict, path: str) -> fx.Graph:
+def decode_graph(doc, table: dict, path: str) -> fx.Graph:
     """The fx graph of a ``graph`` document whose get_attr nodes read the tensors of ``table``.
 
-    Raises ``Invalid`` for a malformed document and ``ArtifactError`` (listing them all) for call
-    targets that do not resolve in this process.
+    Raises ``Invalid`` for anything off the schema and ``ArtifactError`` (listing them all) for call
+    targets that are unknown or not allowed (``ops``).
     """
-    nodes = doc["nodes"]
+    schema.check_type(doc, dict, "the graph document")
+    nodes = schema.check_type(doc.get("nodes"), list, "graph['nodes']")
     for i, entry in enumerate(nodes):
         _check_node(i, entry, table)
+    if not nodes or nodes[-1]["op"] != "output" or sum(e["op"] == "output" for e in nodes) != 1:
+        raise Invalid("a graph has exactly one output node, and it comes last")
     targets = _resolve_targets(nodes, path)
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
@@ -221,20 +192,21 @@ def decode_graph(doc: dict, table: dict, path: str) -> fx.Graph:
 
 
 def _resolve_targets(nodes: list[dict], path: str) -> dict[str, Any]:
-    """{node name: callable} of every call_function node; every unresolved target is listed at once."""
-    targets, unresolved = {}, []
+    """{node name: callable} of every call_function node; every refused target is listed at once."""
+    targets, refused = {}, []
     for entry in nodes:
         if entry["op"] == "call_function":
             try:
-                targets[entry["name"]] = _resolve_target(entry["target"])
+                targets[entry["name"]] = ops.resolve(entry["target"])
             except LookupError as e:
-                unresolved.append(f"node {entry['name']}: {e}")
-    if unresolved:
+                refused.append(f"node {entry['name']}: {e}")
+    if refused:
         raise ArtifactError(
-            f"{path}: {len(unresolved)} operator(s) in the graph do not resolve in this process:\n  "
-            + "\n  ".join(unresolved)
-            + "\nImport the library that registers them before nesc.load (nesc's own ops are registered by "
-            "nesc.core.modules), or load with the torch version that wrote the file."
+            f"{path}: {len(refused)} call(s) in the graph are not allowed or not known in this process:\n  "
+            + "\n  ".join(refused[:20]) + ("\n  ..." if len(refused) > 20 else "")
+            + "\nnesc artifacts may call only the pure ops of nesc.serialize.ops (nesc's own op is registered "
+            "by nesc.core.modules). A file that calls anything else was not written by nesc.save, or by a nesc "
+            "or torch with other ops: re-save it with this one."
         )
     return targets
 
@@ -244,53 +216,57 @@ def _decode_node(graph: fx.Graph, entry: dict, targets: dict, env: dict[str, fx.
     try:
         args = tuple(decode(entry.get("args", []), env))
         kwargs = {k: decode(v, env) for k, v in entry.get("kwargs", {}).items()}
-        node_meta = {k: decode(v, env) for k, v in entry.get("meta", {}).items() if k in KEPT_META}
+        node_meta = _decode_meta(entry.get("meta", {}), env, name)
     except (TypeError, ValueError, RuntimeError) as e:  # a malformed payload under a valid tag
         raise Invalid(f"node {name}: malformed value ({type(e).__name__}: {e})") from e
     node = graph.create_node(op, targets.get(name, entry["target"]), args, kwargs, name=name)
     if node.name != name:
-        raise Invalid(f"node name {name!r} is used twice")
+        raise Invalid(f"node name {name!r} is used twice or reserved by torch.fx (it named it {node.name!r})")
     node.meta.update(node_meta)
     return node
 
 
+def _decode_meta(meta: dict, env: dict, name: str) -> dict:
+    out = {}
+    for key, value in meta.items():
+        if key not in KEPT_META:
+            continue
+        value = decode(value, env)
+        if key == "nn_module_stack":
+            ok = isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, tuple) and all(isinstance(x, str) for x in v)
+                for k, v in value.items())
+        else:
+            ok = isinstance(value, str if key == names.SAMPLED_WEIGHT else bool)
+        if not ok:
+            raise Invalid(f"node {name}: meta[{key!r}] has the wrong type ({type(value).__name__})")
+        out[key] = value
+    return out
+
+
 def _check_node(i: int, entry, table: dict) -> None:
-    if not isinstance(entry, dict) or not {"op", "name", "target"} <= entry.keys():
-        raise Invalid(f"node #{i} must be an object with op, name and target")
+    if not isinstance(entry, dict) or not {"op", "name", "target"} <= entry.keys() <= _NODE_KEYS:
+        raise Invalid(f"node #{i} must be an object with op, name, target (and args, kwargs, meta only)")
     op, name, target = entry["op"], entry["name"], entry["target"]
-    check_name(name)  # node names become variables of the generated forward
-    if not isinstance(target, str) or not isinstance(entry.get("args", []), list):
-        raise Invalid(f"node {name}: target must be a string and args a list")
-    if not isinstance(entry.get("kwargs", {}), dict) or not isinstance(entry.get("meta", {}), dict):
-        raise Invalid(f"node {name}: kwargs and meta must be objects")
+    schema.check_name(name, f"node #{i}'s name")  # node names become variables of the generated forward
     if op not in _NODE_OPS:
-        raise Invalid(f"node {name}: op {op!r} is not one nesc writes")
+        raise Invalid(f"node {name}: op {op!r} is not one nesc writes ({', '.join(_NODE_OPS)})")
+    schema.check_type(target, str, f"node {name}: target")
+    schema.check_type(entry.get("args", []), list, f"node {name}: args")
+    kwargs = schema.check_type(entry.get("kwargs", {}), dict, f"node {name}: kwargs")
+    schema.check_type(entry.get("meta", {}), dict, f"node {name}: meta")
+    for key in kwargs:  # keyword names are written into the generated call as they are
+        schema.check_name(key, f"node {name}: keyword argument")
+    schema.check_depth(entry, f"node {name}")
     if op == "placeholder":
-        check_name(target)
+        schema.check_name(target, f"node {name}: placeholder target")
     if op == "get_attr" and target not in table:
         raise Invalid(f"node {name}: get_attr of {target!r}, which is not a stored tensor")
 
 
-def _resolve_target(text: str):
-    if "::" in text:
-        namespace, _, rest = text.partition("::")
-        opname, _, overload = rest.rpartition(".")
-        try:
-            fn = getattr(getattr(getattr(torch.ops, namespace), opname), overload)
-        except (AttributeError, RuntimeError) as e:
-            raise LookupError(f"unknown operator {text!r}") from e
-        if not compat.is_op_overload(fn):
-            raise LookupError(f"{text!r} is not an operator overload")
-        return fn
-    if text in PY_FUNCTIONS:
-        return PY_FUNCTIONS[text]
-    raise LookupError(
-        f"unknown function {text!r} (nesc reads torch ops and the arithmetic of operator, math, torch.sym_*)"
-    )
-
-
 def decode(v, env: dict[str, fx.Node]):
-    """JSON -> Python value; ``$node`` references resolve in ``env`` (nodes defined before this one)."""
+    """JSON -> Python value; ``$node`` references resolve in ``env`` (nodes defined before this one).
+    Nesting was bounded by ``schema.check_depth`` before this recursion."""
     if isinstance(v, list):
         return [decode(x, env) for x in v]
     if not isinstance(v, dict):
@@ -299,23 +275,31 @@ def decode(v, env: dict[str, fx.Node]):
         raise Invalid(f"value {v!r} is not a tagged value")
     (tag, payload), = v.items()
     if tag == "$node":
-        if payload not in env:
+        if not isinstance(payload, str) or payload not in env:
             raise Invalid(f"reference to node {payload!r}, which is not defined before its use")
         return env[payload]
+    if tag in ("$tuple", "$slice", "$dict") and not isinstance(payload, list):
+        raise Invalid(f"{tag} needs a list, got {type(payload).__name__}")
     if tag == "$tuple":
         return tuple(decode(x, env) for x in payload)
     if tag == "$dict":
-        return {decode(k, env): decode(x, env) for k, x in payload}
-    if tag == "$float":
-        return float(payload)
+        if not all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], (str, int)) for kv in payload):
+            raise Invalid("$dict needs [key, value] pairs with string or int keys")
+        return {k: decode(x, env) for k, x in payload}
     if tag == "$slice":
+        if len(payload) != 3:
+            raise Invalid("$slice needs [start, stop, step]")
         return slice(*(decode(x, env) for x in payload))
+    if tag == "$float":
+        if payload not in _FLOATS:
+            raise Invalid(f"$float payload {payload!r} is not one of {sorted(_FLOATS)}")
+        return _FLOATS[payload]
     if tag == "$ellipsis":
         return Ellipsis
     if tag == "$device":
-        return torch.device(payload)
+        return torch.device(schema.check_device(payload))
     if tag in _ENUMS:
-        value = getattr(torch, str(payload), None)
+        value = getattr(torch, payload, None) if isinstance(payload, str) and payload.isidentifier() else None
         if not isinstance(value, _ENUMS[tag]):
             raise Invalid(f"{payload!r} is not a torch {tag[1:]}")
         return value
@@ -327,14 +311,15 @@ def _decode_codegen(doc, path: str) -> fx.graph.CodeGen:
         raise Invalid(f"codegen {doc!r} is neither flat nor pytree")
     if doc["kind"] == "flat":
         return fx.graph.CodeGen()
-    orig_args = doc.get("orig_args", [])
+    orig_args = schema.check_type(doc.get("orig_args", []), list, "codegen orig_args")
     for a in orig_args:
-        check_name(a)
+        schema.check_name(a, "a forward argument")
+    specs = [schema.check_type(doc.get(k), str, f"codegen {k}") for k in ("in_spec", "out_spec")]
     try:
-        specs = [compat.treespec_loads(doc[k]) if doc.get(k) else None for k in ("in_spec", "out_spec")]
-    except Exception as e:  # noqa: BLE001 - pytree raises several types
+        specs = [compat.treespec_loads(text) for text in specs]
+    except Exception as e:  # noqa: BLE001 - pytree raises several types (and RecursionError on deep JSON)
         raise ArtifactError(
-            f"{path}: the model's input/output structure cannot be rebuilt ({e}). If it uses a custom "
-            f"container, import the module that registers it with torch.utils._pytree before nesc.load."
+            f"{path}: the model's input/output structure cannot be rebuilt ({type(e).__name__}: {e}). If it uses "
+            f"a custom container, register it with torch.utils.pytree (serialized_type_name=...) before nesc.load."
         ) from e
     return compat.make_pytree_codegen(orig_args, *specs)

@@ -27,7 +27,7 @@ from torch import Tensor, fx, nn
 from nesc.core import compat
 from nesc.core.errors import ArtifactError
 
-from .codec import Invalid, check_path
+from .schema import Invalid, check_path
 
 _STORABLE_DTYPES = compat.safetensors_dtypes()
 
@@ -144,8 +144,13 @@ def without_aliases(tensors: dict[str, Tensor], table: dict[str, dict]) -> dict[
     return {n: t for n, t in tensors.items() if "alias_of" not in table[n]}
 
 
-def digest(tensors: dict[str, Tensor]) -> str:
+def digest(tensors: dict[str, Tensor], header: dict[str, str] | None = None) -> str:
+    """SHA-256 over the header entries (all but the digest itself, canonical JSON) and then every
+    stored tensor's name, dtype, shape and bytes, by name: the whole content of the file. Format
+    version 1 hashed the tensors only (``header=None``)."""
     h = hashlib.sha256()
+    if header is not None:
+        h.update(json.dumps(header, sort_keys=True, ensure_ascii=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy()  # raw little-endian bytes, any dtype

@@ -25,23 +25,27 @@ from torch import Tensor, fx
 
 import nesc.core.modules  # noqa: F401 - registers torch.ops.nesc.regenerate, which graphs reference
 from nesc.capture import ExportedBatchNorm
-from nesc.core import compat, inputs, names
+from nesc.core import compat, files, inputs, names
 from nesc.core.errors import ArtifactError
 
 from .codec import encode_graph
-from .loader import FORMAT, FORMAT_VERSION, assemble, installed_version
+from .loader import DIGEST, FORMAT, FORMAT_VERSION, assemble, installed_version
 from .tensors import add_constants, collect_tensors, digest, without_aliases
 
 _REGENERATE = torch.ops.nesc.regenerate.default
 
 
-def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = None) -> None:
+def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = None,
+         overwrite: bool = False) -> None:
     """Write ``gm`` (typically a frozen nesc model) to ``path`` as one safetensors file.
 
     Needs ``gm.meta[names.INPUT_SPECS]`` (written by capture) to re-export the graph. ``extra`` is any
     JSON-serialisable dict (tuples come back as lists); ``load`` returns it as
-    ``gm.meta[names.EXTRA]``. Raises ``ArtifactError`` when the model cannot be written exactly.
+    ``gm.meta[names.EXTRA]``. Raises ``ArtifactError`` when the model cannot be written exactly, and
+    ``OutputError`` (before any work) when ``path`` exists and ``overwrite`` is False, or is a link, a
+    folder or a device. The file appears whole or not at all (``nesc.core.files.atomic_write``).
     """
+    files.check_output(path, overwrite=overwrite, what="nesc.save")
     specs = _input_specs(gm)
     extra_json = _json_or_raise(extra or {}, "extra")
     graph_doc, tensors, table = _export_graph(gm, specs, *collect_tensors(gm))
@@ -55,12 +59,10 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = No
         "tensors": json.dumps(table, allow_nan=False),
         "input_specs": json.dumps([[list(s), d] for s, d in specs]),
         "extra": extra_json,
-        "sha256": digest(stored),
     }
-    path = os.fspath(path)
-    partial = f"{path}.partial"
-    save_file(stored, partial, metadata=metadata)
-    os.replace(partial, path)  # a crash mid-write never leaves a truncated artifact under ``path``
+    metadata[DIGEST] = digest(stored, metadata)
+    files.atomic_write(path, lambda tmp: save_file(stored, str(tmp), metadata=metadata), overwrite=overwrite,
+                       what="nesc.save")
 
 
 def _input_specs(gm: fx.GraphModule) -> list[inputs.InputSpec]:

@@ -295,3 +295,48 @@ def test_constants_become_tensor_valued_for_importers_that_read_only_value() -> 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.arange(6, dtype=np.float32)
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], x.reshape(2, 3) * 0.5)
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def test_an_existing_file_is_kept_and_refused_before_any_work(monkeypatch) -> None:
+    from nesc.core.errors import OutputError
+
+    _, frozen = _frozen("mlp")
+    path = _DIR / "existing.onnx"
+    path.write_bytes(b"an older export")
+    monkeypatch.setattr(onnx_backend, "lower", lambda *a: pytest.fail("worked before checking the path"))
+    with pytest.raises(OutputError, match=r"ONNX file .*existing\.onnx' already exists; pass overwrite=True"):
+        nesc.export_onnx(frozen, registry_inputs("mlp"), path)
+    assert path.read_bytes() == b"an older export"
+    (_DIR / "link.onnx").symlink_to(path)
+    with pytest.raises(OutputError, match="is a symbolic link"):
+        nesc.export_onnx(frozen, registry_inputs("mlp"), _DIR / "link.onnx", overwrite=True)
+    assert path.read_bytes() == b"an older export"
+
+
+def test_overwrite_replaces_the_file_whole() -> None:
+    _, frozen = _frozen("mlp")
+    path = _DIR / "replaced.onnx"
+    path.write_bytes(b"an older export")
+    report = nesc.export_onnx(frozen, registry_inputs("mlp"), path, overwrite=True)
+    onnx.checker.check_model(onnx.load(str(report.path)))
+    assert report.file_bytes == path.stat().st_size > len(b"an older export")
+    assert not list(_DIR.glob(".replaced.onnx.*"))  # no temporary file left
+
+
+def test_a_full_disk_leaves_no_file_behind(monkeypatch, tmp_path: Path) -> None:
+    import errno
+
+    from nesc.core.errors import OutputError
+
+    def save_model(model, name, **kwargs):  # part of the file written, then the disk is full
+        Path(name).write_bytes(b"half a protobuf")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", save_model)
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    with pytest.raises(OutputError, match="the disk is full"):
+        onnx_backend.save(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

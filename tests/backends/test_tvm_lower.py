@@ -26,6 +26,7 @@ from nesc.backends.tvm.lower import Lowered, LoweringError, lower  # noqa: E402
 from nesc.backends.tvm.schedule import fuse, prepare, schedule_func, schedule_module  # noqa: E402
 from nesc.models import get_spec, list_models  # noqa: E402
 from nesc.core import names  # noqa: E402
+from nesc.core.modules import RoutingMap  # noqa: E402
 from nesc.core.sampling import Geometry, regenerate_indexed, split_starts  # noqa: E402
 
 # Exactly what nesc.compile(..., target="llvm") builds for.
@@ -270,6 +271,40 @@ def test_kinds_come_from_the_graph_not_from_names():
     run = compile_lowered(low)
     with torch.no_grad():
         assert_backend_close(run(x[0]), frozen(x[0]), "renamed pools and routes")
+
+
+class OneSampledConv(nn.Module):
+    """One conv whose weight is regenerated from a pool larger than the kernel along every axis."""
+
+    def __init__(self, geometry: Geometry, starts: torch.Tensor, fracs: torch.Tensor) -> None:
+        super().__init__()
+        self.geometry = geometry
+        self.pool = nn.Parameter(torch.randn(geometry.pool))
+        self.routes = RoutingMap(starts, fracs)
+
+    def forward(self, x):
+        g = self.geometry
+        w = torch.ops.nesc.regenerate.default(self.pool, self.routes.starts, self.routes.fracs, 0.7, list(g.shape),
+                                      list(g.block), g.layout)  # (10, 7, 3, 3)
+        return F.conv2d(x, w)
+
+
+def test_routes_record_the_range_each_start_may_take_and_it_is_exact():
+    """The range ``Lowered.routes`` records (what the deploy runtime enforces) is the padded pool's:
+    starts at its top, fractions near 1, compile and agree with eager; one more would read outside."""
+    geometry = GEOMETRIES["conv2d_all_axes"]  # pool (6, 5, 5, 4), kernel 3x3: y moves 0..2, x 0..1
+    top = [5, 4, 2, 1]
+    starts = torch.tensor(top, dtype=torch.int32).expand(*geometry.grid, 4).clone()
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(OneSampledConv(geometry, starts, torch.full((*geometry.grid, 4), 0.999)).eval())
+    x = (torch.randn(2, 7, 8, 8),)
+    low = lower(gm, x)
+    assert low.routes == {
+        "routes.starts": {"role": "starts", "pool": "pool", "pool_shape": [6, 5, 5, 4], "grid": [3, 3], "max": top},
+        "routes.fracs": {"role": "fracs", "pool": "pool", "pool_shape": [6, 5, 5, 4], "grid": [3, 3]},
+    }
+    with torch.no_grad():
+        assert_backend_close(compile_lowered(low)(x[0]), gm(x[0]), "starts at the top of their range")
 
 
 # ------------------------------------------------------------------------- unsupported ops

@@ -134,7 +134,7 @@ def test_foreign_safetensors_file_is_refused(exported: Path, tmp_path: Path) -> 
     library = tmp_path / "cnn1d.so"
     shutil.copy(exported, library)
     save_file({"w": np.zeros(3, np.float32)}, str(runtime.params_path(library)))
-    with pytest.raises(runtime.DeployError, match="is not a nesc-tvm v1 parameters file"):
+    with pytest.raises(runtime.DeployError, match="is not a nesc-tvm v2 parameters file"):
         runtime.load(library)
 
 
@@ -147,3 +147,17 @@ def test_command_line_error_exits_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.startswith("error: compiled library") and "Traceback" not in done.stderr
+
+
+def test_command_line_output_never_replaces_a_file(exported: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"keep me")
+    done = subprocess.run([sys.executable, str(RUNTIME_FILE), str(exported), "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "File exists" in done.stderr and "Traceback" not in done.stderr
+    assert out.read_bytes() == b"keep me"
+    bad = tmp_path / "x.npy"
+    bad.write_bytes(b"not an array")
+    done = subprocess.run([sys.executable, str(RUNTIME_FILE), str(exported), "--input", str(bad)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr

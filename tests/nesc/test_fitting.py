@@ -1,7 +1,10 @@
-"""nesc.fitting: dense checkpoints load from local .pt and .safetensors files with clear errors, and
-the distillation loss is Hinton et al.'s KL + CE, checked against a hand-written formula."""
+"""nesc.fitting: dense checkpoints load from local .pt and .safetensors files with clear errors, NaN or
+inf dense weights are fitted with a warning naming the layers, and the distillation loss is Hinton et
+al.'s KL + CE, checked against a hand-written formula."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import nesc
-from helpers import CLOSE, EXACT, F64, StageNet, assert_close
+from helpers import CLOSE, COMPRESS_ALL, EXACT, F64, StageNet, assert_close, stage_net_inputs
+from nesc.core.errors import NescWarning
 
 
 def _trained_like() -> StageNet:
@@ -94,6 +98,35 @@ def test_non_strict_load_fills_what_matches(tmp_path) -> None:
     torch.save(state, tmp_path / "partial.pt")
     target = nesc.load_checkpoint(StageNet(), tmp_path / "partial.pt", strict=False)
     assert_close(target.stem.weight, source.stem.weight, EXACT, "stem")
+
+
+# ------------------------------------------------------------------------ non-finite dense weights
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_dense_weights_warn_and_name_the_layers(bad: float) -> None:
+    torch.manual_seed(0)
+    model = StageNet()
+    with torch.no_grad():
+        model.conv3.weight[0, 0, 0, :2] = bad
+        model.mix.weight[1, 1] = bad
+    with pytest.warns(NescWarning) as record:
+        gm = nesc.transform(model, stage_net_inputs(), ratio=2, **COMPRESS_ALL)
+    (warning,) = [w for w in record if issubclass(w.category, NescWarning)]
+    msg = str(warning.message)
+    assert "2 layer(s)" in msg and "NaN or inf" in msg  # what
+    assert "conv3.weight (2 of 18,432 values" in msg and "mix.weight (1 of 4,096 values" in msg  # where
+    assert "stem.weight" not in msg and "Check the checkpoint" in msg  # only the bad ones; how to fix
+    assert warning.filename == __file__, "the warning points at the caller's line"
+    # Legal: the plan and the fit still run, and the report of errors shows what it did.
+    assert set(gm.meta["nesc_fit_errors"]) >= {"conv3.weight", "stem.weight"}
+
+
+def test_finite_dense_weights_do_not_warn() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NescWarning)
+        nesc.transform(StageNet(), stage_net_inputs(), ratio=2, **COMPRESS_ALL)
 
 
 # ------------------------------------------------------------------------------- distillation

@@ -11,9 +11,9 @@ from helpers import EXACT, assert_close
 from torch import nn
 
 import nesc
-from nesc.data import load_dataset
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.modules import EpitomeSampler
+from nesc.data import load_dataset
 from nesc.train import TrainConfig, epoch_order, evaluate, fit, param_groups
 
 FAST = TrainConfig(epochs=3, batch_size=64, lr=0.01, optimizer="adamw", weight_decay=1e-4, progress=False)
@@ -161,9 +161,12 @@ def test_logs_and_checkpoint_files(data, tmp_path) -> None:
     with open(tmp_path / "metrics.csv") as f:
         table = list(csv.DictReader(f))
     assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in rows]
-    doc = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert doc["epoch"] == 2 and doc["config"]["lr"] == FAST.lr
-    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["checkpoint-2.safetensors"]
+    doc = json.loads((tmp_path / "checkpoint-2.json").read_text())
+    assert doc["epoch"] == 2 and doc["config"]["lr"] == FAST.lr and doc["tensors"] == "checkpoint-2.safetensors"
+    # The newest verified checkpoint and the one before it are kept, each a document and its tensors.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == [
+        "checkpoint-1.json", "checkpoint-1.safetensors", "checkpoint-2.json", "checkpoint-2.safetensors"]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
     # The cosine schedule runs to 0 over the whole run.
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -291,6 +291,26 @@ def test_budget_spent_by_what_stays_dense_is_a_plan_error() -> None:
     assert "stays dense" in msg and "lower the ratio" in msg and "keep_first=False" in msg
 
 
+def test_budget_spent_by_what_stays_dense_quotes_the_ratio_and_the_sizes() -> None:
+    dense = num_params(StageNet())
+    msg = _error(nesc.PlanError, ratio=100)
+    assert "ratio=100" in msg and f"{dense:,}" in msg and f"a budget of {round(dense / 100):,}" in msg
+    assert "nothing is left for the pools" in msg
+
+
+@pytest.mark.parametrize("ratio", [1e9, 1e300])
+def test_a_ratio_leaving_less_than_one_parameter_is_a_plan_error(ratio: float) -> None:
+    dense = num_params(StageNet())
+    msg = _error(nesc.PlanError, ratio=ratio)  # was a ZeroDivisionError
+    assert f"ratio={ratio:g}" in msg and f"{dense:,}" in msg and "budget 0" in msg  # what, expected vs got
+    assert "less than one parameter" in msg and f"at most {dense:,}" in msg and "param_budget" in msg  # how
+
+
+def test_a_budget_of_one_parameter_is_a_plan_error_not_a_crash() -> None:
+    msg = _error(nesc.PlanError, ratio=None, param_budget=1)
+    assert "param_budget=1 " in msg and "stays dense" in msg and "nothing is left for the pools" in msg
+
+
 def test_param_budget_above_the_dense_size_is_an_error() -> None:
     dense = num_params(StageNet())
     with pytest.raises(nesc.NescError, match="param_budget"):

@@ -1,9 +1,10 @@
 """``nesc export --onnx`` (``nesc/cli/export.py``): from a saved artifact (input shape from the artifact)
 and from a registry model compressed on the fly (dense ONNX exported next to it); errors exit 2 without
-a traceback."""
+a traceback; ``--onnx`` is checked before any work and an existing file is replaced only with ``--force``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,58 @@ def test_input_size_must_fit_the_artifact(capsys, artifact, tmp_path, monkeypatc
 def test_onnx_out_is_required(capsys, artifact) -> None:
     code, _, err = _run(capsys, "export", str(artifact))
     assert code == USAGE_ERROR and "--onnx" in err
+
+
+# ------------------------------------------------------------------- nothing is replaced silently
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the work started before --onnx was refused")
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("existing", "already exists; pass overwrite=True (command line: --force)"),
+    ("symlink", "is a symbolic link"),
+    ("fifo", "is not a regular file"),
+    ("directory", "is a directory"),
+    ("missing folder", "does not exist"),
+])
+def test_an_unsafe_onnx_path_is_refused_before_any_work(capsys, artifact, tmp_path, monkeypatch, kind, words) -> None:
+    monkeypatch.setattr(export_verb, "load", _no_work)
+    monkeypatch.setattr(export_verb, "transform", _no_work)
+    old = tmp_path / "old.onnx"
+    old.write_bytes(b"keep")
+    path = {"existing": old, "symlink": tmp_path / "l.onnx", "fifo": tmp_path / "p.onnx",
+            "directory": tmp_path / "d.onnx", "missing folder": tmp_path / "no" / "x.onnx"}[kind]
+    if kind == "symlink":
+        path.symlink_to(old)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    for model in (str(artifact), "mlp"):
+        code, _, err = _run(capsys, "export", model, "--onnx", str(path))
+        _assert_clean_error(code, err, f"--onnx {str(path)!r}", words)
+    assert old.read_bytes() == b"keep"
+
+
+def test_force_replaces_an_existing_onnx_file(capsys, artifact, tmp_path) -> None:
+    out_path = tmp_path / "cnn1d.onnx"
+    out_path.write_bytes(b"an older export")
+    code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(out_path), "--force")
+    assert code == 0, err
+    assert onnx.load(str(out_path)).graph.node and not list(tmp_path.glob("*.partial"))
+
+
+def test_force_reaches_export_onnx_as_overwrite(capsys, artifact, tmp_path, monkeypatch) -> None:
+    seen = []
+
+    def fake_export(*args, overwrite=False, **kwargs):
+        seen.append(overwrite)
+        raise nesc.NescError("stop here")  # the flag is what this test checks
+
+    monkeypatch.setattr(export_verb, "export_onnx", fake_export)
+    for flags in ([], ["--force"]):
+        code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "x.onnx"), *flags)
+        assert code == USAGE_ERROR and "stop here" in err
+    assert seen == [False, True]

@@ -70,3 +70,17 @@ def test_a_failing_pass_is_named_in_the_error(capsys: pytest.CaptureFixture) -> 
     assert code == USAGE_ERROR
     _assert_clean_error(err)
     assert "'PlanPools' pass after the following passes: ['Functionalize', 'FindWeights']" in err
+
+
+@pytest.mark.parametrize("ratio, words", [
+    ("1e9", ["ratio=1e+09", "535,818", "budget 0", "less than one parameter", "at most 535,818"]),  # was ZeroDivisionError
+    ("inf", ["ratio must be a finite number >= 1", "got inf"]),
+    ("nan", ["ratio must be a number >= 1", "got nan"]),
+])
+def test_an_absurd_ratio_exits_2_with_one_message(capsys: pytest.CaptureFixture, ratio: str, words: list[str]) -> None:
+    code, out, err = _run(capsys, "summary", "mlp", "--ratio", ratio)
+    assert code == USAGE_ERROR and out == ""
+    _assert_clean_error(err)
+    assert "ZeroDivisionError" not in err
+    for word in words:
+        assert word in err, err

@@ -1,6 +1,7 @@
 """``nesc train`` (``nesc/cli/train.py``) and ``nesc compress --dataset`` (``nesc/cli/compress.py``),
 in-process through ``main(argv)``, on the synthetic set with a narrow ``resnet_fmnist`` (its global
-pooling takes the 1x8x8 synthetic images)."""
+pooling takes the 1x8x8 synthetic images). Bad input (a model that does not run on the dataset, a run
+folder that is a file, a link where the weights go) is refused before any training."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 import re
 
 import pytest
+import torch
 
 import nesc
-from nesc.cli import USAGE_ERROR, main
+from nesc.cli import USAGE_ERROR, common, main
+from nesc.cli import train as train_verb
 from nesc.data import load_dataset
 from nesc.models import get_spec
-from nesc.train import evaluate
+from nesc.train import TrainResult, evaluate
 
 MODEL = ["resnet_fmnist", "--dataset", "synthetic", "--width", "0.25", "--optimizer", "adamw", "--lr", "0.01"]
 
@@ -96,4 +99,84 @@ def test_unknown_dataset_is_a_usage_error(capsys) -> None:
 def test_train_uses_the_requested_seed(capsys, tmp_path) -> None:
     code, _, _ = _run(capsys, "train", *MODEL, "--epochs", "1", "--seed", "3", "--run-dir", str(tmp_path))
     assert code == 0
-    assert json.loads((tmp_path / "checkpoint.json").read_text())["config"]["seed"] == 3
+    (document,) = tmp_path.glob("checkpoint*.json")  # one epoch: one checkpoint document
+    assert json.loads(document.read_text())["config"]["seed"] == 3
+
+
+# ------------------------------------------------------ bad input refused before any training
+
+
+def test_a_model_that_cannot_run_on_the_dataset_is_refused_before_training(capsys, tmp_path, monkeypatch) -> None:
+    """mlp's input channels match digits' (1), but its first layer wants 28x28 and digits are 8x8:
+    the trial forward on one sample catches what the channel check cannot."""
+    monkeypatch.setattr(train_verb, "fit", _no_training)
+    code, out, err = _run(capsys, "train", "mlp", "--dataset", "digits", "--run-dir", str(tmp_path))
+    assert code == USAGE_ERROR and out == ""
+    assert err.startswith("error: ") and "Traceback" not in err and "RuntimeError" not in err
+    assert "model mlp (inputs of shape (1, 28, 28))" in err and "digits (samples of shape (1, 8, 8))" in err
+    assert "the forward fails" in err and "784" in err  # what went wrong, in torch's words
+    fits = err.split("Models that fit digits: ")[1].strip().split(", ")
+    assert "resnet_fmnist" in fits and "mlp" not in fits and "cnn1d" not in fits
+
+
+def test_the_trial_forward_leaves_the_model_in_training_mode_and_its_statistics_alone() -> None:
+    from nesc.cli.common import build_model
+    from nesc.cli import build_parser
+
+    args = build_parser().parse_args(["train", "resnet_fmnist", "--dataset", "synthetic", "--width", "0.25"])
+    model = build_model(args, get_spec("resnet_fmnist"), load_dataset("synthetic"), seed=0)
+    assert model.training
+    fresh = get_spec("resnet_fmnist").create(num_classes=4, width_mult=0.25)
+    for (name, a), b in zip(model.named_buffers(), fresh.buffers()):
+        assert torch.equal(a, b), f"{name} moved during the trial forward"
+
+
+@pytest.mark.parametrize("verb", ["train", "compress"])
+def test_a_run_dir_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, monkeypatch, verb) -> None:
+    monkeypatch.setattr(common, "load_dataset", _no_training)
+    (tmp_path / "file").write_text("not a folder")
+    for run_dir, words in [(tmp_path / "file", "is a file, not a folder"),
+                           (tmp_path / "file" / "sub", f"is inside {str(tmp_path / 'file')!r}, which is a file")]:
+        out = ["--out", str(tmp_path / "m.nesc")] if verb == "compress" else []
+        code, _, err = _run(capsys, verb, *MODEL, "--run-dir", str(run_dir), *out)
+        assert code == USAGE_ERROR, err
+        assert err.startswith(f"error: --run-dir {str(run_dir)!r}") and words in err and "Traceback" not in err
+
+
+def test_a_link_where_the_weights_go_is_refused_before_training(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_verb, "fit", _no_training)
+    (tmp_path / "elsewhere").write_bytes(b"keep")
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "elsewhere")
+    code, _, err = _run(capsys, "train", *MODEL, "--run-dir", str(tmp_path))
+    assert code == USAGE_ERROR and "the weights file" in err and "symbolic link" in err
+    assert (tmp_path / "elsewhere").read_bytes() == b"keep"
+
+
+# ---------------------------------------------------------------------------- resume flags
+
+
+@pytest.mark.parametrize("flags, want", [([], {"resume": True}), (["--no-resume"], {"resume": False}),
+                                         (["--strict-resume"], {"resume": True, "strict_resume": True})])
+def test_resume_flags_reach_fit(capsys, tmp_path, monkeypatch, flags, want) -> None:
+    """``--strict-resume`` is passed as ``strict_resume=True`` only when given (so the verb runs on a
+    ``fit`` that does not know the keyword yet)."""
+    seen = []
+
+    def fake_fit(model, ds, config, *, out_dir, **kwargs):
+        seen.append(kwargs)
+        return TrainResult(0.5, 1.0, 10, 40, None, 0.0, 1)
+
+    monkeypatch.setattr(train_verb, "fit", fake_fit)
+    code, _, err = _run(capsys, "train", *MODEL, "--run-dir", str(tmp_path), *flags)
+    assert code == 0, err
+    assert seen == [want]
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_strict_resume_and_no_resume_exclude_each_other(capsys) -> None:
+    code, _, err = _run(capsys, "train", *MODEL, "--no-resume", "--strict-resume")
+    assert code == USAGE_ERROR and "not allowed with argument --no-resume" in err
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("the work started before the bad input was refused")

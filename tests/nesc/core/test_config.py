@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from torch import nn
 
+import nesc
 from nesc import ConfigError, LayerConfig, NESConfig
-from nesc.core.config import Candidate, resolve_overrides
+from nesc.core.config import DEFAULT_RATIO, Candidate, replace_fields, resolve_overrides
 
 
 def test_defaults_are_a_4x_per_layer_plan() -> None:
@@ -37,6 +39,90 @@ def test_replace_returns_a_validated_copy() -> None:
 def test_param_budget_replaces_the_default_ratio() -> None:
     c = NESConfig(param_budget=1000)
     assert c.ratio is None and c.param_budget == 1000
+
+
+def test_param_budget_replaces_the_default_ratio_of_a_default_config_too() -> None:
+    c = NESConfig().replace(param_budget=1000)  # what nesc.transform(model, x, param_budget=1000) does
+    assert c.ratio is None and c.param_budget == 1000
+    assert NESConfig(policy="global").replace(param_budget=50).ratio is None
+
+
+def test_the_default_ratio_is_documented_and_equals_an_explicit_one() -> None:
+    assert NESConfig.ratio == DEFAULT_RATIO == 4.0 and f"{NESConfig.ratio:g}" == "4"
+    assert NESConfig() == NESConfig(ratio=4.0) and "ratio=4.0" in repr(NESConfig())
+    assert NESConfig(ratio=None, param_budget=10).param_budget == 10
+
+
+def test_the_default_ratio_survives_copies_and_pickling() -> None:
+    import copy
+    import pickle
+
+    for c in (copy.deepcopy(NESConfig()), copy.copy(NESConfig()), pickle.loads(pickle.dumps(NESConfig()))):
+        assert c.ratio == 4.0 and c.replace(param_budget=100).ratio is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: NESConfig(ratio=4.0, param_budget=1000),  # 4.0 given, even though it is the default's value
+    lambda: NESConfig(ratio=8).replace(param_budget=1000),
+    lambda: NESConfig(param_budget=1000).replace(ratio=4),
+])
+def test_an_explicit_ratio_with_a_param_budget_is_an_error(make) -> None:
+    with pytest.raises(ConfigError) as info:
+        make()
+    msg = str(info.value)
+    assert "ratio or param_budget, not both" in msg and "param_budget=1000" in msg
+    assert "ratio=None" in msg and "param_budget=None" in msg  # how to fix, either way
+
+
+@pytest.mark.parametrize("ratio", [float("inf"), 1e400])
+def test_an_infinite_ratio_is_a_config_error(ratio: float) -> None:
+    with pytest.raises(ConfigError) as info:
+        NESConfig(ratio=ratio)
+    msg = str(info.value)
+    assert "ratio" in msg and "finite" in msg and "inf" in msg and "param_budget=" in msg
+
+
+def test_a_huge_finite_ratio_is_for_the_planner_to_refuse() -> None:
+    assert NESConfig(ratio=1e9).ratio == 1e9  # the config cannot know the dense size: plan_pools checks
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=True), dict(param_budget=True)])
+def test_a_bool_is_not_a_number_here(kwargs: dict) -> None:
+    with pytest.raises(ConfigError, match="ratio|param_budget"):
+        NESConfig(**kwargs)
+
+
+@pytest.mark.parametrize("typo, near", [("ration", "ratio"), ("param_budjet", "param_budget"), ("polcy", "policy"),
+                                        ("min_param", "min_params")])
+def test_replace_with_a_misspelled_field_suggests_the_close_one(typo: str, near: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        NESConfig().replace(**{typo: 4})
+    assert str(info.value) == f"unknown NESConfig field {typo!r}; did you mean {near!r}?"
+    assert not isinstance(info.value, TypeError)
+
+
+def test_replace_with_an_unknown_field_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        NESConfig().replace(zzz=1)
+    msg = str(info.value)
+    assert "unknown NESConfig field 'zzz'" in msg and "valid fields" in msg and "ratio" in msg and "overrides" in msg
+
+
+def test_replace_fields_serves_any_config_dataclass() -> None:
+    """The helper ``TrainConfig.replace`` (or any other config) can share."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Other:
+        epochs: int = 1
+
+    assert replace_fields(Other(), {"epochs": 3}) == Other(3)
+    with pytest.raises(ConfigError, match="unknown Other field 'epoch'; did you mean 'epochs'"):
+        replace_fields(Other(), {"epoch": 3})
+
+
+def test_nesc_transform_keyword_typo_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown NESConfig field 'ration'; did you mean 'ratio'"):
+        nesc.transform(nn.Linear(4, 4), (torch.randn(1, 4),), ration=4)
 
 
 @pytest.mark.parametrize(
@@ -69,6 +155,7 @@ def test_invalid_config_raises_config_error_saying_what_and_how(kwargs: dict, wo
     "kwargs, words",
     [
         (dict(ratio=0.9), ["ratio", ">= 1", "None"]),
+        (dict(ratio=float("inf")), ["ratio", "finite", "inf"]),
         (dict(pool_shape=(4, 4, 3)), ["pool_shape", "four positive ints"]),
         (dict(pool_shape=(4, 0, 3, 3)), ["pool_shape", "four positive ints"]),
         (dict(ratio=2.0, pool_shape=(4, 4, 3, 3)), ["ratio or pool_shape"]),

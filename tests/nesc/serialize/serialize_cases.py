@@ -14,6 +14,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -21,6 +22,7 @@ import nesc.core.modules  # noqa: F401 - registers torch.ops.nesc.regenerate
 from nesc.core import names
 from nesc.core.errors import ArtifactError
 from nesc.serialize import load
+from nesc.serialize.tensors import digest
 
 REGENERATE = torch.ops.nesc.regenerate.default
 SHAPE = (2, 3, 8, 8)  # (B, C, H, W) of the example input
@@ -101,12 +103,19 @@ def header(path) -> dict:
     return json.loads(raw[8 : 8 + n])
 
 
-def rewrite_metadata(src, dst, **changes) -> None:
-    """Copy an artifact with some metadata fields replaced; a well-formed header, only the values change."""
+def rewrite_metadata(src, dst, *, rehash: bool = True, **changes) -> None:
+    """Copy an artifact with some metadata fields replaced; a well-formed header, only the values change.
+    ``rehash``: recompute the digest, as an attacker would, so that what is tested is the check the edit
+    is aimed at rather than the digest (which covers the whole header)."""
     raw = src.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     head = json.loads(raw[8 : 8 + n])
     head["__metadata__"].update(changes)
+    if rehash:
+        meta = {k: v for k, v in head["__metadata__"].items() if k != "sha256"}
+        with safe_open(str(src), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        head["__metadata__"]["sha256"] = digest(tensors, meta if meta.get("format_version") != "1" else None)
     text = json.dumps(head).encode()
     text += b" " * (-len(text) % 8)
     dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
@@ -116,3 +125,26 @@ def load_error(path) -> str:
     with pytest.raises(ArtifactError) as info:
         load(path)
     return str(info.value)
+
+
+def rewrite(src, dst, *, metadata=None, tensors=None, rehash: bool = True) -> None:
+    """Copy an artifact through safetensors with its metadata and/or tensors edited by the given
+    functions (dict -> dict), and its digest recomputed as an attacker would (``rehash``)."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta, stored = dict(f.metadata()), {name: f.get_tensor(name) for name in f.keys()}
+    meta = metadata(meta) if metadata else meta
+    stored = tensors(stored) if tensors else stored
+    if rehash:
+        meta["sha256"] = digest(stored, {k: v for k, v in meta.items() if k != "sha256"})
+    save_file(stored, str(dst), metadata=meta)
+
+
+def graph_doc(path) -> dict:
+    return json.loads(header(path)["__metadata__"]["graph"])
+
+
+def with_graph(doc: dict):
+    """A metadata edit that replaces the graph document."""
+    return lambda meta: {**meta, "graph": json.dumps(doc)}

@@ -11,7 +11,8 @@ from torch import nn
 
 from nesc.core.errors import ArtifactError
 from nesc.serialize import load, save
-from nesc.serialize.codec import PY_FUNCTIONS, Invalid, decode, encode
+from nesc.serialize.codec import Invalid, decode, encode
+from nesc.serialize.ops import PY_FUNCTIONS
 from serialize_cases import header, load_error, rewrite_metadata, traced
 
 VALUES = [None, True, 3, 2.5, "conv2d", [1, [2, 3]], (1, (2,)), {"a": 1, 2: (3,)}, float("inf"), float("-inf"),
@@ -42,7 +43,7 @@ def test_the_python_allow_list_is_arithmetic_only():
 @pytest.mark.parametrize(
     "graph, expected",
     [
-        ("{not json", "invalid graph description"),
+        ("{not json", "header JSON"),
         (json.dumps({"nodes": [{"op": "placeholder", "name": "x; import os", "target": "x"}]}), "identifier"),
         (json.dumps({"nodes": [{"op": "call_module", "name": "m", "target": "m"}]}), "not one nesc writes"),
     ],
@@ -52,7 +53,7 @@ def test_invalid_graph_description(regenerate_file, tmp_path, graph, expected):
     path = tmp_path / "edited.nesc"
     rewrite_metadata(regenerate_file, path, graph=graph)
     msg = load_error(path)
-    assert "invalid graph description" in msg and expected in msg
+    assert "invalid artifact" in msg and expected in msg
 
 
 def test_unknown_operators_are_listed_together(regenerate_file, tmp_path):
@@ -62,8 +63,8 @@ def test_unknown_operators_are_listed_together(regenerate_file, tmp_path):
     path = tmp_path / "unknown_op.nesc"
     rewrite_metadata(regenerate_file, path, graph=graph)
     msg = load_error(path)
-    assert "2 operator(s)" in msg and "aten::no_such_op.default" in msg and "nesc::regenerate_v9.default" in msg
-    assert "Import the library that registers them" in msg
+    assert "2 call(s)" in msg and "aten::no_such_op is not on nesc's allow-list" in msg
+    assert "nesc::regenerate_v9 is not on nesc's allow-list" in msg and "nesc.serialize.ops" in msg
 
 
 def test_only_arithmetic_python_functions_resolve(regenerate_file, tmp_path):
@@ -71,7 +72,7 @@ def test_only_arithmetic_python_functions_resolve(regenerate_file, tmp_path):
     graph = header(regenerate_file)["__metadata__"]["graph"].replace("aten::relu.default", "operator.attrgetter")
     path = tmp_path / "crafted.nesc"
     rewrite_metadata(regenerate_file, path, graph=graph)
-    assert "unknown function 'operator.attrgetter'" in load_error(path)
+    assert "'operator.attrgetter' is neither" in load_error(path)
 
 
 # ------------------------------------------------------------------------------ save errors

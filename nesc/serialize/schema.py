@@ -1,0 +1,236 @@
+"""The schema an artifact must follow before any of it becomes a module: names, values, the header
+documents, and the facts the graph's tensors must agree with.
+
+torch.fx turns a graph into Python source and runs it, so everything from a file that reaches that
+source is checked here first: node names, placeholder and keyword-argument names must be identifiers
+(not keywords, not ``self``); attribute paths are dotted atoms of letters, digits, ``_`` and ``-``
+(torchvision's ``block1-0`` is legal: fx writes it as ``getattr(m, "block1-0")``; a quote, a
+backslash or a line break in a name could end that string, so those never pass). Every other value
+reaches the source through ``repr`` (strings, numbers) or as an object (ops, dtypes), never as text.
+
+After the module is assembled, ``check_routes`` proves every routing map fits its pool (dtype, shape,
+every start inside the pool, every fraction in [0, 1]) so no kernel can index out of bounds, and
+``check_mutations`` that in-place ops only write into tensors the graph computed itself.
+Every failure raises ``Invalid`` with what is wrong and where; the loader names the file.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import operator
+import re
+
+import torch
+from torch import fx
+
+from nesc.capture import ModeDropout
+from nesc.core import compat
+from nesc.core.modules import REGENERATE_ARGS, is_regenerate
+from nesc.core.sampling import LAYOUTS, Geometry
+
+MAX_DEPTH = 32  # nesting of values and documents: exported graphs use 3-4
+MAX_INPUT_ELEMENTS = 1 << 31  # per recorded input spec (checked under fake tensors, never allocated)
+_ATOM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+_RESERVED = {"self"}
+_TABLE_KEYS = {"kind": str, "requires_grad": bool, "persistent": bool, "stride": list, "alias_of": str}
+_KINDS = ("parameter", "buffer", "constant")
+_DEVICES = re.compile(r"(cpu|cuda|meta)(:[0-9]{1,3})?")
+
+
+class Invalid(Exception):
+    """A graph or tensor description that does not follow the schema; the loader names the file."""
+
+
+# ---------------------------------------------------------------------------------------- names
+
+def identifier(a) -> bool:
+    return isinstance(a, str) and a.isidentifier() and not keyword.iskeyword(a) and a not in _RESERVED
+
+
+def check_name(name, what: str = "name") -> str:
+    if not identifier(name):
+        raise Invalid(f"{what} {name!r} is not a Python identifier (letters, digits, _; not a keyword)")
+    return name
+
+
+def safe_atom(a) -> bool:
+    """An attribute name fx may write into source: an identifier, or letters/digits/_/- (getattr form)."""
+    return isinstance(a, str) and _ATOM.fullmatch(a) is not None and not keyword.iskeyword(a)
+
+
+def check_path(path, what: str = "tensor path") -> str:
+    if not (isinstance(path, str) and path and all(safe_atom(a) for a in path.split("."))):
+        raise Invalid(f"{what} {path!r} is not a dotted path of names made of letters, digits, '_' and '-'")
+    return path
+
+
+def check_type(value, kind, what: str):
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise Invalid(f"{what} must be {name}, got {type(value).__name__}")
+    return value
+
+
+def check_depth(value, what: str, depth: int = 0) -> None:
+    """Reject documents nested deeper than ``MAX_DEPTH`` before anything recurses over them."""
+    if depth > MAX_DEPTH:
+        raise Invalid(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, dict):
+        for v in value.values():
+            check_depth(v, what, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_depth(v, what, depth + 1)
+
+
+# ------------------------------------------------------------------------------- header documents
+
+def check_table(table) -> dict:
+    """The ``tensors`` document: {path: {kind, requires_grad?, persistent?, stride?, alias_of?}}."""
+    check_type(table, dict, "the tensor table")
+    for name, entry in table.items():
+        check_path(name)
+        check_type(entry, dict, f"tensor table entry {name!r}")
+        for key, value in entry.items():
+            if key not in _TABLE_KEYS:
+                raise Invalid(f"tensor table entry {name!r} has unknown key {key!r}")
+            check_type(value, _TABLE_KEYS[key], f"tensor {name!r}: {key}")
+        if entry.get("kind") not in _KINDS:
+            raise Invalid(f"tensor {name!r} has kind {entry.get('kind')!r}; expected one of {_KINDS}")
+        if "alias_of" in entry:
+            check_path(entry["alias_of"])
+    return table
+
+
+def check_specs(specs) -> list[tuple[tuple[int, ...], str]]:
+    check_type(specs, list, "input_specs")
+    if not specs:
+        raise Invalid("input_specs is empty")
+    out = []
+    for entry in specs:
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise Invalid(f"input spec {entry!r} is not a [shape, dtype] pair")
+        shape, dtype = entry
+        check_type(shape, list, "an input spec's shape")
+        if not all(type(d) is int and 0 <= d for d in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise Invalid(f"input spec shape {shape!r} must be non-negative ints of at most 2^31 elements")
+        if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+            raise Invalid(f"input spec dtype {dtype!r} is not a torch dtype name")
+        out.append((tuple(shape), dtype))
+    return out
+
+
+def check_extra(extra) -> dict:
+    """The caller's ``extra`` dict; the keys nesc itself reads must have their types."""
+    check_type(extra, dict, "extra")
+    reasons = extra.get("dense_reasons", {})
+    check_type(reasons, dict, "extra['dense_reasons']")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in reasons.items()):
+        raise Invalid("extra['dense_reasons'] must map weight names to reasons (strings)")
+    if extra.get("config") is not None:
+        check_type(extra["config"], str, "extra['config']")
+    return extra
+
+
+def check_device(text) -> str:
+    if not (isinstance(text, str) and _DEVICES.fullmatch(text)):
+        raise Invalid(f"device {text!r} is not cpu, cuda[:N] or meta")
+    return text
+
+
+# ----------------------------------------------------------------------------- assembled module
+
+def check_routes(gm: fx.GraphModule) -> None:
+    """Every ``nesc.regenerate`` node reads a pool and a routing map that fit each other."""
+    for node in gm.graph.nodes:
+        if is_regenerate(node):
+            _check_route(gm, node)
+
+
+def _check_route(gm: fx.GraphModule, node: fx.Node) -> None:
+    where = f"regenerate node {node.name}"
+    if len(node.args) != len(REGENERATE_ARGS) or node.kwargs:
+        raise Invalid(f"{where}: takes {REGENERATE_ARGS} positionally")
+    pool, starts, fracs, scale, shape, block, layout = node.args
+    tensors = [_stored(gm, arg, f"{where}: {role}") for arg, role in zip((pool, starts, fracs), REGENERATE_ARGS)]
+    pool, starts, fracs = tensors
+    check_type(scale, (float, int), f"{where}: scale")
+    if not math.isfinite(scale) or layout not in LAYOUTS:
+        raise Invalid(f"{where}: scale {scale!r} must be finite and layout {layout!r} one of {LAYOUTS}")
+    _ints(shape, 4, f"{where}: shape")
+    _ints(block, 2, f"{where}: block")
+    if pool.dim() != 4:
+        raise Invalid(f"{where}: the pool has shape {tuple(pool.shape)}, expected 4 dimensions")
+    try:
+        g = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
+    except ValueError as e:
+        raise Invalid(f"{where}: {e}") from None
+    grid = (*g.grid, 4)
+    if starts.dtype != torch.int32 or tuple(starts.shape) != grid:
+        raise Invalid(f"{where}: starts are {starts.dtype} {tuple(starts.shape)}, expected int32 {grid}")
+    if not fracs.is_floating_point() or tuple(fracs.shape) != grid:
+        raise Invalid(f"{where}: fractions are {fracs.dtype} {tuple(fracs.shape)}, expected float {grid}")
+    ylim, xlim = g.start_limits
+    upper = torch.tensor([g.pool[0] - 1, g.pool[1] - 1, ylim, xlim], dtype=torch.int32)
+    if bool((starts < 0).any()) or bool((starts > upper).any()):
+        raise Invalid(f"{where}: a start index lies outside its pool {g.pool} (limits {upper.tolist()})")
+    if not bool(((fracs >= 0) & (fracs <= 1)).all()):  # also false for NaN
+        raise Invalid(f"{where}: interpolation fractions must lie in [0, 1]")
+
+
+def _stored(gm: fx.GraphModule, arg, what: str) -> torch.Tensor:
+    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+        raise Invalid(f"{what} must be read from a stored tensor (get_attr)")
+    value = _attr(gm, arg.target)
+    if not isinstance(value, torch.Tensor):
+        raise Invalid(f"{what}: {arg.target!r} is not a tensor")
+    return value
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom, None)
+    return obj
+
+
+def _ints(value, n: int, what: str) -> None:
+    if not (isinstance(value, list) and len(value) == n and all(type(d) is int and d > 0 for d in value)):
+        raise Invalid(f"{what} must be {n} positive ints, got {value!r}")
+
+
+def check_mutations(gm: fx.GraphModule) -> None:
+    """An op that writes into an argument may only write into a tensor the graph computed itself:
+    never into an input (the caller's tensor) nor into a stored tensor (the model)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not compat.is_op_overload(node.target):
+            continue
+        written = compat.mutated_arguments(node.target)
+        if not written:
+            continue
+        names = compat.argument_names(node.target)
+        for name in written:
+            index = names.index(name)
+            arg = node.args[index] if index < len(node.args) else node.kwargs.get(name)
+            root = _alias_root(gm, arg)
+            if not (isinstance(root, fx.Node) and root.op in ("call_function", "call_module")):
+                raise Invalid(f"node {node.name} ({node.target}) writes into {getattr(arg, 'name', arg)!r}, "
+                              f"which is (a view of) an input or a stored tensor, not one the graph computed")
+
+
+def _alias_root(gm: fx.GraphModule, value):
+    """Follow ``value`` back through ops whose output may alias their first input (views, ``to``,
+    ``contiguous``, ``getitem`` of ``split``, eval-mode dropout modules) to where its memory comes from."""
+    for _ in range(len(gm.graph.nodes) + 1):
+        if not isinstance(value, fx.Node) or not value.args:
+            return value
+        if value.op == "call_function":
+            aliases = value.target is operator.getitem or (
+                compat.is_op_overload(value.target) and compat.returns_alias(value.target))
+        else:  # our mode-aware modules: dropout returns its input unchanged in eval mode
+            aliases = value.op == "call_module" and isinstance(gm.get_submodule(value.target), ModeDropout)
+        if not aliases:
+            return value
+        value = value.args[0]
+    return value

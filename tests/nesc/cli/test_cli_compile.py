@@ -1,0 +1,96 @@
+"""``nesc compile`` (``nesc/cli/compile.py``): ``-o`` and the parameters file next to it are checked before
+any work (an existing file needs ``--force``; a link, folder or pipe is never replaced) and ``--force``
+reaches ``CompiledModel.export_library`` as ``overwrite=True``. Building with TVM is tested in
+``tests/backends/test_tvm_build.py``; nothing here compiles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import nesc
+from nesc.cli import USAGE_ERROR, main
+from nesc.cli import compile as compile_verb
+
+pytest.importorskip("tvm", reason="the tvm extra is not installed: pip install 'nesc[tvm]'")
+from nesc.backends.tvm.runtime import params_path  # noqa: E402  (needs the extra)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the work started before -o was refused")
+
+
+@pytest.fixture()
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compile_verb, "transform", _no_work)
+    monkeypatch.setattr(compile_verb, "load", _no_work)
+    monkeypatch.setattr(compile_verb, "tvm_compile", _no_work)
+
+
+def _assert_refused(code: int, out: str, err: str, *words: str) -> None:
+    assert code == USAGE_ERROR and out == ""
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def test_an_existing_library_needs_force(capsys, tmp_path: Path, no_work) -> None:
+    library = tmp_path / "m.so"
+    library.write_bytes(b"an older build")
+    _assert_refused(*_run(capsys, "compile", "mlp", "-o", str(library)),
+                    f"-o {str(library)!r} already exists", "--force")
+    assert library.read_bytes() == b"an older build"
+
+
+def test_an_existing_parameters_file_needs_force_too(capsys, tmp_path: Path, no_work) -> None:
+    library = tmp_path / "m.so"
+    params_path(library).write_bytes(b"older parameters")
+    _assert_refused(*_run(capsys, "compile", "mlp", "-o", str(library)),
+                    "-o's parameters file", str(params_path(library)), "already exists", "--force")
+
+
+@pytest.mark.parametrize("kind, words", [("symlink", "symbolic link"), ("fifo", "not a regular file"),
+                                         ("directory", "is a directory")])
+def test_force_never_replaces_a_link_a_pipe_or_a_folder(capsys, tmp_path: Path, no_work, kind, words) -> None:
+    library = tmp_path / "m.so"
+    real = tmp_path / "real.so"
+    real.write_bytes(b"keep")
+    if kind == "symlink":
+        library.symlink_to(real)
+    elif kind == "fifo":
+        os.mkfifo(library)
+    else:
+        library.mkdir()
+    _assert_refused(*_run(capsys, "compile", "mlp", "-o", str(library), "--force"), words)
+    assert real.read_bytes() == b"keep"
+
+
+def test_a_missing_folder_is_refused(capsys, tmp_path: Path, no_work) -> None:
+    _assert_refused(*_run(capsys, "compile", "mlp", "-o", str(tmp_path / "no" / "m.so")), "does not exist")
+
+
+def test_force_reaches_export_library_as_overwrite(capsys, tmp_path: Path, monkeypatch) -> None:
+    seen = []
+
+    class Compiled:
+        def export_library(self, path, *, overwrite=False):
+            seen.append(overwrite)
+            raise nesc.NescError("stop here")  # the flag is what this test checks
+
+    monkeypatch.setattr(compile_verb, "tvm_compile", lambda *args, **kwargs: Compiled())
+    library = tmp_path / "m.so"
+    for flags in ([], ["--force"]):
+        code, _, err = _run(capsys, "compile", "cnn1d", "-o", str(library), *flags)
+        assert code == USAGE_ERROR and "stop here" in err
+    library.write_bytes(b"old")
+    code, _, err = _run(capsys, "compile", "cnn1d", "-o", str(library), "--force")
+    assert code == USAGE_ERROR and "stop here" in err
+    assert seen == [False, True, True]

@@ -1,0 +1,159 @@
+"""Mutations of a saved artifact, as a fuzzer (or an attacker) makes them: shared by the bounded
+property test in the suite (``test_fuzz.py``) and the long run in ``benchmarks/fuzz_loaders.py``.
+
+``mutate(data, rng)`` returns new file bytes. Half of the mutations work on the raw bytes (flips,
+truncation, splices: most die at the container or the digest); the other half decode the file, edit
+one thing a schema must catch — a value deep inside a header document, a node name, a call target, a
+tensor's values, dtype or shape — and write it back with the digest recomputed, so the checks behind
+the digest are what gets tested.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import torch
+
+from nesc.serialize.tensors import digest
+
+DOCUMENTS = ("graph", "tensors", "input_specs", "extra")
+NASTY_STRINGS = [
+    "", "self", "x\rimport os", 'a"),__import__("os").system("id"),("', "__class__", "aten::from_file.default",
+    "operator.attrgetter", "builtins.eval", "..", "a..b", "nesc::regenerate.default", "aten::relu_.default",
+    "/etc/passwd", "0", "class", "€", "\x00", "$node", "$float", "inf", "nan", "$dtype", "cuda:99",
+]
+NASTY_NUMBERS = [0, -1, 1, 2, 3, 2**31, -(2**31) - 1, 2**63, 10**30, 1e308, -1e308, 0.5, float("inf")]
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """One mutated copy of the artifact ``data``."""
+    if rng.random() < 0.4:
+        return _raw(data, rng)
+    try:
+        meta, tensors = _unpack(data)
+    except Exception:  # noqa: BLE001 - an already-broken input: mutate its bytes instead
+        return _raw(data, rng)
+    if rng.random() < 0.7:
+        key = rng.choice([k for k in DOCUMENTS if k in meta] or list(meta))
+        meta[key] = _edit_text(meta[key], rng)
+    else:
+        _edit_tensor(tensors, rng)
+    if rng.random() < 0.9:  # an attacker recomputes the digest
+        meta["sha256"] = digest(tensors, {k: v for k, v in meta.items() if k != "sha256"})
+    return _pack(meta, tensors)
+
+
+# ------------------------------------------------------------------------------------ raw bytes
+
+def _raw(data: bytes, rng: random.Random) -> bytes:
+    b = bytearray(data)
+    kind = rng.randrange(5)
+    if kind == 0 and b:
+        for _ in range(rng.randint(1, 8)):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+    elif kind == 1:
+        del b[rng.randrange(len(b) + 1):]
+    elif kind == 2 and b:
+        i = rng.randrange(len(b))
+        b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    elif kind == 3 and len(b) > 16:  # the 8-byte header length
+        b[:8] = struct.pack("<Q", rng.choice([0, 1, len(b), len(b) * 2, 2**63 - 1, rng.randrange(len(b))]))
+    else:
+        i, j = sorted(rng.randrange(len(b) + 1) for _ in range(2))
+        b[i:j] = b[j:i:-1] if j > i else b[i:j]
+    return bytes(b)
+
+
+# ------------------------------------------------------------------------------ structured edits
+
+def _unpack(data: bytes) -> tuple[dict, dict]:
+    from safetensors.torch import load
+
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
+    return dict(meta), dict(load(data))
+
+
+def _pack(meta: dict, tensors: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
+def _edit_text(text: str, rng: random.Random) -> str:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text[: rng.randrange(len(text) + 1)]
+    if rng.random() < 0.05:
+        return "[" * rng.choice([64, 1000, 100_000]) + "]" * rng.choice([0, 64, 1000, 100_000])
+    return json.dumps(_edit_value(doc, rng, depth=0))
+
+
+def _edit_value(value, rng: random.Random, depth: int):
+    """Walk down to one random place of a JSON document and replace, delete or duplicate it."""
+    children = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) if isinstance(value, list) else []
+    if children and (depth < 2 or rng.random() < 0.75):
+        key, child = rng.choice(children)
+        if isinstance(value, dict) and rng.random() < 0.1:  # rename a key
+            value[rng.choice(NASTY_STRINGS)] = value.pop(key)
+            return value
+        if rng.random() < 0.08:  # delete or duplicate
+            if isinstance(value, dict):
+                del value[key]
+            elif rng.random() < 0.5:
+                del value[key]
+            else:
+                value.insert(key, json.loads(json.dumps(child)))
+            return value
+        value[key] = _edit_value(child, rng, depth + 1)
+        return value
+    return _random_json(rng, value)
+
+
+def _random_json(rng: random.Random, like):
+    choice = rng.randrange(8)
+    if choice == 0:
+        return rng.choice(NASTY_STRINGS)
+    if choice == 1:
+        return rng.choice(NASTY_NUMBERS) if not isinstance(like, (int, float)) or isinstance(like, bool) else \
+            like + rng.choice([-1, 1, 2**31, -(2**31)])
+    if choice == 2:
+        return None
+    if choice == 3:
+        return not like if isinstance(like, bool) else True
+    if choice == 4:
+        return [like, like] if like is not None else []
+    if choice == 5:
+        return {rng.choice(["$node", "$tuple", "$dict", "$float", "$slice", "$device", "$dtype", "$eval"]):
+                rng.choice(NASTY_STRINGS + [[], [1, 2, 3], None])}
+    if choice == 6 and isinstance(like, str):
+        return like + rng.choice(NASTY_STRINGS)
+    return {"a": like}
+
+
+def _edit_tensor(tensors: dict, rng: random.Random) -> None:
+    if not tensors:
+        return
+    name = rng.choice(sorted(tensors))
+    t = tensors[name]
+    kind = rng.randrange(6)
+    if kind == 0:  # values, same dtype and shape
+        flat = t.reshape(-1).clone()
+        if flat.numel():
+            i = rng.randrange(flat.numel())
+            flat[i] = rng.choice([-(2**31), -1, 0, 1, 7, 2**20, 2**31 - 1]) if not t.is_floating_point() else \
+                rng.choice([float("nan"), float("inf"), -1.0, 2.0, 1e30])
+        tensors[name] = flat.reshape(t.shape)
+    elif kind == 1:
+        tensors[name] = t.to(rng.choice([torch.int64, torch.float64, torch.int8, torch.float16, torch.bool]))
+    elif kind == 2 and t.dim():
+        tensors[name] = t.reshape(-1)[: max(0, t.numel() - 1)].clone()
+    elif kind == 3:
+        tensors[name] = torch.zeros((*t.shape, 2), dtype=t.dtype)
+    elif kind == 4:
+        del tensors[name]
+    else:
+        tensors[rng.choice(NASTY_STRINGS[:6]) or "x"] = t.clone()

@@ -1,0 +1,167 @@
+"""Artifacts as an attacker writes them: code in names and keyword arguments, file-touching ops,
+in-place writes into inputs and weights, deep JSON, edited tensors with a recomputed digest. Each is
+refused with the project's ``ArtifactError`` and without any side effect; a legal PyTorch name that is
+not an identifier (torchvision's ``block1-0``) still saves and loads."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from nesc.core import names
+from nesc.serialize import load, save
+from serialize_cases import graph_doc, header, load_error, rewrite, traced, with_graph
+
+MARKER = "nesc_untrusted_test_ran"
+
+
+@pytest.fixture
+def audit():
+    """Records every file opened, process started and module imported while the test body runs."""
+    events: list[tuple[str, tuple]] = []
+    active = [True]
+
+    def hook(event: str, args: tuple) -> None:
+        if active[0] and event in ("open", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "import"):
+            events.append((event, args))
+
+    sys.addaudithook(hook)  # hooks cannot be removed: switch it off after the test
+    yield events
+    active[0] = False
+
+
+def _opened(events) -> list[str]:
+    return [str(args[0]) for event, args in events if event == "open" and isinstance(args[0], str)]
+
+
+def _first(doc: dict, op: str) -> dict:
+    return next(n for n in doc["nodes"] if n["op"] == op)
+
+
+def test_code_in_a_keyword_argument_name_never_runs(regenerate_file, tmp_path, audit) -> None:
+    doc = graph_doc(regenerate_file)
+    call = next(n for n in doc["nodes"] if n["op"] == "call_function")
+    call["kwargs"] = {f"x=1)\r__import__('builtins').{MARKER}=1\r#": 1}
+    rewrite(regenerate_file, tmp_path / "kw.nesc", metadata=with_graph(doc))
+    audit.clear()
+    assert "keyword argument" in load_error(tmp_path / "kw.nesc")
+    assert not hasattr(__import__("builtins"), MARKER)
+    assert [p for p in _opened(audit) if "kw.nesc" not in p] == []
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("name", "x\rimport os", "not a Python identifier"),
+    ("name", "self", "not a Python identifier"),
+    ("target", 'conv")\rimport os\r#', "not a stored tensor"),
+])
+def test_code_in_names_and_paths_is_refused(regenerate_file, tmp_path, field, value, expected) -> None:
+    doc = graph_doc(regenerate_file)
+    node = _first(doc, "placeholder" if field == "name" else "get_attr")
+    node[field] = value
+    rewrite(regenerate_file, tmp_path / "crafted.nesc", metadata=with_graph(doc))
+    assert expected in load_error(tmp_path / "crafted.nesc")
+
+
+def test_a_tensor_path_that_would_end_a_string_in_generated_code_is_refused(regenerate_file, tmp_path) -> None:
+    evil = 'conv.a"),__import__("os").system("id"),("'
+    rewrite(regenerate_file, tmp_path / "path.nesc",
+            metadata=lambda m: {**m, "tensors": m["tensors"].replace('"conv.bias"', json.dumps(evil))},
+            tensors=lambda t: {(evil if k == "conv.bias" else k): v for k, v in t.items()})
+    assert "not a dotted path" in load_error(tmp_path / "path.nesc")
+
+
+def test_ops_that_touch_files_are_refused_before_anything_runs(regenerate_file, tmp_path, audit) -> None:
+    doc = graph_doc(regenerate_file)
+    out = _first(doc, "output")
+    read = {"op": "call_function", "name": "leak", "target": "aten::from_file.default",
+            "args": ["/etc/passwd"], "kwargs": {"shared": False, "size": 64, "dtype": {"$dtype": "uint8"}}}
+    doc["nodes"].insert(doc["nodes"].index(out), read)
+    out["args"] = [{"$tuple": [{"$node": "leak"}]}]
+    rewrite(regenerate_file, tmp_path / "leak.nesc", metadata=with_graph(doc))
+    audit.clear()
+    msg = load_error(tmp_path / "leak.nesc")
+    assert "aten::from_file is not on nesc's allow-list" in msg
+    assert "/etc/passwd" not in _opened(audit)
+
+
+def test_in_place_writes_into_an_input_or_a_stored_tensor_are_refused(regenerate_file, tmp_path) -> None:
+    for target_op in ("placeholder", "get_attr"):
+        doc = graph_doc(regenerate_file)
+        source = _first(doc, target_op)["name"]
+        out = _first(doc, "output")
+        doc["nodes"].insert(doc["nodes"].index(out), {"op": "call_function", "name": "overwrite",
+                                                      "target": "aten::relu_.default", "args": [{"$node": source}]})
+        rewrite(regenerate_file, tmp_path / f"{target_op}.nesc", metadata=with_graph(doc))
+        assert "writes into" in load_error(tmp_path / f"{target_op}.nesc"), target_op
+
+
+def test_deeply_nested_json_is_the_projects_error(regenerate_file, tmp_path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    for key in ("graph", "tensors", "extra", "input_specs"):
+        rewrite(regenerate_file, tmp_path / f"{key}.nesc", metadata=lambda m, key=key: {**m, key: deep})
+        assert "invalid artifact" in load_error(tmp_path / f"{key}.nesc"), key
+
+
+@pytest.mark.parametrize("extra", ["[]", '"text"', '{"dense_reasons": [1]}', '{"config": 3}'])
+def test_extra_must_follow_its_schema(regenerate_file, tmp_path, extra) -> None:
+    rewrite(regenerate_file, tmp_path / "extra.nesc", metadata=lambda m: {**m, "extra": extra})
+    assert "extra" in load_error(tmp_path / "extra.nesc")
+
+
+def test_an_edited_header_without_a_new_digest_is_refused(regenerate_file, tmp_path) -> None:
+    rewrite(regenerate_file, tmp_path / "edited.nesc", metadata=lambda m: {**m, "extra": "{}"}, rehash=False)
+    assert "tampered" in load_error(tmp_path / "edited.nesc")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t.__setitem__("nesc_routes.conv_weight.starts", t["nesc_routes.conv_weight.starts"] + 1000),
+     "outside its pool"),
+    (lambda t: t.__setitem__("nesc_routes.conv_weight.starts", -t["nesc_routes.conv_weight.starts"] - 1),
+     "outside its pool"),
+    (lambda t: t.__setitem__("nesc_routes.conv_weight.fracs", t["nesc_routes.conv_weight.fracs"] * float("nan")),
+     "fractions"),
+    (lambda t: t.__setitem__("nesc_routes.conv_weight.starts", t["nesc_routes.conv_weight.starts"][:1]),
+     "expected int32"),
+    (lambda t: t.__setitem__("nesc_routes.conv_weight.starts", t["nesc_routes.conv_weight.starts"].long()),
+     "expected int32"),
+    (lambda t: t.__setitem__("fc.weight", t["fc.weight"][:, :3].contiguous()), "does not run on its recorded"),
+], ids=["start-too-large", "start-negative", "nan-fraction", "short-routes", "int64-routes", "weight-shape"])
+def test_edited_tensors_with_a_recomputed_digest_are_checked(regenerate_file, tmp_path, edit, expected) -> None:
+    def edited(tensors):
+        edit(tensors)
+        return tensors
+
+    rewrite(regenerate_file, tmp_path / "tensors.nesc", tensors=edited)
+    assert expected in load_error(tmp_path / "tensors.nesc")
+
+
+class Torchvisionish(nn.Module):
+    """torchvision names some children ``denseblock1``/``block1-0``: legal module names, not identifiers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential()
+        self.features.add_module("block1-0", nn.Conv2d(3, 4, 3, padding=1))
+        self.features.add_module("relu-0", nn.ReLU())
+
+    def forward(self, x):
+        return self.features(x).mean((2, 3))
+
+
+def test_legal_module_names_that_are_not_identifiers_save_and_load(tmp_path) -> None:
+    gm = traced(Torchvisionish())
+    save(gm, tmp_path / "tv.nesc")
+    loaded = load(tmp_path / "tv.nesc")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), gm.eval()(x))
+    assert "features.block1-0.weight" in dict(loaded.named_parameters())
+
+
+def test_the_digest_covers_the_header(regenerate_file) -> None:
+    meta = header(regenerate_file)["__metadata__"]
+    assert meta["format_version"] == "2" and len(meta["sha256"]) == 64
+    assert names.NESC_VERSION in meta
