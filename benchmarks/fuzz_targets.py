@@ -22,30 +22,6 @@ import nesc.models  # noqa: F401,E402 - the real package first: tests/nesc would
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "nesc" / "serialize")]
 
-WATCHED = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "socket.connect")
-
-
-class Recorder:
-    """Audit hook: files opened (but the allowed ones and Python sources), processes, sockets, imports."""
-
-    def __init__(self) -> None:
-        self.on, self.events, self.allowed = False, [], ()
-        sys.addaudithook(self._hook)
-
-    def _hook(self, event: str, args: tuple) -> None:
-        if not self.on:
-            return
-        if event == "import" and args[0] not in sys.modules:
-            self.events.append(f"import {args[0]}")
-        elif event == "open":
-            path, mode = str(args[0]), str(args[1] or "r")
-            source = path.endswith((".py", ".pyc")) and not set(mode) & set("wax+")
-            if not source and not path.startswith(self.allowed):
-                self.events.append(f"open {path[:120]} {mode}")
-        elif event in WATCHED:
-            self.events.append(f"{event} {str(args[0])[:120]}")
-
-
 # ------------------------------------------------------------------------------------- artifacts
 
 def artifact_seed(work: Path) -> Path:
@@ -272,7 +248,7 @@ TARGETS = {"artifact": (artifact_seed, artifact_case, artifact_load),
 def run_worker(target: str, lo: int, hi: int, work: Path) -> int:
     import torch
 
-    from nesc.core.errors import NescError
+    import fuzz_helpers as fh
 
     warnings.simplefilter("ignore")
     global CHECKPOINT_SEED
@@ -280,27 +256,14 @@ def run_worker(target: str, lo: int, hi: int, work: Path) -> int:
     seed = CHECKPOINT_SEED = make_seed(work)
     use = load(seed)  # warm up: torch imports what a first load and run need before anything is recorded
     use()
-    recorder = Recorder()
-    recorder.allowed = (str(work),)
     for i in range(lo, hi):
         case = make_case(seed, i, work)
         print(f"start {i}", flush=True)
         row = {"i": i, "effects": []}
-        recorder.events, recorder.on = [], True
-        try:
-            use = load(case)
-        except NescError as e:
-            row |= {"outcome": "unexpected" if getattr(e, "unexpected", False) else "refused",
-                    "type": f"{type(e).__name__}: {_reason(e, case)}"}
-            if row["outcome"] == "unexpected":
-                row["message"] = _where(e.__cause__ or e)
-            use = None
-        except Exception as e:  # noqa: BLE001 - what the fuzzer is here to count
-            row |= {"outcome": "other", "type": type(e).__name__, "message": _where(e)}
-            use = None
-        finally:
-            recorder.on = False
-        row["effects"] = recorder.events
+        with fh.audit([work]) as events:
+            row |= _load_one(load, case)
+        row["effects"] = events
+        use = row.pop("use")
         if use is not None:
             try:
                 with torch.no_grad():
@@ -309,8 +272,22 @@ def run_worker(target: str, lo: int, hi: int, work: Path) -> int:
             except Exception as e:  # noqa: BLE001 - loaded but does not run: a gap in the checks
                 row |= {"outcome": "other", "type": f"run: {type(e).__name__}", "message": _where(e)}
         print(json.dumps(row), flush=True)
-    shutil.rmtree(work / "scratch", ignore_errors=True)
     return 0
+
+
+def _load_one(load, case: Path) -> dict:
+    """{"use": what to run, or None, plus the outcome of a refusal}."""
+    from nesc.core.errors import NescError
+
+    try:
+        return {"use": load(case)}
+    except NescError as e:
+        unexpected = getattr(e, "unexpected", False)
+        row = {"use": None, "outcome": "unexpected" if unexpected else "refused",
+               "type": f"{type(e).__name__}: {_reason(e, case)}"}
+        return row | ({"message": _where(e.__cause__ or e)} if unexpected else {})
+    except Exception as e:  # noqa: BLE001 - what the fuzzer is here to count
+        return {"use": None, "outcome": "other", "type": type(e).__name__, "message": _where(e)}
 
 
 def _reason(e: BaseException, path: Path) -> str:

@@ -186,9 +186,16 @@ class _Recorder:
         if event in FORBIDDEN_EVENTS:
             self.events.append(f"{event} {args[:2]!r}")
         elif event in ("open", "ctypes.dlopen") and args and args[0] is not None and self.outside(args[0]):
-            self.events.append(f"{event} {args[0]!r}")
+            if not (event == "open" and _python_source(args)):
+                self.events.append(f"{event} {args[0]!r}")
         elif event == "import" and args[0] not in self.modules:
             self.events.append(f"import {args[0]}")
+
+
+def _python_source(args: tuple) -> bool:
+    """Python reading its own source for a warning's or a traceback's line (linecache): not the reader's doing."""
+    path, mode = os.fsdecode(args[0]) if not isinstance(args[0], int) else "", str(args[1] or "r")
+    return path.endswith((".py", ".pyc")) and not set(mode) & set("wax+")
 
 
 _active: list[_Recorder] = []

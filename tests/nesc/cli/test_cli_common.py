@@ -16,19 +16,9 @@ import pytest
 import torch
 
 import nesc
-from nesc.cli import USAGE_ERROR, main
+from nesc.cli import USAGE_ERROR
 from nesc.models import list_models
-
-
-def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_clean_error(err: str) -> None:
-    assert err.startswith("error: "), err
-    assert "Traceback" not in err
+from cli_cases import run as _run, assert_clean_error as _assert_clean_error
 
 
 def test_version(capsys: pytest.CaptureFixture) -> None:

@@ -11,17 +11,12 @@ from pathlib import Path
 import pytest
 
 import nesc
-from nesc.cli import USAGE_ERROR, main
+from nesc.cli import USAGE_ERROR
 from nesc.cli import compile as compile_verb
 
 pytest.importorskip("tvm", reason="the tvm extra is not installed: pip install 'nesc[tvm]'")
 from nesc.backends.tvm.runtime import params_path  # noqa: E402  (needs the extra)
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_cases import run as _run
 
 
 def _no_work(*args, **kwargs):

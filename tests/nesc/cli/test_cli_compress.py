@@ -13,22 +13,12 @@ import pytest
 import torch
 
 import nesc
-from nesc.cli import USAGE_ERROR, main
+from nesc.cli import USAGE_ERROR
 from nesc.cli import compress as compress_verb
 from nesc.models import create_model, get_spec
+from cli_cases import run as _run, assert_clean_error as _assert_clean_error
 
 HAS_SERIALIZE = importlib.util.find_spec("nesc.serialize") is not None
-
-
-def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_clean_error(err: str) -> None:
-    assert err.startswith("error: "), err
-    assert "Traceback" not in err
 
 
 def test_compress_out_folder_must_exist(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

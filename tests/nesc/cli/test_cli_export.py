@@ -13,8 +13,9 @@ import torch
 from helpers import BACKEND_REL, registry_inputs, run, transformed_registry
 
 import nesc
-from nesc.cli import USAGE_ERROR, main
+from nesc.cli import USAGE_ERROR
 from nesc.cli import export as export_verb
+from cli_cases import run as _run, assert_clean_error
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'nesc[onnx]'")
@@ -28,17 +29,9 @@ def artifact(tmp_path_factory) -> Path:
     return path
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _assert_clean_error(code: int, err: str, *fragments: str) -> None:
     assert code == USAGE_ERROR
-    assert err.startswith("error: ") and "Traceback" not in err, err
-    for f in fragments:
-        assert f in err, err
+    assert_clean_error(err, *fragments)
 
 
 def test_export_an_artifact_with_its_saved_input_shape(capsys, artifact: Path, tmp_path: Path) -> None:

@@ -7,18 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nesc.cli import PIPE_WIDTH, USAGE_ERROR, main
-
-
-def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_clean_error(err: str) -> None:
-    assert err.startswith("error: "), err
-    assert "Traceback" not in err
+from nesc.cli import PIPE_WIDTH, USAGE_ERROR
+from cli_cases import run as _run, assert_clean_error as _assert_clean_error
 
 
 def test_summary_registry_model(capsys: pytest.CaptureFixture) -> None:

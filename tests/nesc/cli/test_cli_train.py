@@ -12,19 +12,14 @@ import pytest
 import torch
 
 import nesc
-from nesc.cli import USAGE_ERROR, common, main
+from nesc.cli import USAGE_ERROR, common
 from nesc.cli import train as train_verb
 from nesc.data import load_dataset
 from nesc.models import get_spec
 from nesc.train import TrainResult, evaluate
+from cli_cases import run as _run
 
 MODEL = ["resnet_fmnist", "--dataset", "synthetic", "--width", "0.25", "--optimizer", "adamw", "--lr", "0.01"]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _accuracy(text: str, row: str) -> float:

@@ -14,6 +14,7 @@ import json
 import random
 import struct
 
+import fuzz_helpers as fh
 import torch
 
 from nesc.serialize.tensors import digest
@@ -48,22 +49,21 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 # ------------------------------------------------------------------------------------ raw bytes
 
 def _raw(data: bytes, rng: random.Random) -> bytes:
-    b = bytearray(data)
+    """fuzz_helpers' byte mutators, driven by ``rng``; plus a forged safetensors header length."""
     kind = rng.randrange(5)
-    if kind == 0 and b:
+    if kind == 0:
         for _ in range(rng.randint(1, 8)):
-            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
-    elif kind == 1:
-        del b[rng.randrange(len(b) + 1):]
-    elif kind == 2 and b:
-        i = rng.randrange(len(b))
-        b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
-    elif kind == 3 and len(b) > 16:  # the 8-byte header length
-        b[:8] = struct.pack("<Q", rng.choice([0, 1, len(b), len(b) * 2, 2**63 - 1, rng.randrange(len(b))]))
-    else:
-        i, j = sorted(rng.randrange(len(b) + 1) for _ in range(2))
-        b[i:j] = b[j:i:-1] if j > i else b[i:j]
-    return bytes(b)
+            data = fh.flip(data, rng.randrange(max(len(data), 1)), 1 << rng.randrange(8))
+        return data
+    if kind == 1:
+        return fh.truncate(data, rng.randrange(len(data) + 1))
+    if kind == 2:
+        return fh.splice(data, rng.randrange(len(data) + 1), rng.randbytes(rng.randint(1, 64)))
+    if kind == 3 and len(data) > 16:  # the 8-byte header length
+        n = rng.choice([0, 1, len(data), len(data) * 2, 2**63 - 1, rng.randrange(len(data))])
+        return struct.pack("<Q", n) + data[8:]
+    i, j = sorted(rng.randrange(len(data) + 1) for _ in range(2))
+    return fh.splice(data, i, data[i:j][::-1], delete=j - i)
 
 
 # ------------------------------------------------------------------------------ structured edits

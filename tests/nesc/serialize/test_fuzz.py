@@ -5,8 +5,8 @@ nothing else escapes, and loading opens no other file, starts no process and imp
 from __future__ import annotations
 
 import random
-import sys
 
+import fuzz_helpers as fh
 import pytest
 import torch
 
@@ -18,34 +18,6 @@ from nesc.serialize import load
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-WATCHED = ("open", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "socket.connect")
-
-
-class Recorder:
-    """An audit hook (hooks cannot be removed: it records only while ``on``)."""
-
-    def __init__(self) -> None:
-        self.on, self.events, self.allowed = False, [], set()
-        sys.addaudithook(self._hook)
-
-    def _hook(self, event: str, args: tuple) -> None:
-        if not self.on:
-            return
-        if event == "import" and args[0] not in sys.modules:
-            self.events.append((event, args[0]))
-        elif event == "open":
-            path, mode = str(args[0]), str(args[1] or "r")
-            # The input itself, and Python sources read for tracebacks (linecache), are not side effects.
-            source = path.endswith((".py", ".pyc")) and not set(mode) & set("wax+")
-            if path not in self.allowed and not source:
-                self.events.append((event, path[:200], mode))
-        elif event in WATCHED:
-            self.events.append((event, str(args[0])[:200]))
-
-
-RECORDER = Recorder()
-
 
 @pytest.fixture(scope="module")
 def original(artifacts) -> bytes:
@@ -59,16 +31,13 @@ def original(artifacts) -> bytes:
 def test_a_mutated_artifact_is_refused_or_loads_and_runs(original, tmp_path, seed) -> None:
     path = tmp_path / f"m{seed}.nesc"
     path.write_bytes(mutate(original, random.Random(seed)))
-    RECORDER.allowed, RECORDER.events = {str(path)}, []
-    RECORDER.on = True
-    try:
-        gm = load(path)
-    except ArtifactError as e:
-        assert not getattr(e, "unexpected", False), f"seed {seed}: a gap in the checks: {e.__cause__!r}"
-        gm = None
-    finally:
-        RECORDER.on = False
-    assert RECORDER.events == [], f"seed {seed}: side effects during load: {RECORDER.events}"
+    with fh.audit([path]) as events:
+        try:
+            gm = load(path)
+        except ArtifactError as e:
+            assert not getattr(e, "unexpected", False), f"seed {seed}: a gap in the checks: {e.__cause__!r}"
+            gm = None
+    assert events == [], f"seed {seed}: side effects during load: {events}"
     if gm is not None:
         with torch.no_grad():
             gm(*inputs.from_specs(gm.meta[names.INPUT_SPECS]))
