@@ -18,8 +18,8 @@ module newly imported while loading. Outcomes per input:
     crash        the worker process died
     side effect  anything the audit hook recorded (counted on top of the outcome)
 
-Results (resumable: finished chunks are kept) go to ``benchmarks/results/fuzz/<target>.jsonl``, and the
-summary to ``benchmarks/results/fuzz.md``.
+Per-input results (resumable: finished chunks are kept; not committed) go to
+``benchmarks/results/fuzz/<target>.jsonl``, the summary to ``benchmarks/results/fuzz.md`` and ``fuzz.json``.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def write_summary(counts: dict[str, int], args, seconds: float) -> None:
              f"(this run: {seconds / 60:.0f} min on this machine; finished chunks of earlier runs are reused).", "",
              "| target | inputs | refused (project error) | loaded and ran | unexpected (guard) | other exceptions "
              "| crashes | inputs with side effects |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
-    details = []
+    details, summary = [], {"command": f"python benchmarks/fuzz_loaders.py --inputs {args.inputs} --targets "
+                                       f"{args.targets}", "targets": {}}
     for target in counts:
         rows = [json.loads(line) for line in (RESULTS / "fuzz" / f"{target}.jsonl").read_text().splitlines()]
         rows = [r for r in rows if r["i"] < counts[target]]
@@ -115,11 +116,14 @@ def write_summary(counts: dict[str, int], args, seconds: float) -> None:
         lines.append(f"| {target} | {len(rows):,} | {c['refused']:,} | {c['loaded']:,} | {c['unexpected']:,} | "
                      f"{c['other']:,} | {c['crash']:,} | {effects:,} |")
         kinds = Counter(r["type"] for r in rows if r["outcome"] != "loaded")
+        summary["targets"][target] = {"inputs": len(rows), "outcomes": dict(c), "with side effects": effects,
+                                      "refusals by kind": dict(kinds.most_common())}
         details.append(f"- {target}: " + ", ".join(f"{k} {v:,}" for k, v in kinds.most_common(8)))
         bad = [r for r in rows if r["outcome"] in ("unexpected", "other", "crash") or r["effects"]][:5]
         details += [f"  - input {r['i']}: {r['outcome']} {r['type']}: {r.get('message', '')[:160]}" for r in bad]
     lines += ["", "Most frequent error types, and the first inputs that were not clean (if any):", ""] + details
     (RESULTS / "fuzz.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "fuzz.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(lines))
 
 

@@ -177,6 +177,14 @@ def keep_precision_on_cast(*names: str):
     return decorate
 
 
+def preload_lazy_modules() -> None:
+    """Import what torch imports lazily on the paths a load may take (fake tensors, their dispatch-mode
+    handling), so that loading a file imports nothing new. Public replacement: none (``torch._subclasses``)."""
+    import torch._subclasses.fake_tensor  # noqa: F401
+    import torch._subclasses.functional_tensor  # noqa: F401
+    import torch._subclasses.schema_check_mode  # noqa: F401
+
+
 def fake_tensor_mode():
     """A ``FakeTensorMode`` in which tensors have shapes and dtypes but no storage, and real tensors
     (a module's parameters) may be mixed in. Public replacement: none (``torch._subclasses``)."""

@@ -314,6 +314,8 @@ def _decode_codegen(doc, path: str) -> fx.graph.CodeGen:
     orig_args = schema.check_type(doc.get("orig_args", []), list, "codegen orig_args")
     for a in orig_args:
         schema.check_name(a, "a forward argument")
+    if len(set(orig_args)) != len(orig_args):
+        raise Invalid(f"codegen orig_args {orig_args!r} name an argument twice")
     specs = [schema.check_type(doc.get(k), str, f"codegen {k}") for k in ("in_spec", "out_spec")]
     try:
         specs = [compat.treespec_loads(text) for text in specs]

@@ -90,11 +90,20 @@ def _load(path: str) -> fx.GraphModule:
 
 
 def installed_version() -> str:
-    """The installed nesc's version, as the header's ``names.NESC_VERSION`` entry records it."""
+    """The installed nesc's version, as the header's ``names.NESC_VERSION`` entry records it (read once,
+    at import: a load never opens package metadata while it handles a file)."""
+    return _INSTALLED
+
+
+def _read_version() -> str:
     try:
         return importlib.metadata.version("nesc")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+_INSTALLED = _read_version()
+compat.preload_lazy_modules()
 
 
 def _read(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:

@@ -144,8 +144,13 @@ def _edit_tensor(tensors: dict, rng: random.Random) -> None:
         flat = t.reshape(-1).clone()
         if flat.numel():
             i = rng.randrange(flat.numel())
-            flat[i] = rng.choice([-(2**31), -1, 0, 1, 7, 2**20, 2**31 - 1]) if not t.is_floating_point() else \
-                rng.choice([float("nan"), float("inf"), -1.0, 2.0, 1e30])
+            if t.is_floating_point():
+                flat[i] = rng.choice([float("nan"), float("inf"), -1.0, 2.0, 1e30])
+            elif t.dtype == torch.bool:
+                flat[i] = not bool(flat[i])
+            else:  # the dtype's extremes and a few values, clamped into its range
+                info = torch.iinfo(t.dtype)
+                flat[i] = max(info.min, min(info.max, rng.choice([-(2**31), -1, 0, 1, 7, 2**20, 2**31 - 1])))
         tensors[name] = flat.reshape(t.shape)
     elif kind == 1:
         tensors[name] = t.to(rng.choice([torch.int64, torch.float64, torch.int8, torch.float16, torch.bool]))
