@@ -16,7 +16,8 @@ import-linter contracts in ``pyproject.toml``):
     passes/                   the fx passes and pipelines                              [folder passes/]
     capture                   symbolic_trace / torch.export -> mode-aware GraphModule
     models/, data, checkpoint the reference models, datasets, training run files      [folder models/]
-    core/                     errors, registry, config, names, inputs, sampling math and modules, compat
+    core/                     errors, registry, config, names, inputs, files, sampling math and modules,
+                              compat (torch's private APIs)
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -2,9 +2,10 @@
 
 Why not ``torch.save``: a pickle runs code when it is loaded and ties the file to the classes that
 wrote it. A nesc artifact is plain data, so a file from anyone can be opened safely: tensors in the
-safetensors body, everything else as JSON strings in its header; every name that ends up in
-generated Python code (node names, attribute paths, argument names) is checked to be an identifier,
-and call targets resolve only to torch ops and a fixed list of arithmetic functions.
+safetensors body, everything else as JSON strings in its header, decoded through a schema
+(``schema``): every name that ends up in generated Python code (node names, attribute paths,
+argument names) is an identifier or a path of ``[A-Za-z0-9_-]`` atoms, and call targets resolve only
+to the allow-list of pure ops (``ops``). See ``loader`` for every check, in order.
 
 A graph captured by ``symbolic_trace`` calls modules (``nn.BatchNorm2d``, ...) whose constructor
 arguments cannot be recovered generically, so ``save`` first re-exports the model with
@@ -12,13 +13,13 @@ arguments cannot be recovered generically, so ``save`` first re-exports the mode
 ``get_attr`` tensors, and writes that graph. ``load`` rebuilds it and turns batch norm / dropout back
 into modules that follow ``train()``/``eval()`` (``nesc.capture.make_mode_aware``).
 
-Format, ``FORMAT_VERSION`` 1. Tensors: every parameter and buffer of the saved module under its
-``state_dict`` name, plus tensor constants of the exported graph; a name that aliases another tensor
-(tied weights) is stored once. Tensors are stored contiguous; a transposed or channels_last one
+Format, ``FORMAT_VERSION`` 2 (1 is still read). Tensors: every parameter and buffer of the saved
+module under its ``state_dict`` name, plus tensor constants of the exported graph; a name that
+aliases another tensor (tied weights) is stored once. Tensors are stored contiguous; a transposed or channels_last one
 records its strides and gets them back. Header metadata (all strings):
 
     format          "nesc"
-    format_version  "1"
+    format_version  "2"
     nesc_version    the nesc that wrote the file (key ``names.NESC_VERSION``)
     torch_version   the torch that wrote it
     graph           JSON {"nodes": [...], "codegen": {...}} (see ``codec``)
@@ -26,7 +27,8 @@ records its strides and gets them back. Header metadata (all strings):
                     "persistent", "stride", "alias_of"}} (see ``tensors``)
     input_specs     JSON [[shape, dtype], ...] of the example inputs
     extra           JSON of the caller's ``extra`` dict (e.g. the compression report)
-    sha256          hex digest over the stored tensors: name, dtype, shape and bytes, by name
+    sha256          hex digest over every other header entry (canonical JSON) and then the stored
+                    tensors: name, dtype, shape and bytes, by name (version 1: the tensors only)
 
 Decisions:
 
@@ -44,13 +46,16 @@ Decisions:
   write and requires outputs equal (``torch.equal``) to the saved module's eval outputs. Layout
   (strides) and alignment (tensors are cloned into torch's 64-byte-aligned memory on load) matter
   for that: CPU kernels may sum in another order otherwise.
-* Load order of checks: file exists; safetensors header readable; ``format``; ``format_version``;
-  ``sha256``; graph JSON well-formed; every call target resolves. Each failure is an
-  ``ArtifactError`` naming the file, the problem and the fix.
+* Load order of checks (``loader``): a regular file; safetensors header readable; ``format`` and
+  ``format_version`` before anything else is parsed; ``sha256``; header documents and graph against
+  their schema, calls against the allow-list; routing maps against their pools, in-place writes;
+  one check run on the recorded inputs. Each failure is an ``ArtifactError`` naming the file, the
+  problem and the fix.
 
-Modules, bottom to top (each imports only those before it): ``codec`` (graph <-> JSON, the schema
-and allow-list), ``tensors`` (the tensor table, aliasing, layout, digest), ``loader`` (``load``: the
-checks above, assembling the module), ``writer`` (``save``: re-export, rebuild check, writing).
+Modules, bottom to top (each imports only those before it): ``schema`` (what a file must follow),
+``ops`` (the allow-list of calls), ``codec`` (graph <-> JSON), ``tensors`` (the tensor table, aliasing,
+layout, digest), ``loader`` (``load``: the checks above, assembling the module), ``writer`` (``save``:
+re-export, rebuild check, writing).
 """
 
 from __future__ import annotations
