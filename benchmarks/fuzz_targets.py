@@ -292,7 +292,7 @@ def _load_one(load, case: Path) -> dict:
 
 def _reason(e: BaseException, path: Path) -> str:
     """The kind of refusal: the message without the path, cut before its first detail."""
-    text = re.sub(r"'[^']*/[^']*'", "'...'", str(e).replace(str(path), "")).lstrip(": ")
+    text = re.sub(r"'[^']*/[^']*'", "<path>", str(e).replace(str(path), "")).lstrip(": ")
     if text.startswith("invalid artifact ("):
         text = "invalid: " + text[len("invalid artifact ("):]
     head, _, rest = text.partition(": ") if text.startswith("invalid: ") else ("", "", text)
