@@ -36,7 +36,7 @@ from nesc.checkpoint import (
     save_checkpoint,
     write_metrics,
 )
-from nesc.core.config import replace_fields
+from nesc.core.config import checked_fields, replace_fields
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.modules import samplers_by_pool
 from nesc.data import Dataset, balanced_indices
@@ -49,6 +49,7 @@ DEVICES = ("auto", "cpu", "cuda")
 EVAL_BATCH = 500
 
 
+@checked_fields
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -43,17 +44,36 @@ _UNSET_RATIO = _DefaultRatio(DEFAULT_RATIO)
 def replace_fields(config, changes: Mapping[str, object]):
     """``dataclasses.replace(config, **changes)``, but a misspelled field is a ``ConfigError`` that
     names it and suggests the nearest field, not a bare ``TypeError``. Shared by every config
-    dataclass's ``replace`` (``NESConfig``; ``TrainConfig`` can use it too)."""
-    fields = [f.name for f in dataclasses.fields(config) if f.init]
+    dataclass's ``replace`` (``NESConfig``, ``TrainConfig``)."""
+    _check_fields(type(config), changes)
+    return dataclasses.replace(config, **changes)
+
+
+def checked_fields(cls):
+    """Class decorator for a config dataclass: a misspelled keyword of its constructor is a
+    ``ConfigError`` suggesting the nearest field (``NESConfig(ration=4)``), not a bare ``TypeError``."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        _check_fields(cls, kwargs)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _check_fields(cls, changes: Mapping[str, object]) -> None:
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [key for key in changes if key not in fields]
     if unknown:
         key = unknown[0]
         near = difflib.get_close_matches(key, fields, n=1)
         hint = f"did you mean {near[0]!r}?" if near else f"valid fields: {', '.join(fields)}"
-        raise ConfigError(f"unknown {type(config).__name__} field {key!r}; {hint}")
-    return dataclasses.replace(config, **changes)
+        raise ConfigError(f"unknown {cls.__name__} field {key!r}; {hint}")
 
 
+@checked_fields
 @dataclass(frozen=True)
 class LayerConfig:
     """Settings for one layer that override the model-wide plan.
@@ -85,6 +105,7 @@ class LayerConfig:
             raise ConfigError("LayerConfig takes ratio or pool_shape, not both: pool_shape fixes the size")
 
 
+@checked_fields
 @dataclass(frozen=True)
 class NESConfig:
     """How to compress a model.

@@ -251,3 +251,22 @@ def test_rule_naming_a_module_without_compressible_weight_says_so() -> None:
 def test_unused_type_rule_is_an_error() -> None:
     with pytest.raises(ConfigError, match="LSTM matches no compressible weight"):
         _resolved({nn.LSTM: None})
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: NESConfig(ration=4), "unknown NESConfig field 'ration'; did you mean 'ratio'?"),
+    (lambda: LayerConfig(pool_shap=(1, 1, 1, 1)), "unknown LayerConfig field 'pool_shap'; did you mean 'pool_shape'?"),
+])
+def test_a_misspelled_constructor_keyword_suggests_the_field(build, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert str(info.value) == message
+
+
+def test_train_config_typos_suggest_the_field() -> None:
+    from nesc.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="unknown TrainConfig field 'epoch'; did you mean 'epochs'"):
+        TrainConfig(epoch=3)
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        TrainConfig().replace(epoch=3)
