@@ -26,7 +26,6 @@ from nesc.report import Report, build_report
 # pipeline: find weights, plan pools, rewrite) and, with init="dense", "fit". The CLI times and shows
 # progress through it; anything returning a context manager works.
 StageHook = Callable[[str], AbstractContextManager]
-STAGES = ("capture", "plan", "fit")
 
 
 def transform(model: nn.Module, example_inputs, config: NESConfig | None = None, *,

@@ -217,7 +217,7 @@ def _routes(ep: torch.export.ExportedProgram) -> dict[str, dict]:
         pool, starts, fracs, _, shape, block, layout = node.args
         g = Geometry(tuple(shape), tuple(pool.meta["val"].shape), tuple(block), layout)
         common = {"pool": names.get(pool.name), "pool_shape": list(g.pool), "grid": list(g.grid)}
-        limits = [g.pool[0] - 1, g.pool[1] - 1, *g.start_limits]
+        limits = list(g.start_max)
         for arg, entry in ((starts, {"role": "starts", "max": limits}), (fracs, {"role": "fracs"})):
             name = names.get(getattr(arg, "name", None))
             if name is None or tuple(arg.meta["val"].shape) != (*g.grid, 4):

@@ -75,8 +75,3 @@ def pool_name(index: int) -> str:
     """The attribute name of the ``index``-th pool of a plan."""
     return f"{POOL_PREFIX}_{index}"
 
-
-def is_generated(name: str) -> bool:
-    """True for an attribute path nesc added to the GraphModule (pools, samplers, routing maps, modes)."""
-    head = name.split(".", 1)[0]
-    return head in (SAMPLERS, ROUTES) or head.startswith((POOL_PREFIX + "_", MODE_PREFIX + "_"))

@@ -88,6 +88,12 @@ class Geometry:
         return tuple(itertools.product(*axes))
 
     @property
+    def start_max(self) -> tuple[int, int, int, int]:
+        """The largest valid integer start of each coordinate (o, i, y, x) of a routing map: channel
+        starts wrap into [0, Op) and [0, Ip), spatial ones clamp to [0, K - k]."""
+        return (self.pool[0] - 1, self.pool[1] - 1, *self.start_limits)
+
+    @property
     def start_limits(self) -> tuple[int, int]:
         """Largest valid spatial start (y, x); spatial axes clamp, channel axes wrap."""
         return self.pool[2] - self.shape[2], self.pool[3] - self.shape[3]

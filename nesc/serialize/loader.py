@@ -77,11 +77,6 @@ def _load(path: str) -> fx.GraphModule:
     _check_digest(metadata, tensors, version, path)
     doc, table, specs, extra = _parse_json(metadata, path)
     gm = assemble(doc, tensors, table, path)
-    try:
-        schema.check_routes(gm)
-        schema.check_mutations(gm)
-    except Invalid as e:
-        raise _invalid(path, str(e)) from None
     _check_runs(gm, specs, path)
     gm.meta[names.INPUT_SPECS] = specs
     gm.meta[names.CAPTURE] = "export"  # an aten graph with mode-aware modules, as capture's export path
@@ -189,13 +184,16 @@ def _invalid(path: str, what: str) -> ArtifactError:
 
 
 def assemble(doc: dict, stored: dict[str, Tensor], table: dict, path: str) -> fx.GraphModule:
-    """Module holding the tensors at their dotted paths + the decoded graph, mode-aware, in eval mode."""
+    """Module holding the tensors at their dotted paths + the decoded graph, mode-aware, in eval mode,
+    its routing maps and in-place writes checked (``schema``)."""
     gm = fx.GraphModule(nn.Module(), fx.Graph())
     try:
         install_tensors(gm, stored, table)
         graph = decode_graph(doc, table, path)
         gm.graph = graph  # recompiles: the source is made only of checked names and repr'd constants
         make_mode_aware(gm)  # aten batch_norm/dropout -> modules that follow gm.training; lints
+        schema.check_routes(gm)  # here, not in load only: save refuses what load would
+        schema.check_mutations(gm)
     except ArtifactError:
         raise
     except Invalid as e:

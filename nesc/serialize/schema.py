@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from nesc.capture import ModeDropout
-from nesc.core import compat
+from nesc.core import compat, inputs
 from nesc.core.modules import REGENERATE_ARGS, is_regenerate
 from nesc.core.sampling import LAYOUTS, Geometry
 
@@ -104,20 +104,16 @@ def check_table(table) -> dict:
 
 
 def check_specs(specs) -> list[tuple[tuple[int, ...], str]]:
+    """The ``input_specs`` document: JSON ``[[shape list, dtype name], ...]`` holding what
+    ``nesc.core.inputs.check_specs`` accepts, each input of at most ``MAX_INPUT_ELEMENTS``."""
     check_type(specs, list, "input_specs")
-    if not specs:
-        raise Invalid("input_specs is empty")
-    out = []
     for entry in specs:
-        if not (isinstance(entry, list) and len(entry) == 2):
-            raise Invalid(f"input spec {entry!r} is not a [shape, dtype] pair")
-        shape, dtype = entry
-        check_type(shape, list, "an input spec's shape")
-        if not all(type(d) is int and 0 <= d for d in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS:
-            raise Invalid(f"input spec shape {shape!r} must be non-negative ints of at most 2^31 elements")
-        if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
-            raise Invalid(f"input spec dtype {dtype!r} is not a torch dtype name")
-        out.append((tuple(shape), dtype))
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)):
+            raise Invalid(f"input spec {entry!r} is not a [shape, dtype] pair with the shape a list")
+    out = inputs.check_specs(specs, "input_specs", Invalid)
+    for shape, _ in out:
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise Invalid(f"input spec shape {shape!r} holds more than 2^31 elements")
     return out
 
 
@@ -171,8 +167,7 @@ def _check_route(gm: fx.GraphModule, node: fx.Node) -> None:
         raise Invalid(f"{where}: starts are {starts.dtype} {tuple(starts.shape)}, expected int32 {grid}")
     if not fracs.is_floating_point() or tuple(fracs.shape) != grid:
         raise Invalid(f"{where}: fractions are {fracs.dtype} {tuple(fracs.shape)}, expected float {grid}")
-    ylim, xlim = g.start_limits
-    upper = torch.tensor([g.pool[0] - 1, g.pool[1] - 1, ylim, xlim], dtype=torch.int32)
+    upper = torch.tensor(g.start_max, dtype=torch.int32)
     if bool((starts < 0).any()) or bool((starts > upper).any()):
         raise Invalid(f"{where}: a start index lies outside its pool {g.pool} (limits {upper.tolist()})")
     if not bool(((fracs >= 0) & (fracs <= 1)).all()):  # also false for NaN
