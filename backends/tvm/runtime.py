@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 except OSError:
                     os.unlink(args.output)
                     raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: np.load of an empty --input file
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{Path(args.library).name}: output {'x'.join(map(str, first.shape))} {first.dtype} in {ms:.2f} ms; "

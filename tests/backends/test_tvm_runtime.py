@@ -156,8 +156,9 @@ def test_command_line_output_never_replaces_a_file(exported: Path, tmp_path: Pat
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "File exists" in done.stderr and "Traceback" not in done.stderr
     assert out.read_bytes() == b"keep me"
-    bad = tmp_path / "x.npy"
-    bad.write_bytes(b"not an array")
-    done = subprocess.run([sys.executable, str(RUNTIME_FILE), str(exported), "--input", str(bad)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    for content in (b"not an array", b""):  # garbage, and an empty file (numpy raises EOFError)
+        bad = tmp_path / "x.npy"
+        bad.write_bytes(content)
+        done = subprocess.run([sys.executable, str(RUNTIME_FILE), str(exported), "--input", str(bad)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
