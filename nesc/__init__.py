@@ -28,6 +28,7 @@ from nesc.api import compile  # noqa: A004  (nesc.compile: the TVM backend, impo
 from nesc.api import export_onnx
 from nesc.capture import capture
 from nesc.core.config import LayerConfig, NESConfig
+from nesc.core.modules import set_sampling_width, start_stats
 from nesc.fitting import distillation_loss, fit_pools, load_checkpoint
 from nesc.core.errors import (
     ArtifactError,
@@ -48,7 +49,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "ArtifactError", "CaptureError", "ConfigError", "InputError", "LayerConfig", "NESConfig", "NescError",
     "PassOrderError", "PlanError", "capture", "distillation_loss", "fit_pools", "freeze", "load",
-    "load_checkpoint", "save", "stored_bytes", "stored_params", "summary", "transform",
+    "load_checkpoint", "save", "set_sampling_width", "start_stats", "stored_bytes", "stored_params", "summary",
+    "transform",
 ]
 __all__ += ["compile"]
 __all__ += ["export_onnx"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -18,6 +19,8 @@ from nesc import serialize
 from nesc.capture import capture
 from nesc.core import names
 from nesc.core.config import NESConfig
+from nesc.core.errors import NescWarning
+from nesc.core.modules import EpitomeSampler
 from nesc.fitting import fit_pools
 from nesc.passes import pipeline
 from nesc.report import Report, build_report
@@ -48,22 +51,30 @@ def transform(model: nn.Module, example_inputs, config: NESConfig | None = None,
     gm.meta[names.CONFIG] = config
     if config.init == "dense":
         with stage("fit"):
-            fit_to_model(gm, model)
+            fit_to_model(gm, model, match_spread=config.match_spread)
     return gm
 
 
-def fit_to_model(gm: fx.GraphModule, model: nn.Module) -> dict[str, float]:
-    """Fit ``gm``'s pools to ``model``'s current weights by least squares (``nesc.fit_pools``); the
-    per-layer relative errors are returned and kept in ``gm.meta[names.FIT_ERRORS]``."""
+def fit_to_model(gm: fx.GraphModule, model: nn.Module, match_spread: bool = False) -> dict[str, float]:
+    """Fit ``gm``'s pools to ``model``'s current weights by least squares (``nesc.fit_pools``, with its
+    ``match_spread``); the per-layer relative errors are returned and kept in ``gm.meta[names.FIT_ERRORS]``."""
     # Capture keeps the user's qualified names; a tied weight may be read under any of its names.
     dense = dict(model.named_parameters(remove_duplicate=False))
-    gm.meta[names.FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in gm.meta[names.PLAN].layers})
+    gm.meta[names.FIT_ERRORS] = fit_pools(gm, {name: dense[name] for name in gm.meta[names.PLAN].layers},
+                                          match_spread=match_spread)
     return gm.meta[names.FIT_ERRORS]
 
 
 def freeze(gm: fx.GraphModule) -> fx.GraphModule:
     """Return a frozen copy: learned indices become routing maps; the copy is in eval mode and stores
     only pools, routing maps and what stayed dense. Its outputs equal ``gm.eval()``'s."""
+    wide = sorted({m.width for m in gm.modules() if isinstance(m, EpitomeSampler) and m.width > 1})
+    if wide:
+        warnings.warn(NescWarning(
+            f"freezing samplers whose sampling kernel is {wide[-1]:g} cells wide: the routing map keeps linear "
+            f"interpolation (width 1), so the frozen model's outputs differ from the model as trained. Anneal the "
+            f"width to 1 before freezing (nesc.train.fit does; in your own loop: nesc.set_sampling_width(gm, 1.0) and "
+            f"fine-tune)"), stacklevel=2)
     frozen = copy.deepcopy(gm).eval()
     frozen.meta = copy.copy(gm.meta)
     return pipeline.run(frozen, pipeline.FREEZE)

@@ -16,6 +16,7 @@ indices train; ``train()``/``eval()`` switch batch norm and dropout as on the or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -38,7 +39,7 @@ from nesc.checkpoint import (
 )
 from nesc.core.config import checked_fields, replace_fields
 from nesc.core.errors import ConfigError, InputError
-from nesc.core.modules import samplers_by_pool
+from nesc.core.modules import samplers_by_pool, set_sampling_width, start_stats
 from nesc.data import Dataset, balanced_indices
 from nesc.fitting import distillation_loss
 from nesc.report import build_report, stored_bytes, stored_params
@@ -66,6 +67,12 @@ class TrainConfig:
         averages over this many train batches (``torch.optim.swa_utils.update_bn``); 0 keeps the
         running averages of training. Short runs (tens of steps) need it: momentum-0.1 averages of
         statistics that moved with every step describe no single set of weights.
+    sampling_width: half-width in cells of the samplers' kernel at the first step (1 = linear
+        interpolation throughout); it falls linearly to 1 over the first ``width_anneal`` of the steps
+        (``nesc.core.modules.set_sampling_width``), so start indices learn on a smooth landscape and
+        the model trains its last steps with the routing freeze keeps.
+    starts_lr: learning rate of the start indices (their own group, no weight decay); None = ``lr``.
+        With adamw it is about the cells a start moves per step.
     progress: rich progress bars; None = only on a terminal and outside CI.
     """
 
@@ -84,6 +91,9 @@ class TrainConfig:
     device: str = "auto"
     limit: int | None = None
     bn_recalibration: int = 0
+    sampling_width: float = 1.0
+    width_anneal: float = 0.5
+    starts_lr: float | None = None
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -109,6 +119,12 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.bn_recalibration must be an int >= 0; got {self.bn_recalibration!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ConfigError(f"TrainConfig.limit must be a positive number of samples or None; got {self.limit!r}")
+        if not (isinstance(self.sampling_width, (int, float)) and self.sampling_width >= 1):
+            raise ConfigError(f"TrainConfig.sampling_width must be >= 1 (cells); got {self.sampling_width!r}")
+        if not 0 < self.width_anneal <= 1:
+            raise ConfigError(f"TrainConfig.width_anneal must be in (0, 1] (a share of the steps); got {self.width_anneal!r}")
+        if self.starts_lr is not None and not self.starts_lr > 0:
+            raise ConfigError(f"TrainConfig.starts_lr must be > 0 or None (= lr); got {self.starts_lr!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("TrainConfig.device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
 
@@ -189,12 +205,15 @@ def fit(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *
             test_loss, test_acc = evaluate(model, dataset, device)
             elapsed += time.perf_counter() - t0
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-                   "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed}
+                   "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed,
+                   **start_stats(model)}
             history.append(row)
             if out is not None:
                 write_metrics(out, history)
                 save_checkpoint(out, model, optimizer, scheduler, settings, epoch + 1, history, elapsed, keep=kept)
                 kept = epoch + 1
+    if config.sampling_width > 1:
+        set_sampling_width(model, 1.0)  # what the schedule reaches by its end; what freeze keeps
     return _report(model, dataset, history, elapsed, device)
 
 
@@ -218,7 +237,10 @@ def _train_epoch(model, teacher, optimizer, scheduler, x, y, epoch, config, devi
     order = epoch_order(len(y), config.seed, epoch)
     total_loss, correct = 0.0, 0
     task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(order)) if bar is not None else None
-    for lo in range(0, len(order), config.batch_size):
+    steps = math.ceil(len(order) / config.batch_size)
+    for step, lo in enumerate(range(0, len(order), config.batch_size)):
+        if config.sampling_width > 1:
+            set_sampling_width(model, sampling_width_at(epoch * steps + step, config.epochs * steps, config))
         idx = order[lo : lo + config.batch_size]
         xb, yb = x[idx].to(device), y[idx].to(device)
         logits = model(xb)
@@ -240,6 +262,14 @@ def _train_epoch(model, teacher, optimizer, scheduler, x, y, epoch, config, devi
         if bar is not None:
             bar.update(task, advance=len(idx), description=f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}")
     return total_loss / len(order), correct / len(order)
+
+
+def sampling_width_at(step: int, total: int, config: TrainConfig) -> float:
+    """The sampling kernel's half-width at ``step`` of ``total``: ``config.sampling_width`` falling
+    linearly to 1 at ``config.width_anneal * total``, then 1. A function of the step alone, so a
+    resumed run trains with the widths an uninterrupted one had."""
+    end = config.width_anneal * total
+    return 1.0 + (config.sampling_width - 1.0) * max(0.0, 1.0 - step / end)
 
 
 def recalibrate_bn(model: nn.Module, x: Tensor, config: TrainConfig, device) -> None:
@@ -273,7 +303,11 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """One group per epitome pool with its learning rate rescaled, and one group for the rest.
+    """One group for the model's own parameters, one per epitome pool with its learning rate
+    rescaled, and one for the samplers' start indices.
+
+    Start indices are positions, not weights: their group has no weight decay (which would pull
+    every start towards pool cell 0) and the learning rate ``config.starts_lr`` (None: ``lr``).
 
     A sampled weight is ``W = scale * R(P)`` with a unit-variance pool P and ``scale`` the dense weight's
     std (``passes/epitomize.py``). A step of size ``lr`` on P moves W by ``scale * lr`` (Adam) or
@@ -282,16 +316,21 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     the weights move as a dense model's would at the same ``lr``.
     """
     pools: dict[int, float] = {}
+    starts: list[Tensor] = []
     if isinstance(model, torch.fx.GraphModule):
         for pool_name, samplers in samplers_by_pool(model).items():
             scale = sum(s.scale for s in samplers) / len(samplers)
             power = 2 if config.optimizer == "sgd" else 1
             pools[id(model.get_parameter(pool_name))] = config.lr / scale**power
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in pools]
+            starts += [s.starts for s in samplers if s.starts.requires_grad]
+    own = pools.keys() | {id(p) for p in starts}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     groups = [{"params": rest, "lr": config.lr}]
     for p in model.parameters():
         if id(p) in pools and p.requires_grad:
             groups.append({"params": [p], "lr": pools[id(p)]})
+    if starts:
+        groups.append({"params": starts, "lr": config.starts_lr or config.lr, "weight_decay": 0.0})
     return groups
 
 
@@ -339,20 +378,12 @@ def model_size(model: nn.Module, dataset: Dataset | None = None) -> tuple[int, i
 # ------------------------------------------------------------------------------------------ progress
 
 
-class _NoBar:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 def _progress(config: TrainConfig):
     show = config.progress
     if show is None:
         show = sys.stderr.isatty() and not os.environ.get("CI")
     if not show:
-        return _NoBar()
+        return contextlib.nullcontext()
     from rich.console import Console
     from rich.progress import (
         BarColumn,

@@ -136,15 +136,10 @@ def _make_sampler(gm, info: WeightInfo, geometry: Geometry, config: NESConfig, g
 
 
 def _initial_starts(geometry: Geometry, gen: torch.Generator) -> torch.Tensor:
-    """Integer starts: channel starts drawn uniformly over the pool (so blocks, and layers sharing a
-    pool, begin at different windows), spatial starts centred."""
+    """Integer starts drawn uniformly over every valid start (``Geometry.start_max``), so blocks, and
+    layers sharing a pool, begin at different windows, along channels and space alike."""
     nbo, nbi = geometry.grid
-    Op, Ip = geometry.pool[:2]
-    ylim, xlim = geometry.start_limits
-    o = torch.randint(0, Op, (nbo, nbi), generator=gen)
-    i = torch.randint(0, Ip, (nbo, nbi), generator=gen)
-    y = torch.full((nbo, nbi), ylim // 2)
-    x = torch.full((nbo, nbi), xlim // 2)
+    o, i, y, x = (torch.randint(0, m + 1, (nbo, nbi), generator=gen) for m in geometry.start_max)
     return torch.stack([o, i, y, x], dim=-1).float()
 
 

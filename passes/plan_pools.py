@@ -219,6 +219,7 @@ class _Group:
     members: list[tuple[WeightInfo, LayerConfig | None]]
     fixed_shape: tuple[int, int, int, int] | None = None
     fixed_numel: int | None = None  # size set by a per-layer ratio
+    extent: int = 0  # extra pool cells along every spatial axis whose kernel is wider than 1
 
     @property
     def weight_numel(self) -> int:
@@ -229,6 +230,12 @@ class _Group:
         return max(i.shape[2] for i, _ in self.members), max(i.shape[3] for i, _ in self.members)
 
     @property
+    def window(self) -> tuple[int, int]:
+        """The pool's spatial size: the largest kernel, plus ``extent`` along each axis wider than 1
+        (WSNet's condensed filter: windows at different spatial starts overlap and share)."""
+        return tuple(k + self.extent if k > 1 else k for k in self.kernel)
+
+    @property
     def max_in(self) -> int:
         return max(i.shape[1] for i, _ in self.members)
 
@@ -237,7 +244,7 @@ def _group(compress, config: NESConfig) -> list[_Group]:
     groups: dict[str, _Group] = {}
     for info, layer_config in compress:
         key, label = _group_key(info, layer_config, config.policy)
-        g = groups.setdefault(key, _Group(key, label, []))
+        g = groups.setdefault(key, _Group(key, label, [], extent=config.pool_extent))
         g.members.append((info, layer_config))
         if layer_config is not None and layer_config.pool_shape is not None:
             g.fixed_shape = layer_config.pool_shape
@@ -250,9 +257,11 @@ def _group(compress, config: NESConfig) -> list[_Group]:
 
 
 def _shape_for(g: _Group, numel: float) -> tuple[int, int, int, int]:
-    """A pool shape of about ``numel`` elements: spatial = the largest member kernel; the channel
-    budget is split between Op and Ip so both shrink by about sqrt of the group's ratio."""
-    Kh, Kw = g.kernel
+    """A pool shape of about ``numel`` elements: spatial = ``g.window`` (the kernel itself when the
+    budget cannot afford the extent); the channel budget is split between Op and Ip so both shrink
+    by about sqrt of the group's channel ratio."""
+    kh, kw = g.kernel
+    Kh, Kw = g.window if numel >= math.prod(g.window) else g.kernel
     window = Kh * Kw
     if numel < window:
         raise PlanError(
@@ -261,7 +270,7 @@ def _shape_for(g: _Group, numel: float) -> tuple[int, int, int, int]:
             f"{Kh}x{Kw} kernel window ({window}); lower the ratio, raise the budget, or keep these "
             f"layers dense (override -> None)"
         )
-    r = max(g.weight_numel / numel, 1.0)
+    r = max(g.weight_numel * window / (kh * kw * numel), 1.0)
     Ip = min(g.max_in, max(1, round(g.max_in / math.sqrt(r))))
     Op = max(1, round(numel / (Ip * window)))
     return Op, Ip, Kh, Kw

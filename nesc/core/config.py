@@ -120,9 +120,16 @@ class NESConfig:
     min_params: layers whose weight has fewer elements stay dense.
     keep_first / keep_classifier: the first conv and the last weight-bearing op stay dense, unless
         what stays dense would then take more than half of the budget (the plan's notes say so).
+    pool_extent: extra pool cells along every spatial axis whose kernel is wider than 1 (a 1-D
+        conv with kernel 3 and ``pool_extent=4`` samples from pools 7 long): blocks then also
+        sample along time / space, as WSNet's condensed filters do, at the cost of fewer channels
+        for the same budget. 0 = pools exactly kernel-sized (nothing sampled along those axes).
     learner: use the paper's feature-conditioned transformation learner for start indices.
     init: ``dense`` fits the pools to the model's current weights by least squares;
-        ``random`` draws them.
+        ``random`` draws them (N(0, 1) times each layer's dense standard deviation: the sampled
+        weights have the dense initialisation's spread).
+    match_spread: with ``init="dense"``, rescale each layer's gain after the fit so its sampled
+        weight has the dense weight's spread (``nesc.fitting.fit_pools``).
     overrides: per-module rules (see the module docstring for keys and precedence).
     """
 
@@ -132,8 +139,10 @@ class NESConfig:
     min_params: int = 1024
     keep_first: bool = True
     keep_classifier: bool = True
+    pool_extent: int = 0
     learner: bool = False
     init: Literal["dense", "random"] = "dense"
+    match_spread: bool = False
     seed: int = 0
     overrides: Mapping[OverrideKey, LayerConfig | None] = field(default_factory=dict)
 
@@ -167,6 +176,9 @@ class NESConfig:
             raise ConfigError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
         if not isinstance(self.min_params, int) or self.min_params < 0:
             raise ConfigError(f"min_params must be an int >= 0, got {self.min_params!r}")
+        if isinstance(self.pool_extent, bool) or not isinstance(self.pool_extent, int) or self.pool_extent < 0:
+            raise ConfigError(f"pool_extent must be an int >= 0 (extra pool cells per spatial axis), "
+                              f"got {self.pool_extent!r}")
         for key, value in self.overrides.items():
             _check_rule(key, value)
         # Frozen means frozen: keep a private copy of the rules so the caller's dict cannot change us.

@@ -155,30 +155,63 @@ def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geomet
     return _Regenerate.apply(pool, fracs, starts, float(scale), geometry)
 
 
-def window_index(starts: Tensor, geometry: Geometry) -> Tensor:
-    """Flat pool index of every element of every block's window, interpolation row included.
+def window_index(starts: Tensor, geometry: Geometry, taps: int = 2) -> Tensor:
+    """Flat pool index of every element of every block's window, interpolation rows included.
 
-    starts: int (nbo, nbi, 4), already wrapped/clamped. Returns int64 ``(nbo, nbi, eo, ei, ey, ex)``
-    with ``e = (bo, bi, kh, kw) + active``: channel indices wrap modulo the pool, spatial indices
-    clamp to its last row (the corner past a window at the edge reads that row, weighted 0 or not).
-    Built only from ``starts`` and ``arange``: a graph that keeps this arithmetic (ONNX, TVM) stores
-    the routing map, never an index tensor as large as the weight.
+    starts: int (nbo, nbi, 4), already wrapped/clamped. ``taps``: pool rows each weight element
+    reads along an active axis (2: linear interpolation; ``2R`` for a tent of half-width up to
+    ``R``, rows ``floor(s) - R + 1 .. floor(s) + R``). Returns int64 ``(nbo, nbi, eo, ei, ey, ex)``
+    with ``e = (bo, bi, kh, kw) + (taps - 1) * active``: channel indices wrap modulo the pool, spatial
+    indices clamp to its edge rows (a tap past the edge reads the edge row). Built only from
+    ``starts`` and ``arange``: a graph that keeps this arithmetic (ONNX, TVM) stores the routing map,
+    never an index tensor as large as the weight.
     """
     Op, Ip, Kh, Kw = geometry.pool
     _, _, kh, kw = geometry.shape
     bo, bi = geometry.block
     a = geometry.active
     s = starts.long()
+    lo = 1 - taps // 2  # the first tap, relative to floor(s)
 
     def axis(d: int, length: int, limit: int, wrap: bool) -> Tensor:
-        idx = s[..., d, None] + torch.arange(length, device=starts.device)
+        extra = (taps - 1) * a[d]
+        idx = s[..., d, None] + torch.arange(length + extra, device=starts.device) + (lo if a[d] else 0)
         return torch.remainder(idx, limit) if wrap else idx.clamp(0, limit - 1)
 
-    io = axis(0, bo + a[0], Op, True)[..., :, None, None, None]
-    ii = axis(1, bi + a[1], Ip, True)[..., None, :, None, None]
-    iy = axis(2, kh + a[2], Kh, False)[..., None, None, :, None]
-    ix = axis(3, kw + a[3], Kw, False)[..., None, None, None, :]
+    io = axis(0, bo, Op, True)[..., :, None, None, None]
+    ii = axis(1, bi, Ip, True)[..., None, :, None, None]
+    iy = axis(2, kh, Kh, False)[..., None, None, :, None]
+    ix = axis(3, kw, Kw, False)[..., None, None, None, :]
     return ((io * Ip + ii) * Kh + iy) * Kw + ix
+
+
+def tent_weights(fracs: Tensor, width: float) -> Tensor:
+    """Weights of the ``2R`` rows ``floor(s) - R + 1 .. floor(s) + R`` (``R = ceil(width)``) that a
+    tent kernel of half-width ``width`` centred at ``s`` gives, normalised to sum to one: shape
+    ``(*fracs.shape, 2R)``. ``width = 1`` is linear interpolation exactly (weights ``1 - f, f``)."""
+    R = max(1, math.ceil(width - 1e-9))
+    offsets = torch.arange(1 - R, R + 1, device=fracs.device, dtype=fracs.dtype)
+    w = (1 - (offsets - fracs[..., None]).abs() / width).clamp_min(0)
+    return w / w.sum(-1, keepdim=True)
+
+
+def regenerate_wide(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry,
+                    width: float) -> Tensor:
+    """``regenerate`` with a sampling kernel wider than linear interpolation: along every active
+    axis, each weight element is the tent-weighted average (half-width ``width`` cells) of the pool
+    rows around its real-valued position, so the slope of a start's loss changes gradually over
+    ``width`` cells: the jump at an integer start, a sharp V once the pool has adapted to its
+    window, is 5-10x smaller at width 2-3 than at 1 (random pools). ``width = 1`` is ``regenerate``'s formula (to float
+    rounding); training anneals ``width`` to 1 so that the frozen routing map (linear interpolation)
+    is what the model was trained with. Differentiable in ``pool`` and ``fracs`` through autograd."""
+    nbo, nbi = geometry.grid
+    R = max(1, math.ceil(width - 1e-9))
+    w = (pool * scale).reshape(-1)[window_index(starts, geometry, taps=2 * R)]
+    for d in range(4):
+        if geometry.active[d]:
+            k = tent_weights(fracs[..., d].to(w.dtype), width).reshape(nbo, nbi, 1, 1, 1, 1, 2 * R)
+            w = (w.unfold(2 + d, 2 * R, 1) * k).sum(-1)
+    return _assemble(w, geometry)
 
 
 def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry) -> Tensor:
@@ -190,8 +223,6 @@ def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float
     exporter, TVM's importer) keep it as a small graph over the pool and the routing map. Autograd
     differentiates it in ``pool`` and ``fracs``.
     """
-    O, I, kh, kw = geometry.shape
-    bo, bi = geometry.block
     nbo, nbi = geometry.grid
     w = (pool * scale).reshape(-1)[window_index(starts, geometry)]  # (nbo, nbi, eo, ei, ey, ex)
     for d in range(4):
@@ -199,6 +230,13 @@ def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float
             n = w.shape[2 + d] - 1
             f = fracs[..., d].to(w.dtype).reshape(nbo, nbi, 1, 1, 1, 1)
             w = torch.lerp(w.narrow(2 + d, 0, n), w.narrow(2 + d, 1, n), f)
+    return _assemble(w, geometry)
+
+
+def _assemble(w: Tensor, geometry: Geometry) -> Tensor:
+    """Blocks ``(nbo, nbi, bo, bi, kh, kw)`` -> the weight in its parameter layout."""
+    O, I, kh, kw = geometry.shape
+    (nbo, nbi), (bo, bi) = geometry.grid, geometry.block
     w4 = w.permute(0, 2, 1, 3, 4, 5).reshape(nbo * bo, nbi * bi, kh, kw)
     if nbo * bo != O or nbi * bi != I:
         w4 = w4[:O, :I]  # the last blocks overhang the weight

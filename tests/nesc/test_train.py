@@ -14,7 +14,7 @@ import nesc
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.modules import EpitomeSampler
 from nesc.data import load_dataset
-from nesc.train import TrainConfig, epoch_order, evaluate, fit, param_groups
+from nesc.train import TrainConfig, epoch_order, evaluate, fit, param_groups, sampling_width_at
 
 FAST = TrainConfig(epochs=3, batch_size=64, lr=0.01, optimizer="adamw", weight_decay=1e-4, progress=False)
 
@@ -94,9 +94,45 @@ def test_pool_learning_rate_is_rescaled_by_the_sampler_scale(data) -> None:
     pools = {id(gm.get_parameter(n)) for n, _ in gm.named_parameters() if n.startswith("nesc_pool")}
     assert groups[0]["lr"] == FAST.lr and not any(id(p) in pools for p in groups[0]["params"])
     # per_layer: one sampler per pool, so each pool's rate is lr / its sampler's scale (Adam), / scale^2 (SGD).
-    assert sorted(g["lr"] for g in groups[1:]) == pytest.approx(sorted(FAST.lr / s.scale for s in samplers))
+    assert sorted(g["lr"] for g in groups[1:-1]) == pytest.approx(sorted(FAST.lr / s.scale for s in samplers))
     sgd = param_groups(gm, FAST.replace(optimizer="sgd"))
-    assert sorted(g["lr"] for g in sgd[1:]) == pytest.approx(sorted(FAST.lr / s.scale**2 for s in samplers))
+    assert sorted(g["lr"] for g in sgd[1:-1]) == pytest.approx(sorted(FAST.lr / s.scale**2 for s in samplers))
+
+
+def test_start_indices_have_their_own_group_without_weight_decay(data) -> None:
+    gm = compressed(data)
+    samplers = [m for m in gm.modules() if isinstance(m, EpitomeSampler)]
+    groups = param_groups(gm, FAST.replace(starts_lr=0.02, weight_decay=0.1))
+    starts = groups[-1]
+    assert {id(p) for p in starts["params"]} == {id(s.starts) for s in samplers}
+    assert starts["lr"] == 0.02 and starts["weight_decay"] == 0.0
+    others = [id(p) for g in groups[:-1] for p in g["params"]]
+    assert len(others) == len(set(others)) and not set(others) & {id(s.starts) for s in samplers}
+    # Every trainable parameter is in exactly one group.
+    assert sorted(others + [id(p) for p in starts["params"]]) == sorted(id(p) for p in gm.parameters())
+    # AdamW with this group leaves a start with zero gradient where it is (no decay towards cell 0).
+    s = samplers[0]
+    s.starts.data += 0.3
+    before = s.starts.detach().clone()
+    opt = torch.optim.AdamW(groups, lr=FAST.lr, weight_decay=0.1)
+    for p in gm.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(s.starts.detach(), before)
+
+
+def test_fit_anneals_the_sampling_width_and_reports_start_moves(data) -> None:
+    gm = compressed(data)
+    config = FAST.replace(epochs=2, sampling_width=3.0, width_anneal=0.5, starts_lr=0.05)
+    steps = -(-len(data.y_train) // config.batch_size) * config.epochs
+    widths = [sampling_width_at(t, steps, config) for t in range(steps)]
+    assert widths[0] == 3.0 and widths[-1] == 1.0 and all(a >= b for a, b in zip(widths, widths[1:]))
+    assert sampling_width_at(steps // 2, steps, config) == 1.0
+    result = fit(gm, data, config)
+    assert all(m.width == 1.0 for m in gm.modules() if isinstance(m, EpitomeSampler))
+    row = result.history[-1]
+    assert row["start_max_move"] >= row["start_mean_move"] > 0
+    assert 0 < row["start_moved"] <= 1
 
 
 def test_gm_modes_switch_batch_norm_and_dropout(data) -> None:

@@ -5,6 +5,7 @@ stores pools + routing maps + what stayed dense."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from helpers import (
     transformed_registry,
 )
 from nesc.core import names
+from nesc.core.errors import NescWarning
 from nesc.passes.freeze import freeze as freeze_pass
 from nesc.core.modules import EpitomeSampler, RoutingMap, TransformationLearner
 
@@ -158,3 +160,14 @@ def test_routing_maps_are_compact(resnet_frozen) -> None:
         # 4 int32 starts + 4 float fractions per block: 32 bytes a block, nothing per weight element
         assert rm.starts.element_size() == 4 and rm.fracs.element_size() == 4
         assert rm.starts.shape[-1] == rm.fracs.shape[-1] == 4
+
+
+def test_freezing_a_model_still_sampling_with_a_wide_kernel_warns() -> None:
+    _, gm = _trained()
+    nesc.set_sampling_width(gm, 2.0)
+    with pytest.warns(NescWarning, match="2 cells wide"):
+        nesc.freeze(gm)
+    nesc.set_sampling_width(gm, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NescWarning)
+        nesc.freeze(gm)

@@ -27,7 +27,7 @@ from helpers import (
 from nesc import LayerConfig, NESConfig
 from nesc.core import names
 from nesc.core.config import POLICIES
-from nesc.core.errors import PlanError
+from nesc.core.errors import ConfigError, PlanError
 from nesc.models import list_models
 from nesc.passes.find_weights import find_weights, weight_infos
 from nesc.passes.functionalize import functionalize
@@ -358,3 +358,27 @@ def test_a_weight_used_twice_is_counted_once() -> None:
     target = num_params(model) / 2
     assert nesc.stored_params(frozen) == plan.planned
     assert abs(nesc.stored_params(frozen) - target) <= BUDGET_RTOL * target, (nesc.stored_params(frozen), target)
+
+
+# ------------------------------------------------------------------------ sampling along space / time
+
+
+@pytest.mark.parametrize("ratio", [4, 8])
+def test_pool_extent_lengthens_pools_along_wide_kernels_only_and_meets_the_budget(ratio: int) -> None:
+    gm = analysed_registry("cnn1d")
+    plan = _plan(gm, ratio=ratio, pool_extent=4, min_params=128, keep_classifier=False)
+    _check_plan_is_consistent(gm, plan)
+    infos = {i.weight_name: i for i in weight_infos(gm)}
+    for name, (pool_name, geometry) in plan.layers.items():
+        kw = infos[name].shape[3]
+        assert geometry.pool[3] == (kw + 4 if kw > 1 else 1), (name, geometry.pool)
+        assert geometry.active[3] == (kw > 1), name  # blocks now move along time where the kernel is wide
+    stored = _independent_stored(gm, plan)
+    target = num_params(gm) / ratio
+    assert abs(stored - target) <= BUDGET_RTOL * target, f"{stored:,} vs {target:,.0f}"
+
+
+def test_pool_extent_is_validated() -> None:
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="pool_extent"):
+            NESConfig(pool_extent=bad)

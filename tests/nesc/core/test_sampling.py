@@ -7,14 +7,25 @@ interpolation corners in float64; gradients are checked by finite differences (g
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import CLOSE, EXACT, F64, REGENERATE, assert_close, naive_regenerate
-from nesc.core.modules import EpitomeSampler, RoutingMap, TransformationLearner
-from nesc.core.sampling import Geometry, regenerate, regenerate_indexed, split_starts, to_param_layout, window_index
+from nesc.core.modules import EpitomeSampler, RoutingMap, TransformationLearner, set_sampling_width, start_stats
+from nesc.core.sampling import (
+    Geometry,
+    regenerate,
+    regenerate_indexed,
+    regenerate_wide,
+    split_starts,
+    tent_weights,
+    to_param_layout,
+    window_index,
+)
 
 # name -> (weight (O, I, kh, kw), pool (Op, Ip, Kh, Kw), block (bo, bi), layout)
 GEOMETRIES = {
@@ -409,3 +420,125 @@ def test_sampler_with_learner_without_features_uses_the_running_average() -> Non
     pool = torch.randn(geometry.pool)
     expected = _sample(pool, sampler.starts + learner.running_offset, 1.0, geometry)
     assert_close(sampler(pool), expected, EXACT, "train mode, no features")
+
+
+# ------------------------------------------------------------------ wider sampling kernels (annealing)
+
+
+def _naive_wide(pool: torch.Tensor, starts: torch.Tensor, scale: float, geometry: Geometry, width: float) -> torch.Tensor:
+    """The tent-kernel rule one weight element at a time, in float64: along each axis the block can
+    move, the rows n with |n - s| < width weigh (1 - |n - s| / width), normalised; channels wrap,
+    spatial starts clamp to [0, K - k] and spatial reads to the pool's edge."""
+    import itertools
+
+    O, I, kh, kw = geometry.shape
+    Op, Ip, Kh, Kw = geometry.pool
+    bo, bi = geometry.block
+    W = torch.zeros(O, I, kh, kw, dtype=torch.float64)
+
+    def taps(s: float, d: int):
+        if not geometry.active[d]:
+            return [(0, 1.0)]
+        rows = range(math.floor(s) - math.ceil(width) + 1, math.floor(s) + math.ceil(width) + 1)
+        w = [(n, max(0.0, 1 - abs(n - s) / width)) for n in rows]
+        total = sum(v for _, v in w)
+        return [(n, v / total) for n, v in w]
+
+    for o, i in itertools.product(range(O), range(I)):
+        (j, a), (k, b) = divmod(o, bo), divmod(i, bi)
+        s = [float(v) for v in starts[j, k]]
+        s[2] = min(max(s[2], 0.0), Kh - kh)
+        s[3] = min(max(s[3], 0.0), Kw - kw)
+        for u, v in itertools.product(range(kh), range(kw)):
+            acc = 0.0
+            for (no, wo), (ni, wi), (ny, wy), (nx, wx) in itertools.product(*(taps(s[d], d) for d in range(4))):
+                py = min(max(ny + u, 0), Kh - 1)
+                px = min(max(nx + v, 0), Kw - 1)
+                acc += wo * wi * wy * wx * float(pool[(no + a) % Op, (ni + b) % Ip, py, px])
+            W[o, i, u, v] = scale * acc
+    return to_param_layout(W, geometry.layout)
+
+
+@pytest.mark.parametrize("width", [1.0, 1.7, 3.0])
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_wide_kernel_equals_naive_per_element_reference(name: str, width: float) -> None:
+    geometry = Geometry(*GEOMETRIES[name])
+    pool = torch.randn(geometry.pool, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    starts = _random_starts(geometry, 3)
+    out = regenerate_wide(pool, *split_starts(starts, geometry), 0.9, geometry, width)
+    assert_close(out, _naive_wide(pool, starts, 0.9, geometry, width), F64, f"{name} width {width}")
+
+
+def test_tent_weights_at_width_one_are_linear_interpolation() -> None:
+    f = torch.tensor([0.0, 0.25, 0.9], dtype=torch.float64)
+    assert_close(tent_weights(f, 1.0), torch.stack([1 - f, f], -1), F64, "width 1")
+    for width in (1.5, 2.0, 4.0):
+        w = tent_weights(f, width)
+        assert w.shape == (3, 2 * math.ceil(width)) and torch.allclose(w.sum(-1), torch.ones(3, dtype=torch.float64))
+        assert (w >= 0).all()
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_wide_kernel_at_width_one_is_the_frozen_formula(name: str) -> None:
+    geometry = Geometry(*GEOMETRIES[name])
+    pool = torch.randn(geometry.pool, generator=torch.Generator().manual_seed(4))
+    base, frac = split_starts(_random_starts(geometry, 4).float(), geometry)
+    assert_close(regenerate_wide(pool, base, frac, 1.1, geometry, 1.0), regenerate(pool, base, frac, 1.1, geometry),
+                 CLOSE, name)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_wide_kernel_gradcheck_in_pool_and_starts(kind: str) -> None:
+    geometry = Geometry(*LAYER_KINDS[kind])
+    pool = torch.randn(geometry.pool, dtype=torch.float64, requires_grad=True)
+    starts = _interior_starts(geometry, 0).requires_grad_()
+    sampler = EpitomeSampler(geometry, starts.detach(), 1.3, "w").double()
+    sampler.width = 2.5
+
+    def f(p, s):
+        return torch.func.functional_call(sampler, {"starts": s}, (p,))
+
+    assert torch.autograd.gradcheck(f, (pool, starts))
+
+
+def test_wide_kernel_flattens_the_kink_at_integer_starts() -> None:
+    # Linear interpolation: at an integer start the weight's one-sided slopes jump by a second
+    # difference of pool rows (a V-shaped minimum once the pool has adapted). A tent of half-width
+    # 2 or 3 averages that jump over more rows: on random pools it is at least 4x smaller.
+    geometry = Geometry((2, 2, 1, 1), (16, 2, 1, 1), (2, 2), "linear")
+
+    def weight(pool, o: float, width: float) -> torch.Tensor:
+        s = torch.tensor([[[o, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+        return regenerate_wide(pool, *split_starts(s, geometry), 1.0, geometry, width)
+
+    def kink(width: float) -> float:
+        h, jumps = 1e-6, []
+        for seed in range(20):
+            pool = torch.randn(geometry.pool, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            left = (weight(pool, 5.0, width) - weight(pool, 5.0 - h, width)) / h
+            right = (weight(pool, 5.0 + h, width) - weight(pool, 5.0, width)) / h
+            jumps.append(float((right - left).norm()))
+        return sum(jumps) / len(jumps)
+
+    assert kink(1.0) > 4 * kink(2.0) and kink(1.0) > 4 * kink(3.0)
+
+
+def test_set_sampling_width_reaches_every_sampler_and_validates() -> None:
+    geometry = Geometry(*LAYER_KINDS["linear"])
+    model = torch.nn.ModuleDict({"a": EpitomeSampler(geometry, torch.zeros(*geometry.grid, 4), 1.0, "a"),
+                                 "b": EpitomeSampler(geometry, torch.zeros(*geometry.grid, 4), 1.0, "b")})
+    set_sampling_width(model, 2.5)
+    assert [m.width for m in model.values()] == [2.5, 2.5]
+    with pytest.raises(ValueError, match=">= 1"):
+        set_sampling_width(model, 0.5)
+
+
+def test_start_stats_measure_moves_from_the_origin() -> None:
+    geometry = Geometry((4, 2, 1, 1), (2, 2, 1, 1), (2, 2), "linear")
+    sampler = EpitomeSampler(geometry, torch.zeros(*geometry.grid, 4), 1.0, "w")
+    model = torch.nn.ModuleDict({"s": sampler})
+    assert start_stats(model) == {"start_mean_move": 0.0, "start_max_move": 0.0, "start_moved": 0.0}
+    with torch.no_grad():
+        sampler.starts[0, 0, 0] = 1.5  # one of 4 active coordinates (o, i of 2 blocks) changes cell
+    stats = start_stats(model)
+    assert stats["start_max_move"] == 1.5 and stats["start_mean_move"] == 1.5 / 4 and stats["start_moved"] == 0.25
