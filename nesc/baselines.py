@@ -10,21 +10,19 @@ parameters (within the method's ``tolerance``), counted by its own rule:
 |---|---|---|
 | ``dense`` | the model itself (ratio 1 only) | its parameters |
 | ``thinner`` | the same architecture with every width scaled so it fits the budget | its parameters |
-| ``wsnet`` | WSNet-style fixed sampling: nesc's pools and sampler with start indices fixed to a hand-crafted stride pattern, never learned | ``nesc.stored_params`` of the frozen model |
+| ``wsnet`` | WSNet (Jin et al., ICML 2018): each layer samples its filters from its own condensed filter, overlapping windows at a fixed stride, input channels repeated; built on nesc's pools and samplers with fixed starts | the pools + what stays dense (a stride rule stores no index) |
 | ``hashed`` | HashedNets: each weight element reads a shared bucket chosen by a hash, times a sign hash, per layer | the buckets + what is not hashed |
 | ``prune`` | layer-wise magnitude pruning (``torch.nn.utils.prune``, the same kept fraction in every conv and linear weight) of a trained dense model, then fine-tuning with the mask fixed | non-zeros x (1 + ``INDEX_OVERHEAD``) + what is not pruned |
 | ``nesc_fixed`` | nesc with its random initial integer start indices frozen | ``nesc.stored_params`` of the frozen model |
 | ``nesc`` | nesc with learned start indices | ``nesc.stored_params`` of the frozen model |
 
-How ``wsnet`` differs from the paper's WSNet (Jin et al., ICML 2018): WSNet samples each layer's
-filters from that layer's own condensed filter, with overlapping windows at a fixed stride along the
-spatial and channel axes, and adds integral-image computation reuse. Here the windows are nesc's
-(channel blocks over a pool planned by ``NESConfig``, wrap-around for channel repetition) and the
-stride is fixed (``stride_starts``): consecutive output blocks start a fixed number of pool rows
-apart, wrapping around, and one input column apart (a diagonal stride); spatial windows centred. Only the index learning separates it from ``nesc``, so the
-comparison isolates what learning the indices buys. Its frozen start indices are still counted as
-parameters (4 per block), as nesc's are, although a stride rule needs none: that costs ``wsnet`` the
-routing share of the budget (under 3% in our plans).
+How ``wsnet`` follows WSNet: each compressed layer has its own pool, a condensed filter ``(1, Ip, kh, L + (O - 1) S)``
+(``wsnet_layer``); output filter ``n`` is its window at ``n * S`` on the filter axis (overlapping filters share
+weights), input channel ``c`` reads pool channel ``c mod Ip`` (repetition ``C = I / Ip``); ``S`` and ``Ip`` follow
+from one target ratio for all layers (``wsnet_plan``); the starts are that rule, never learned. It differs in: 2-D
+kernels stride along kw only (the paper is 1-D); linear and 1x1 layers stride along their inputs, unrepeated; nesc's
+dense layers stay dense; no integral-image reuse (computation, not accuracy). Its tolerance is 5%, not 2%: pools
+grow in ``kh x K`` slabs (130 parameters for cnn1d's conv3: half of one is 1.6% of cnn1d's 8x budget).
 
 ``hashed`` needs no stored index: the bucket and sign of every element come from a seeded generator,
 as HashedNets' xxhash does, so they are rebuilt from the seed and cost nothing.
@@ -42,18 +40,23 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize, prune
 
 from nesc.api import fit_to_model, freeze, transform
-from nesc.core.config import NESConfig
+from nesc.capture import capture
+from nesc.core.config import LayerConfig, NESConfig
 from nesc.core.errors import ConfigError, PlanError
-from nesc.core.modules import EpitomeSampler, samplers_by_pool
+from nesc.core.modules import EpitomeSampler, tensor_roles
 from nesc.core.registry import Registry
+from nesc.core.sampling import ROUTING_SCALARS_PER_BLOCK, Geometry
 from nesc.models import get_spec
+from nesc.passes import pipeline
+from nesc.passes.find_weights import weight_infos
 from nesc.report import stored_params
 
 # A pruned weight stores each non-zero as its value plus a 16-bit relative index (CSR with relative
 # column offsets, as in Deep Compression): half a float32 on top of the value.
 INDEX_OVERHEAD = 0.5
 WEIGHT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-THINNER_SEARCH_STEPS = 40
+SEARCH_STEPS = 40  # bisection steps: thinner's width multiplier, wsnet's target ratio
+WSNET_PLAN = "wsnet_plan"  # gm.meta: (target ratio, {weight name: (axis, stride, pool shape)}) of a wsnet model
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,13 @@ class BuildContext:
         """A fresh model with seeded initial weights."""
         torch.manual_seed(self.seed)
         return get_spec(self.model).create(**{**self.model_kwargs, **kwargs})
+
+    def trained_model(self) -> nn.Module:
+        """The dense model with ``dense_state`` loaded when given, else ``dense_model()``."""
+        model = self.dense_model()
+        if self.dense_state is not None:
+            model.load_state_dict(self.dense_state)
+        return model
 
     @property
     def dense_params(self) -> int:
@@ -156,10 +166,7 @@ def num_params(model: nn.Module) -> int:
 def _dense(ctx: BuildContext) -> nn.Module:
     if ctx.ratio != 1:
         raise ConfigError(f"method 'dense' is the uncompressed model: ratio must be 1, got {ctx.ratio:g}")
-    model = ctx.dense_model()
-    if ctx.dense_state is not None:
-        model.load_state_dict(ctx.dense_state)
-    return model
+    return ctx.trained_model()
 
 
 def _thinner(ctx: BuildContext) -> nn.Module:
@@ -169,12 +176,9 @@ def _thinner(ctx: BuildContext) -> nn.Module:
         raise ConfigError(f"method 'thinner' needs a model with a width_mult argument; {ctx.model!r} has none "
                           f"(resnet_fmnist, mobilenetv2_fmnist and cnn1d do)")
     lo, hi = 1e-3, float(ctx.model_kwargs.get("width_mult", 1.0))
-    for _ in range(THINNER_SEARCH_STEPS):
+    for _ in range(SEARCH_STEPS):
         mid = (lo + hi) / 2
-        if num_params(ctx.dense_model(width_mult=mid)) > budget:
-            hi = mid
-        else:
-            lo = mid
+        lo, hi = (lo, mid) if num_params(ctx.dense_model(width_mult=mid)) > budget else (mid, hi)
     # Channel counts are integers: the best of the two widths around the budget.
     best = min((lo, hi), key=lambda w: abs(num_params(ctx.dense_model(width_mult=w)) - budget))
     return ctx.dense_model(width_mult=best)
@@ -190,9 +194,7 @@ def _factory_args(model: str) -> set[str]:
 def _nesc(ctx: BuildContext, init: str | None = None) -> fx.GraphModule:
     """nesc's transform of the seeded model, or of the trained dense model when ``ctx.dense_state`` is
     given (then ``init="dense"`` fits the pools to the trained weights)."""
-    model = ctx.dense_model()
-    if ctx.dense_state is not None:
-        model.load_state_dict(ctx.dense_state)
+    model = ctx.trained_model()
     config = ctx.nes.replace(ratio=ctx.ratio, param_budget=None, seed=ctx.seed, init=init or ctx.nes.init)
     return transform(model, (ctx.example,), config)
 
@@ -204,47 +206,6 @@ def _nesc_fixed(ctx: BuildContext) -> fx.GraphModule:
     return gm
 
 
-def _wsnet(ctx: BuildContext) -> fx.GraphModule:
-    gm = _nesc(ctx, init="random")
-    with torch.no_grad():
-        for members in samplers_by_pool(gm).values():
-            for layer, sampler in enumerate(members):
-                sampler.starts.copy_(stride_starts(sampler, layer, len(members)))
-                sampler.starts.requires_grad_(False)
-    if ctx.nes.init == "dense":  # fit the pools along these starts, as nesc's are fitted along its own
-        model = ctx.dense_model()
-        if ctx.dense_state is not None:
-            model.load_state_dict(ctx.dense_state)
-        fit_to_model(gm, model)
-    return gm
-
-
-def stride_starts(sampler: EpitomeSampler, layer: int, layers: int) -> Tensor:
-    """WSNet-style starts ``(nbo, nbi, 4)``: a fixed stride over the pool's channel axes.
-
-    Output block ``j`` starts ``so = max(1, Op // nbo)`` rows after block ``j - 1`` (overlapping windows
-    when the pool is narrower than the layer, as WSNet's filters overlap at their sampling stride),
-    wrapping around the pool, and one column after it: a diagonal stride. Without the column step, two
-    output blocks whose row windows are rotations of each other (a pool of 3 rows serving 10 classes)
-    would give some outputs identical weights. Input blocks stride ``si = max(1, Ip // nbi)`` columns.
-    Layers sharing a pool are shifted by ``floor(l * Op / L)`` rows. Spatial windows are centred.
-    """
-    g = sampler.geometry
-    nbo, nbi = g.grid
-    Op, Ip = g.pool[:2]
-    ylim, xlim = g.start_limits
-    so, si = max(1, Op // nbo), max(1, Ip // nbi)
-    rows = torch.arange(nbo) * so + layer * Op // layers  # (nbo,)
-    o = rows % Op
-    i = (torch.arange(nbi)[None, :] * si + torch.arange(nbo)[:, None]) % Ip  # (nbo, nbi)
-    starts = torch.zeros(nbo, nbi, 4)
-    starts[..., 0] = o[:, None]
-    starts[..., 1] = i
-    starts[..., 2] = ylim // 2
-    starts[..., 3] = xlim // 2
-    return starts
-
-
 def samplers(gm: nn.Module) -> list[EpitomeSampler]:
     return [m for m in gm.modules() if isinstance(m, EpitomeSampler)]
 
@@ -253,6 +214,77 @@ def _stored_when_frozen(model: nn.Module) -> int:
     """What the deployed model stores: the frozen copy's pools, routing maps (8 scalars per block) and
     dense parameters. The trainable GraphModule holds 4 start scalars per block instead."""
     return stored_params(freeze(model))
+
+
+# -------------------------------------------------------------------------------------------- wsnet
+
+
+def wsnet_layer(shape: tuple[int, int, int, int], ratio: float) -> tuple[int, int, tuple[int, int, int, int]]:
+    """WSNet's sampling of a weight viewed ``(O, I, kh, kw)`` at ``ratio``: ``(axis, S, pool shape)``. The
+    filter axis is kw (3), else kh (2), else (a linear or 1x1 layer) the input axis (1); ``S`` is the smallest
+    stride whose filter-axis ratio ``L O / (L + (O - 1) S)`` is at most ``ratio`` (``S = L`` shares nothing),
+    ``Ip`` the one whose pool is closest to ``numel / ratio`` (``I`` when the input axis is the filter axis)."""
+    O, I = shape[:2]
+    axis = 3 if shape[3] > 1 else 2 if shape[2] > 1 else 1
+    L = shape[axis]
+    stride = next(s for s in range(1, L + 1) if s == L or L * O / (L + (O - 1) * s) <= ratio)
+    pool = [1, 1, *shape[2:]]
+    pool[axis] = L + (O - 1) * stride
+    pool[1] = I + (O - 1) * stride if axis == 1 else min(I, max(1, round(math.prod(shape) / (ratio * math.prod(pool)))))
+    return axis, stride, tuple(pool)
+
+
+def wsnet_plan(shapes: Mapping[str, tuple[int, int, int, int]], available: int) -> tuple[float, dict[str, tuple]]:
+    """The one target ratio ``r`` of all layers (and ``wsnet_layer`` at it) whose pools add up closest to ``available``:
+    about ``compressed / available``, bisected as integer strides and channels round and linear layers cap at S = 1."""
+    def size(r: float) -> int:
+        return sum(math.prod(wsnet_layer(shape, r)[2]) for shape in shapes.values())
+    lo, hi = 1.0, float(max(2, sum(map(math.prod, shapes.values()))))  # size(1): every weight
+    for _ in range(SEARCH_STEPS):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if size(mid) > available else (lo, mid)
+    ratio = min((lo, hi), key=lambda r: abs(size(r) - available))
+    return ratio, {name: wsnet_layer(shape, ratio) for name, shape in shapes.items()}
+
+
+def wsnet_starts(geometry: Geometry, axis: int, stride: int) -> Tensor:
+    """The stride rule as starts ``(O, nbi, 4)`` over the planner's blocks ``(1, bi)``: block ``(n, k)`` starts
+    at ``n * S`` on the filter axis and at pool channel ``k * bi mod Ip``: channel ``c`` reads ``c mod Ip``."""
+    starts = torch.zeros(*geometry.grid, 4)
+    starts[..., 1] = torch.arange(starts.shape[1]) * geometry.block[1] % geometry.pool[1]
+    starts[..., axis] += torch.arange(starts.shape[0])[:, None] * stride
+    return starts
+
+
+def _wsnet(ctx: BuildContext) -> fx.GraphModule:
+    model, nes = ctx.trained_model(), ctx.nes
+    found = weight_infos(pipeline.run(capture(model, (ctx.example,)), ["functionalize", "find_weights"]))
+    infos = list({i.weight_name: i for i in reversed(found)}.values())[::-1]  # a tied weight once: its first op
+    # nesc's rules for what stays dense (without its fallback for a first conv or classifier too large to keep)
+    keep = {next((i.order for i in infos if i.op.startswith("conv")), None) if nes.keep_first else None,
+            infos[-1].order if nes.keep_classifier else None}
+    compress = [i for i in infos if i.numel >= nes.min_params and i.order not in keep]
+    fixed = ctx.dense_params - sum(i.numel for i in compress)
+    ratio, layers = wsnet_plan({i.weight_name: i.shape for i in compress}, ctx.budget - fixed)
+    # nesc's planner checks its count, with routing maps (8 per block (1, min(I, Ip))) WSNet does not store
+    blocks = sum(i.shape[0] * -(-i.shape[1] // min(i.shape[1], layers[i.weight_name][2][1])) for i in compress)
+    planned = fixed + sum(math.prod(pool) for _, _, pool in layers.values()) + blocks * ROUTING_SCALARS_PER_BLOCK
+    overrides = {i.weight_name: LayerConfig(pool_shape=layers[i.weight_name][2]) if i in compress else None for i in infos}
+    gm = transform(model, (ctx.example,), nes.replace(ratio=None, param_budget=planned, policy="per_layer",
+                                                      learner=False, init="random", seed=ctx.seed, overrides=overrides))
+    for sampler in samplers(gm):  # the stride rule, never learned
+        sampler.starts = nn.Parameter(wsnet_starts(sampler.geometry, *layers[sampler.weight_name][:2]), requires_grad=False)
+        sampler.origin.copy_(sampler.starts)  # where the starts began, for the displacement metrics
+    gm.meta[WSNET_PLAN] = (ratio, layers)
+    if nes.init == "dense":  # fit the pools along these starts, as nesc's are fitted along its own
+        fit_to_model(gm, model)
+    return gm
+
+
+def _wsnet_count(model: nn.Module) -> int:
+    """Pools + what stays dense: a stride rule (two integers per layer) stores no index, so no starts."""
+    roles = tensor_roles(model) if isinstance(model, fx.GraphModule) else {}
+    return sum(p.numel() for name, p in model.named_parameters() if roles.get(name) not in ("start", "learner"))
 
 
 # --------------------------------------------------------------------------------------- hashednets
@@ -357,7 +389,7 @@ def _prune_count(model: nn.Module) -> int:
 for _method in (
     Method("dense", _dense, num_params, 0.0, description="the uncompressed model"),
     Method("thinner", _thinner, num_params, 0.10, description="every width scaled to the budget (integer channels)"),
-    Method("wsnet", _wsnet, _stored_when_frozen, 0.02, description="WSNet-style fixed strided sampling from nesc pools"),
+    Method("wsnet", _wsnet, _wsnet_count, 0.05, description="WSNet: per-layer condensed filters, fixed stride, channel repetition"),
     Method("hashed", _hashed, num_params, 0.02, description="HashedNets: hashed buckets with sign hashes, per layer"),
     Method("prune", _prune, _prune_count, 0.01, needs_dense_state=True,
            description="layer-wise magnitude pruning of the trained dense model, then fine-tuning"),

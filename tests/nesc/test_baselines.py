@@ -13,6 +13,7 @@ from torch.nn import functional as F
 import nesc
 from nesc.baselines import (
     INDEX_OVERHEAD,
+    WSNET_PLAN,
     BuildContext,
     HashedWeight,
     build,
@@ -21,10 +22,12 @@ from nesc.baselines import (
     list_methods,
     num_params,
     samplers,
-    stride_starts,
+    wsnet_layer,
 )
+from nesc.core import names
 from nesc.core.config import NESConfig
 from nesc.core.errors import ConfigError, PlanError
+from nesc.core.modules import samplers_by_pool
 from nesc.models import get_spec
 
 MODEL = "cnn1d"  # 32.6K parameters, 1x40 inputs: every method builds in milliseconds
@@ -165,26 +168,102 @@ def _name(model: nn.Module, module: nn.Module) -> str:
 # --------------------------------------------------------------------------------- nesc-based methods
 
 
-def test_wsnet_starts_follow_the_fixed_stride_and_never_train() -> None:
-    model = build("wsnet", ctx(4))  # per_layer: each sampler is the only (0th of 1) layer of its pool
-    for s in samplers(model):
+def test_wsnet_layer_takes_the_smallest_stride_within_the_ratio_then_the_closest_channels() -> None:
+    # conv (64, 32, 3) at 4x: stride 1 already shares 3*64/66 = 2.9x; 23 of 32 channels make up the rest
+    # (6144 / (4 * 66) = 23.3). At 2x stride 1 shares too much (2.9 > 2): stride 2 (1.49x), 24 channels.
+    assert wsnet_layer((64, 32, 1, 3), 4.0) == (3, 1, (1, 23, 1, 66))
+    assert wsnet_layer((64, 32, 1, 3), 2.0) == (3, 2, (1, 24, 1, 129))
+    # linear (10, 128): the input axis is the filter axis; 1280 / (128 + 9 S) <= 4 from S = 22 on.
+    assert wsnet_layer((10, 128, 1, 1), 4.0) == (1, 22, (1, 326, 1, 1))
+    # conv2d 3x3 strides along kw; 1x1 along its input axis.
+    assert wsnet_layer((64, 32, 3, 3), 4.0)[:2] == (3, 1) and wsnet_layer((64, 32, 3, 3), 4.0)[2][2:] == (3, 66)
+    assert wsnet_layer((64, 32, 1, 1), 4.0)[0] == 1
+    # Ratio 1 shares nothing: stride L, every channel, the pool as large as the weight.
+    for shape in ((64, 32, 1, 3), (10, 128, 1, 1), (16, 16, 3, 3)):
+        assert math.prod(wsnet_layer(shape, 1.0)[2]) == math.prod(shape)
+
+
+def _wsnet_reference(pool: torch.Tensor, shape: tuple, axis: int, stride: int) -> torch.Tensor:
+    """WSNet's weight, sliced straight from the pool: filter ``n`` is the window at ``n * S``, input channel
+    ``c`` is pool channel ``c mod Ip`` (in the 4-D view ``(O, I, kh, kw)``)."""
+    O, I, kh, kw = shape
+    if axis == 1:  # linear: row n is the pool's channels n*S .. n*S + I
+        return torch.stack([pool[0, n * stride : n * stride + I, 0, 0] for n in range(O)])[:, :, None, None]
+    Ip = pool.shape[1]
+    return torch.stack([torch.stack([pool[0, c % Ip, :kh, n * stride : n * stride + kw] for c in range(I)])
+                        for n in range(O)])
+
+
+@pytest.mark.parametrize("ratio", [4, 8])
+def test_wsnet_samples_each_layer_from_its_own_condensed_filter(ratio: float) -> None:
+    c = ctx(ratio)
+    gm = build("wsnet", c)
+    method = get_method("wsnet")
+    assert abs(method.count(gm) - c.budget) <= method.tolerance * c.budget
+    r, layers = gm.meta[WSNET_PLAN]
+    assert sorted(layers) == ["conv2.0.weight", "conv3.0.weight", "fc.weight"]  # conv1: keep_first, as nesc
+    for pool_name, members in samplers_by_pool(gm).items():
+        assert len(members) == 1  # a pool per layer
+        s, pool = members[0], gm.get_parameter(pool_name).detach()
+        O, I, kh, L = s.geometry.shape
+        axis, S, pool_shape = layers[s.weight_name]
+        assert pool.shape == pool_shape and s.geometry.block[0] == 1  # one block per output filter
+        if s.geometry.layout == "conv1d":
+            Ip, K = pool.shape[1], pool.shape[3]
+            assert (axis, pool.shape[0], pool.shape[2], K) == (3, 1, 1, L + (O - 1) * S)
+            # The smallest stride whose filter-axis ratio is within r; Ip the closest pool to numel / r.
+            assert L * O / K <= r and (S == 1 or L * O / (L + (O - 1) * (S - 1)) > r)
+            assert abs(Ip * K - O * I * L / r) <= K / 2 or Ip == 1
+        else:  # the classifier: the input axis as filter axis
+            assert s.geometry.layout == "linear" and pool.shape == (1, I + (O - 1) * S, 1, 1) and axis == 1
+        w = s(gm.get_parameter(pool_name)).detach().reshape(s.geometry.shape)
+        assert_close(w, _wsnet_reference(pool, s.geometry.shape, axis, S) * s.scale, EXACT, s.weight_name)
+        if axis == 3 and Ip < I:
+            assert torch.equal(w[:, Ip:], w[:, : I - Ip])  # input channels repeat with period Ip
         assert not s.starts.requires_grad
-        assert torch.equal(s.starts, stride_starts(s, 0, 1))
-        windows = {tuple(r.tolist()) for r in s.starts.reshape(-1, 4)}
-        Op, Ip = s.geometry.pool[:2]
-        assert len(windows) == min(s.geometry.num_blocks, Op * Ip)  # no two blocks read the same window
+    # Fitted to the trained dense weights (ctx's init is "dense"): least squares beats the zero pool.
+    assert all(0 < e < 1 for e in gm.meta[names.FIT_ERRORS].values())
+
+
+def test_wsnet_counts_pools_and_dense_parameters_not_starts() -> None:
+    gm = build("wsnet", ctx(4))
+    pools = sum(gm.get_parameter(p).numel() for p in samplers_by_pool(gm))
+    sampled = sum(math.prod(s.geometry.shape) for s in samplers(gm))
+    assert get_method("wsnet").count(gm) == pools + ctx(4).dense_params - sampled
+    assert get_method("wsnet").count(gm) < nesc.stored_params(nesc.freeze(gm))  # nesc would add routing maps
+
+
+def test_wsnet_on_a_conv2d_model_meets_the_budget() -> None:
+    spec = get_spec("resnet_fmnist")
+    nes = NESConfig(min_params=128, keep_classifier=False, init="random")
+    c = BuildContext("resnet_fmnist", 4, 0, spec.example_inputs(2)[0], nes)
+    gm = build("wsnet", c)
+    assert abs(get_method("wsnet").count(gm) - c.budget) <= get_method("wsnet").tolerance * c.budget
+    _, layers = gm.meta[WSNET_PLAN]
+    assert len(layers) == 9  # every conv but the stem (keep_first), the downsampling 1x1s and fc
+    for pool_name, (s,) in samplers_by_pool(gm).items():
+        O, I, kh, kw = s.geometry.shape
+        axis, S, pool_shape = layers[s.weight_name]
+        assert axis == (3 if kw > 1 else 1)  # 3x3 convs stride along kw; 1x1 convs and fc along their inputs
+        if axis == 3:
+            assert pool_shape[2:] == (kh, kw + (O - 1) * S)
+        pool = gm.get_parameter(pool_name)
+        w = s(pool).detach().reshape(s.geometry.shape)
+        assert_close(w, _wsnet_reference(pool.detach(), s.geometry.shape, axis, S) * s.scale, EXACT, s.weight_name)
+    F.cross_entropy(gm(c.example), torch.tensor([1, 2])).backward()
 
 
 def test_fixed_starts_stay_and_learned_starts_move() -> None:
-    fixed, learned = build("nesc_fixed", ctx(4)), build("nesc", ctx(4))
+    fixed, wsnet, learned = build("nesc_fixed", ctx(4)), build("wsnet", ctx(4)), build("nesc", ctx(4))
     x, y = ctx(4).example, torch.tensor([3, 4])
-    for model in (fixed, learned):
+    for model in (fixed, wsnet, learned):
         before = [s.starts.detach().clone() for s in samplers(model)]
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=0.1)  # starts included
         F.cross_entropy(model(x), y).backward()
         opt.step()
         moved = [not torch.equal(b, s.starts) for b, s in zip(before, samplers(model))]
         assert all(moved) if model is learned else not any(moved)
+        assert all((s.starts.grad is None) != (model is learned) for s in samplers(model))
 
 
 def test_nesc_count_is_the_frozen_models() -> None:
