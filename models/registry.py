@@ -131,6 +131,14 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     return get_spec(name).create(**kwargs)
 
 
+def dense_params(name: str, **kwargs: object) -> int:
+    """Parameters of the model registered under ``name`` built with ``kwargs``: the budget that
+    compresses a wider model to this one's size, ``NESConfig(param_budget=dense_params("cnn1d"))`` for
+    ``create_model("cnn1d", width_mult=2)``. Building it leaves the global random generator as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return sum(p.numel() for p in create_model(name, **kwargs).parameters())
+
+
 def list_models() -> list[str]:
     """Every registered model name, sorted."""
     return MODELS.names()

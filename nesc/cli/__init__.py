@@ -14,7 +14,8 @@ name) is printed as one red message without a traceback and exits with 2, like a
 error. ``main(argv)`` returns the exit code, so tests and scripts can call it in-process.
 
 This module only builds the parser and dispatches: each verb is ``nesc/cli/<verb>.py`` with
-``add_parser`` and ``run(args, out, err)``; what several verbs share is in ``common.py``.
+``add_parser`` and ``run(args, out, err)``; what several verbs share is in ``common.py``, and what
+turns the NESConfig flags (``--params-of`` included) into a ``NESConfig`` in ``config.py``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """What the verbs of the ``nesc`` command line share, and nothing else.
 
 Consoles and error printing; ``Stages`` (a spinner on a terminal, and how long each stage took); the
-two parent parsers (the NESConfig flags, the training flags) and what turns their values into a
-``NESConfig`` / ``TrainConfig``; registry-model lookup with a did-you-mean; example inputs from
-``--input-size``; output-path and run-folder checks (before any work: nothing is replaced silently,
-see ``nesc.core.files``); and the printing helpers several verbs use. Every verb module
-imports this one and the nesc layers below; no verb imports another.
+two parent parsers (the NESConfig flags, the training flags) and what turns the training ones into a
+``TrainConfig`` (``config.py`` turns the others into a ``NESConfig``); registry-model lookup with a
+did-you-mean, and the width-multiplier check; example inputs from ``--input-size``; output-path and
+run-folder checks (before any work: nothing is replaced silently, see ``nesc.core.files``); and the
+printing helpers several verbs use. Every verb module imports this one (and ``config.py``, which
+builds on it) and the nesc layers below; no verb imports another.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,9 +45,6 @@ INTERRUPTED = 130
 PIPE_WIDTH = 160
 FLOAT32_BYTES = 4
 DEFAULT_RUN_DIR = Path("runs")
-# NESConfig fields the command line sets, and the flag that sets each (for messages).
-CONFIG_FLAGS = {"ratio": "--ratio", "param_budget": "--params", "policy": "--policy",
-                "min_params": "--min-params", "learner": "--learner"}
 # TrainConfig fields the command line sets; each flag's destination is the field's name.
 TRAIN_FIELDS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "optimizer": "--optimizer",
                 "weight_decay": "--weight-decay", "schedule": "--schedule", "seed": "--seed", "limit": "--limit",
@@ -111,12 +110,15 @@ class Stages:
 
 def config_flags() -> argparse.ArgumentParser:
     """The NESConfig flags (summary, compress, compile, export). Defaults are None so that we can tell
-    what the user set; NESConfig supplies the real defaults and validates every value."""
+    what the user set; ``config.nes_config`` turns them into a NESConfig, which validates every value."""
     group = argparse.ArgumentParser(add_help=False)
     budget = group.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, metavar="R",
                         help=f"store 1/R of the dense parameters (R >= 1; default {DEFAULT_RATIO:g})")
     budget.add_argument("--params", type=int, metavar="N", help="parameter budget for the whole model")
+    budget.add_argument("--params-of", metavar="MODEL[@WIDTH]",
+                        help="parameter budget: the dense size of registry model MODEL (at width multiplier "
+                             "WIDTH if given); e.g. --width 2 --params-of cnn1d: a 2x-wide cnn1d at cnn1d's size")
     group.add_argument("--policy", choices=POLICIES, help="which layers share a pool (default per_layer)")
     group.add_argument("--min-params", type=int, metavar="N",
                        help=f"weights with fewer elements stay dense (default {NESConfig.min_params})")
@@ -155,23 +157,9 @@ def training_flags() -> argparse.ArgumentParser:
     return group
 
 
-def nes_config(args: argparse.Namespace) -> NESConfig:
-    changes = {field: getattr(args, _dest(flag)) for field, flag in CONFIG_FLAGS.items()}
-    return NESConfig(**{field: value for field, value in changes.items() if value is not None})
-
-
-def given_config_flags(args: argparse.Namespace) -> list[str]:
-    """The NESConfig flags the user set, for verbs that refuse them on a saved artifact."""
-    return [flag for field, flag in CONFIG_FLAGS.items() if getattr(args, _dest(flag)) is not None]
-
-
 def train_config(args: argparse.Namespace) -> TrainConfig:
     changes = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
     return TrainConfig(**changes)
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 # ------------------------------------------------------------------------- models, inputs, paths
@@ -193,6 +181,23 @@ def model_spec(name: str) -> ModelSpec:
         near = difflib.get_close_matches(name, list_models(), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise InputError(f"{e.args[0]}{hint} (`nesc models` lists them with their input shapes)") from None
+
+
+def width_kwargs(spec: ModelSpec, width: float | None, flag: str, drop: str) -> dict[str, float]:
+    """The factory keyword for width multiplier ``width`` (none for None): a positive number, for a model
+    whose factory has ``width_mult``. Errors name ``flag`` and say to drop ``drop``."""
+    if width is None:
+        return {}
+    if not (math.isfinite(width) and width > 0):
+        raise InputError(f"{flag}: the width multiplier must be a positive number; got {width:g}")
+    if not has_width(spec):
+        wide = ", ".join(n for n in list_models() if has_width(get_spec(n)))
+        raise InputError(f"{flag}: model {spec.name} has no width multiplier; drop {drop} (models with one: {wide})")
+    return {"width_mult": width}
+
+
+def has_width(spec: ModelSpec) -> bool:
+    return "width_mult" in inspect.signature(spec.factory).parameters
 
 
 def create_model(spec: ModelSpec, seed: int, checkpoint: Path | None = None) -> nn.Module:
@@ -242,13 +247,9 @@ def load_data(args: argparse.Namespace, spec: ModelSpec) -> Dataset:
 
 def build_model(args: argparse.Namespace, spec: ModelSpec, ds: Dataset, seed: int) -> nn.Module:
     """The registry model sized for ``ds``'s classes and ``--width``, checked to run on one sample."""
-    kwargs: dict[str, object] = {"num_classes": ds.spec.num_classes}
-    if args.width is not None:
-        if "width_mult" not in inspect.signature(spec.factory).parameters:
-            raise InputError(f"--width: model {spec.name} has no width multiplier; drop --width")
-        kwargs["width_mult"] = args.width
+    kwargs = width_kwargs(spec, args.width, "--width", "--width")
     torch.manual_seed(seed)
-    model = spec.create(**kwargs)
+    model = spec.create(num_classes=ds.spec.num_classes, **kwargs)
     problem = _trial_forward(model, ds)
     if problem is not None:
         fits = [n for n in list_models() if n != spec.name and _fits(get_spec(n), ds)]
@@ -342,17 +343,6 @@ def print_results(out: Console, title: str, results: dict[str, TrainResult]) -> 
         table.add_row(name, f"{r.test_acc:.2%}", f"{r.test_loss:.4f}", f"{r.stored_params:,}", f"{r.stored_bytes:,}",
                       f"{r.madd:,}" if r.madd is not None else "-", str(r.epochs), f"{r.seconds:.1f}")
     out.print(table)
-
-
-def describe(config: NESConfig) -> str:
-    return (f"{budget(config)}, policy {config.policy}, min_params {config.min_params:,}"
-            + (", learner" if config.learner else ""))
-
-
-def budget(config: NESConfig) -> str:
-    if config.param_budget is not None:
-        return f"budget {config.param_budget:,} params"
-    return f"ratio {config.ratio:g}x"
 
 
 def format_shape(dims: Sequence[int]) -> str:

@@ -34,9 +34,9 @@ from nesc.cli.common import (
     format_shape,
     is_artifact,
     model_spec,
-    nes_config,
     print_heading,
 )
+from nesc.cli.config import nes_config
 from nesc.core import names
 from nesc.core.errors import InputError
 from nesc.core.inputs import from_specs
@@ -125,7 +125,8 @@ def _frozen(args: argparse.Namespace) -> tuple[fx.GraphModule, tuple[torch.Tenso
     if is_artifact(args.model):
         frozen = load(args.model)
         return frozen, from_specs(frozen.meta[names.INPUT_SPECS], batch=args.batch, seed=0)
-    spec, config = model_spec(args.model), nes_config(args)
+    spec = model_spec(args.model)
+    config = nes_config(args, spec)
     inputs = tuple(x.expand(args.batch, *x.shape[1:]).contiguous() for x in example_inputs(spec, args.input_size))
     model = create_model(spec, config.seed, args.init)
     return freeze(transform(model, inputs, config)), inputs
@@ -133,7 +134,8 @@ def _frozen(args: argparse.Namespace) -> tuple[fx.GraphModule, tuple[torch.Tenso
 
 def _dense_deployed_bytes(args: argparse.Namespace, inputs: tuple, target, tune) -> int:
     """Library + parameters file of the dense registry model (the weights compress started from)."""
-    model = create_model(model_spec(args.model), nes_config(args).seed, args.init)
+    spec = model_spec(args.model)
+    model = create_model(spec, nes_config(args, spec).seed, args.init)
     with tempfile.TemporaryDirectory() as folder:
         files = tvm_compile(model.eval(), inputs, target, tune=tune, cache_dir=args.cache_dir,
                             dynamic_batch=args.dynamic_batch).export_library(Path(folder) / "dense.so")

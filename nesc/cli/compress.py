@@ -2,6 +2,7 @@
 
     nesc compress resnet18_cifar --init dense.pt                    # fit the pools to a dense checkpoint
     nesc compress resnet_fmnist --dataset fashion_mnist --ratio 4   # train, compress, fine-tune, freeze, save
+    nesc compress cnn1d --dataset mnist1d --width 2 --params-of cnn1d  # a 2x-wide cnn1d at cnn1d's size
 
 Without ``--dataset`` the pools are fitted to the model's weights (``--init CHECKPOINT``, or the
 factory's initial ones) and each stage is timed: capture, plan and fit through ``nesc.api.transform``'s
@@ -30,18 +31,15 @@ from nesc.cli.common import (
     FORCE_HELP,
     TRAIN_FIELDS,
     Stages,
-    budget,
     build_model,
     check_out,
     create_model,
-    describe,
     example_inputs,
     fit_options,
     format_bytes,
     format_shape,
     load_data,
     model_spec,
-    nes_config,
     print_fit_errors,
     print_heading,
     print_plan_notes,
@@ -49,6 +47,7 @@ from nesc.cli.common import (
     run_dir,
     train_config,
 )
+from nesc.cli.config import budget, describe, nes_config
 from nesc.core import names
 from nesc.core.errors import InputError
 from nesc.data import Dataset, list_datasets
@@ -109,7 +108,8 @@ def _artifact_path(args: argparse.Namespace, spec: ModelSpec) -> Path:
 
 
 def _run_fitted(args: argparse.Namespace, out: Console, err: Console) -> int:
-    spec, config = model_spec(args.model), nes_config(args)
+    spec = model_spec(args.model)
+    config = nes_config(args, spec)
     inputs = example_inputs(spec, args.input_size)
     path = _artifact_path(args, spec)
     stages = Stages(err, STAGE_LABELS)
@@ -122,10 +122,10 @@ def _run_fitted(args: argparse.Namespace, out: Console, err: Console) -> int:
         with stages.stage("save", str(path)):
             save(frozen, path, overwrite=args.force)
     report = build_report(frozen)
-    print_heading(out, spec.name, f"input {format_shape(inputs[0].shape)}, {describe(config)}")
+    print_heading(out, spec.name, f"input {format_shape(inputs[0].shape)}, {describe(config, args.params_of)}")
     out.print(report)
     print_plan_notes(out, gm)
-    out.print(f"ratio: {report.ratio:.2f}x achieved (asked: {budget(config)})")
+    out.print(f"ratio: {report.ratio:.2f}x achieved (asked: {budget(config, args.params_of)})")
     print_fit_errors(out, gm.meta[names.FIT_ERRORS])
     if args.init is None:
         out.print(Text("  (no --init checkpoint: the pools were fitted to the model's random initial weights)",
@@ -145,13 +145,14 @@ def _print_sizes(out: Console, path: Path, report: Report) -> None:
 
 
 def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
-    spec, nes = model_spec(args.model), nes_config(args)
+    spec = model_spec(args.model)
     if args.input_size is not None:
         raise InputError("--input-size does not apply with --dataset: the dataset fixes the input shape")
     config = train_config(args)
     path = _artifact_path(args, spec)
     folder = run_dir(args, spec)
     ds = load_data(args, spec)
+    nes = nes_config(args, spec, ds.spec.num_classes)  # --params-of counts a model with the dataset's classes
     dense, dense_result = _dense(args, spec, ds, config, err)
     teacher = None
     if args.teacher is not None:
@@ -164,13 +165,14 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
     frozen = freeze(gm)
     frozen_loss, frozen_acc = evaluate(frozen, ds, config.resolved_device())
     save(frozen.cpu(), path, overwrite=args.force)
-    print_heading(out, spec.name, f"on {ds.spec.name}, {describe(nes)}")
+    width = f" at width {args.width:g}" if args.width is not None else ""
+    print_heading(out, spec.name + width, f"on {ds.spec.name}, {describe(nes, args.params_of)}")
     report = build_report(frozen)
     out.print(report)
     print_fit_errors(out, gm.meta.get(names.FIT_ERRORS, {}))
     params, nbytes, madd = model_size(frozen, ds)
     frozen_result = TrainResult(frozen_acc, frozen_loss, params, nbytes, madd, result.seconds, result.epochs)
-    print_results(out, f"{spec.name} on {ds.spec.name}", {"dense": dense_result, "nesc (frozen)": frozen_result})
+    print_results(out, f"{spec.name}{width} on {ds.spec.name}", {"dense": dense_result, "nesc (frozen)": frozen_result})
     gain = frozen_acc - dense_result.test_acc
     out.print(f"ratio: {report.ratio:.2f}x; artifact: {path} ({path.stat().st_size:,} bytes); "
               f"accuracy {frozen_acc:.2%} vs dense {dense_result.test_acc:.2%} ({gain:+.2%})")

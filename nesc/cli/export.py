@@ -26,15 +26,13 @@ from nesc.cli.common import (
     Stages,
     check_out,
     create_model,
-    describe,
     example_inputs,
     format_shape,
-    given_config_flags,
     is_artifact,
     model_spec,
-    nes_config,
     print_heading,
 )
+from nesc.cli.config import describe, given_config_flags, nes_config
 from nesc.core import names
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.inputs import from_specs
@@ -78,9 +76,10 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
 def _source(args: argparse.Namespace, stages: Stages):
     """(frozen model, example inputs, dense model or None, label) from an artifact or a registry name."""
     if not is_artifact(args.model):
-        spec, config = model_spec(args.model), nes_config(args)
+        spec = model_spec(args.model)
+        config = nes_config(args, spec)
         inputs = tuple(torch.cat([x, x]) for x in example_inputs(spec, args.input_size))  # batch 2
-        with stages.stage("compress", f"{spec.name}, {describe(config)}"):
+        with stages.stage("compress", f"{spec.name}, {describe(config, args.params_of)}"):
             dense = create_model(spec, config.seed).eval()
             frozen = freeze(transform(dense, inputs, config))
         return frozen, inputs, dense, spec.name

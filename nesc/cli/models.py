@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nesc.cli.common import format_shape
-from nesc.models import get_spec, list_models
+from nesc.models import dense_params, get_spec, list_models
 
 
 def add_parser(commands) -> None:
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     with err.status(Text("building models to count their parameters")):
         for name in list_models():
             spec = get_spec(name)
-            params = sum(p.numel() for p in spec.create().parameters())
+            params = dense_params(name)
             table.add_row(name, spec.family, f"{params:,}", format_shape(spec.input_shape),
                           format_shape(spec.test_input_shape), str(spec.num_classes))
     out.print(table)

@@ -17,17 +17,15 @@ from nesc.api import load, transform
 from nesc.cli.common import (
     ARTIFACT_SUFFIX,
     create_model,
-    describe,
     example_inputs,
     format_shape,
-    given_config_flags,
     is_artifact,
     model_spec,
-    nes_config,
     print_fit_errors,
     print_heading,
     print_plan_notes,
 )
+from nesc.cli.config import describe, given_config_flags, nes_config
 from nesc.core import names
 from nesc.core.errors import ConfigError
 from nesc.report import build_report
@@ -45,12 +43,13 @@ def add_parser(commands, config: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     if is_artifact(args.model):
         return _summarise_artifact(args, out, err)
-    spec, config = model_spec(args.model), nes_config(args)
+    spec = model_spec(args.model)
+    config = nes_config(args, spec)
     inputs = example_inputs(spec, args.input_size)
     with err.status(Text(f"capture, plan and fit {spec.name}")):
         # the factory's initial weights under config.seed: same run, same table
         gm = transform(create_model(spec, config.seed), inputs, config)
-    print_heading(out, spec.name, f"input {format_shape(inputs[0].shape)}, {describe(config)}")
+    print_heading(out, spec.name, f"input {format_shape(inputs[0].shape)}, {describe(config, args.params_of)}")
     out.print(build_report(gm))
     print_plan_notes(out, gm)
     print_fit_errors(out, gm.meta.get(names.FIT_ERRORS, {}))

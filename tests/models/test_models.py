@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nesc.models import MODELS, ModelSpec, create_model, get_spec, list_models, register_model
+from nesc.models import MODELS, ModelSpec, create_model, dense_params, get_spec, list_models, register_model
 
 BATCH = 2
 ALL_MODELS = list_models()
@@ -66,6 +66,17 @@ def test_unknown_name_raises_listing_valid_names() -> None:
     for name in ALL_MODELS:
         assert name in str(info.value)
 
+
+
+def test_dense_params_counts_the_built_model_and_leaves_the_generator_alone() -> None:
+    assert dense_params("cnn1d") == _num_params(create_model("cnn1d"))
+    wide = {"num_classes": 4, "width_mult": 2}
+    before = torch.get_rng_state()
+    assert dense_params("cnn1d", **wide) > dense_params("cnn1d")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert dense_params("cnn1d", **wide) == _num_params(create_model("cnn1d", **wide))
+    with pytest.raises(KeyError, match="unknown model 'resnet19'"):
+        dense_params("resnet19")
 
 @pytest.mark.parametrize(
     ("overrides", "error"),

@@ -74,6 +74,8 @@ def test_compress_from_a_trained_checkpoint_reports_its_accuracy(capsys, tmp_pat
     (["train", "resnet_fmnist"], "nesc train needs --dataset NAME; valid: digits, fashion_mnist"),
     (["train", "cnn1d", "--dataset", "synthetic"], r"takes inputs of shape \(1, 40\).*has \(1, 8, 8\).*resnet_fmnist"),
     (["train", "mlp", "--dataset", "synthetic", "--width", "0.5"], "model mlp has no width multiplier"),
+    (["train", "resnet_fmnist", "--dataset", "synthetic", "--width", "0"],
+     "--width: the width multiplier must be a positive number; got 0"),
     (["train", "resnet_fmnist", "--dataset", "synthetic", "--epochs", "0"], "epochs must be an int >= 1"),
     (["compress", "mlp", "--epochs", "3"], "--epochs only apply when training: add --dataset"),
     (["train", "resnet_fmnist", "--dataset", "fashion_mnist", "--data-dir", "/nonexistent"],
