@@ -50,6 +50,20 @@ class Settings:
     epochs_1d: int = 10  # MNIST-1D is small: the whole train split, more epochs
     min_params: int = 128  # nesc's and HashedNets' threshold: smaller weights stay dense
     policy: str = "per_type"  # nesc's default pool policy in these experiments
+    full_epochs: int = 5  # the whole Fashion-MNIST train split (dataset "fashion_mnist_full")
+
+
+# Named variations of a run (``Run.variant``): NESConfig and TrainConfig fields, factory arguments, and
+# ``equal_size``: compress the model built with ``model_kwargs`` to the dense parameter count of the
+# model without them (the ratio follows from the two sizes).
+VARIANTS: dict[str, dict] = {
+    "": {},
+    "anneal": {"train": {"sampling_width": 3.0, "width_anneal": 0.5, "starts_lr": 0.01}},
+    "extent4": {"nes": {"pool_extent": 4}},
+    "learner": {"nes": {"learner": True}},
+    "spread": {"nes": {"match_spread": True}},
+    "wide2": {"model_kwargs": {"width_mult": 2.0}, "equal_size": True},
+}
 
 
 @dataclass(frozen=True)
@@ -62,10 +76,13 @@ class Run:
     seed: int
     policy: str = "per_type"
     init: str = "scratch"  # or "dense+distill": nesc fitted to the trained dense model, distilled from it
+    variant: str = ""  # a key of VARIANTS
 
     @property
     def key(self) -> str:
-        return f"{self.experiment}-{self.model}-{self.method}-{self.policy}-{self.init}-r{self.ratio:g}-s{self.seed}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return (f"{self.experiment}-{self.model}-{self.method}{variant}-{self.policy}-{self.init}-r{self.ratio:g}"
+                f"-s{self.seed}")
 
     @property
     def path(self) -> Path:
@@ -80,6 +97,12 @@ _DATA: dict[tuple, Dataset] = {}
 
 
 def dataset(name: str, settings: Settings, seed: int) -> Dataset:
+    if name == "fashion_mnist_full":  # the whole train and test splits
+        key = (name,)
+        if key not in _DATA:
+            _DATA.clear()
+            _DATA[key] = load_dataset("fashion_mnist")
+        return _DATA[key]
     if name == "mnist1d":  # small: the whole standard split
         key = (name,)
         if key not in _DATA:
@@ -93,10 +116,11 @@ def dataset(name: str, settings: Settings, seed: int) -> Dataset:
 
 
 def train_config(run: Run, settings: Settings) -> TrainConfig:
-    epochs = settings.epochs_1d if run.dataset == "mnist1d" else settings.epochs
+    epochs = {"mnist1d": settings.epochs_1d, "fashion_mnist_full": settings.full_epochs}.get(run.dataset, settings.epochs)
     return TrainConfig(epochs=epochs, batch_size=settings.batch_size, lr=settings.lr, optimizer=settings.optimizer,
                        weight_decay=settings.weight_decay, schedule="cosine", seed=run.seed, device="cpu",
-                       bn_recalibration=settings.bn_recalibration, progress=False)
+                       bn_recalibration=settings.bn_recalibration, progress=False,
+                       **VARIANTS[run.variant].get("train", {}))
 
 
 def dense_weights_path(run: Run) -> Path:
@@ -115,8 +139,14 @@ def execute(run: Run, settings: Settings, command: str, log=print) -> dict:
             execute(run.dense(), settings, command, log)
         dense_state = load_file(str(dense_weights_path(run.dense())))
     ds = dataset(run.dataset, settings, run.seed)
-    nes = NESConfig(min_params=settings.min_params, keep_classifier=False, policy=run.policy)
-    ctx = BuildContext(run.model, run.ratio, run.seed, ds.x_test[:2], nes, dense_state=dense_state)
+    variant = VARIANTS[run.variant]
+    nes = NESConfig(min_params=settings.min_params, keep_classifier=False, policy=run.policy, **variant.get("nes", {}))
+    kwargs = variant.get("model_kwargs", {})
+    ratio = run.ratio
+    if variant.get("equal_size"):  # the wide model at the narrow dense model's parameter count
+        narrow = BuildContext(run.model, 1, run.seed, ds.x_test[:2]).dense_params
+        ratio = BuildContext(run.model, 1, run.seed, ds.x_test[:2], model_kwargs=kwargs).dense_params / narrow
+    ctx = BuildContext(run.model, ratio, run.seed, ds.x_test[:2], nes, dense_state=dense_state, model_kwargs=kwargs)
     config = train_config(run, settings)
     result = {"run": dataclasses.asdict(run), "key": run.key, "settings": dataclasses.asdict(settings),
               "train_config": dataclasses.asdict(config), "command": command, "budget": ctx.budget,
