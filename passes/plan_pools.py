@@ -37,6 +37,9 @@ from .infra import NescPass, PassResult, broken_promise, require_meta
 
 # The plan must land within this fraction of the requested budget.
 BUDGET_TOLERANCE = 0.02
+# NESConfig.pool_extent lengthens a pool only while its routing maps stay below this share of its
+# parameters: a longer pool has fewer channels, so more, smaller blocks, each with its own routing.
+EXTENT_MAX_ROUTING = 0.25
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ def _plan(gm: fx.GraphModule, config: NESConfig) -> PoolPlan:
     fixed = dense_total - sum(i.numel for i, _ in compress)
     shapes = _size(groups, target, fixed, _asked(config, dense_total, target))
     plan = _build(groups, shapes, dense, dense_total, target, fixed)
-    plan.notes = notes
+    plan.notes = notes + [f"pool for {g.label} kept kernel-sized despite pool_extent={g.extent}: {g.note}"
+                          for g in groups if g.note]
     _check_budget(plan, config)
     return plan
 
@@ -220,6 +224,7 @@ class _Group:
     fixed_shape: tuple[int, int, int, int] | None = None
     fixed_numel: int | None = None  # size set by a per-layer ratio
     extent: int = 0  # extra pool cells along every spatial axis whose kernel is wider than 1
+    note: str = ""  # why the pool is kernel-sized although an extent was asked for
 
     @property
     def weight_numel(self) -> int:
@@ -261,7 +266,17 @@ def _shape_for(g: _Group, numel: float) -> tuple[int, int, int, int]:
     budget cannot afford the extent); the channel budget is split between Op and Ip so both shrink
     by about sqrt of the group's channel ratio."""
     kh, kw = g.kernel
-    Kh, Kw = g.window if numel >= math.prod(g.window) else g.kernel
+    Kh, Kw = g.kernel
+    if g.window != g.kernel:
+        longer = _channel_split(g, numel, g.window)
+        if numel < math.prod(g.window):
+            g.note = "the budget cannot afford one window of the longer pool"
+        elif _routing(g, longer) > EXTENT_MAX_ROUTING * numel:
+            g.note = (f"the longer pool {longer} would need {_routing(g, longer):,} routing scalars for its "
+                      f"{math.prod(longer):,} parameters")
+        else:
+            g.note = ""
+            return longer
     window = Kh * Kw
     if numel < window:
         raise PlanError(
@@ -270,10 +285,18 @@ def _shape_for(g: _Group, numel: float) -> tuple[int, int, int, int]:
             f"{Kh}x{Kw} kernel window ({window}); lower the ratio, raise the budget, or keep these "
             f"layers dense (override -> None)"
         )
-    r = max(g.weight_numel * window / (kh * kw * numel), 1.0)
+    return _channel_split(g, numel, (Kh, Kw))
+
+
+def _channel_split(g: _Group, numel: float, window: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(Op, Ip, *window) of about ``numel`` elements, Op and Ip shrunk by about the square root of the
+    group's channel ratio."""
+    kh, kw = g.kernel
+    size = math.prod(window)
+    r = max(g.weight_numel * size / (kh * kw * numel), 1.0)
     Ip = min(g.max_in, max(1, round(g.max_in / math.sqrt(r))))
-    Op = max(1, round(numel / (Ip * window)))
-    return Op, Ip, Kh, Kw
+    Op = max(1, round(numel / (Ip * size)))
+    return Op, Ip, *window
 
 
 def _check_window(g: _Group, shape: tuple[int, int, int, int]) -> None:

@@ -48,7 +48,8 @@ DEFAULT_RUN_DIR = Path("runs")
 # TrainConfig fields the command line sets; each flag's destination is the field's name.
 TRAIN_FIELDS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "optimizer": "--optimizer",
                 "weight_decay": "--weight-decay", "schedule": "--schedule", "seed": "--seed", "limit": "--limit",
-                "bn_recalibration": "--bn-recalibration", "device": "--device"}
+                "bn_recalibration": "--bn-recalibration", "device": "--device", "sampling_width": "--sampling-width",
+                "starts_lr": "--starts-lr"}
 FORCE_HELP = "replace the output file if it exists (never a link, a folder or a device)"
 
 
@@ -123,7 +124,9 @@ def config_flags() -> argparse.ArgumentParser:
     group.add_argument("--min-params", type=int, metavar="N",
                        help=f"weights with fewer elements stay dense (default {NESConfig.min_params})")
     group.add_argument("--learner", action="store_true", default=None,
-                       help="feature-conditioned transformation learner for start indices (the paper's mode)")
+                       help="start-index offsets predicted from the batch-mean input features (the paper's learner)")
+    group.add_argument("--pool-extent", type=int, metavar="N",
+                       help="pools N cells longer than the kernel along space/time, so blocks sample along it too")
     group.add_argument("--input-size", type=int, nargs="+", metavar="D",
                        help="example input shape without the batch dimension, e.g. 3 64 64 "
                             "(default: the model's registered shape)")
@@ -147,6 +150,9 @@ def training_flags() -> argparse.ArgumentParser:
     group.add_argument("--bn-recalibration", type=int, metavar="N",
                        help="recompute batch-norm statistics over N train batches before each evaluation")
     group.add_argument("--device", choices=DEVICES, help="default auto (cuda when available)")
+    group.add_argument("--sampling-width", type=float, metavar="W",
+                       help="sampling kernel W cells wide at the start, annealed to 1 over the first half (default 1)")
+    group.add_argument("--starts-lr", type=float, metavar="LR", help="learning rate of the start indices (default --lr)")
     group.add_argument("--width", type=float, metavar="W", help="width multiplier, for models that have one")
     group.add_argument("--run-dir", type=Path, metavar="DIR",
                        help=f"logs and checkpoints (default {DEFAULT_RUN_DIR}/MODEL-DATASET); a rerun resumes")

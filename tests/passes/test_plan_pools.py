@@ -366,7 +366,7 @@ def test_a_weight_used_twice_is_counted_once() -> None:
 @pytest.mark.parametrize("ratio", [4, 8])
 def test_pool_extent_lengthens_pools_along_wide_kernels_only_and_meets_the_budget(ratio: int) -> None:
     gm = analysed_registry("cnn1d")
-    plan = _plan(gm, ratio=ratio, pool_extent=4, min_params=128, keep_classifier=False)
+    plan = _plan(gm, ratio=ratio, pool_extent=4, min_params=128, keep_classifier=False, policy="per_type")
     _check_plan_is_consistent(gm, plan)
     infos = {i.weight_name: i for i in weight_infos(gm)}
     for name, (pool_name, geometry) in plan.layers.items():
@@ -382,3 +382,12 @@ def test_pool_extent_is_validated() -> None:
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="pool_extent"):
             NESConfig(pool_extent=bad)
+
+
+def test_pool_extent_is_dropped_with_a_note_where_routing_would_dominate() -> None:
+    # cnn1d at 8x with its classifier dense: longer pools would need more routing than parameters.
+    gm = analysed_registry("cnn1d")
+    plan = _plan(gm, ratio=8, pool_extent=4, min_params=128)
+    assert all(spec.shape[3] == 3 for spec in plan.pools.values()), [s.shape for s in plan.pools.values()]
+    notes = [n for n in plan.notes if "pool_extent=4" in n]
+    assert len(notes) == len(plan.pools) and all("routing scalars" in n for n in notes), plan.notes

@@ -19,6 +19,7 @@ from nesc.cli import summary as summary_verb
 from nesc.core.errors import InputError
 from nesc.models import create_model
 from nesc.passes.plan_pools import BUDGET_TOLERANCE
+from nesc.report import build_report
 from cli_cases import run as _run, assert_clean_error as _assert_clean_error
 
 SYNTHETIC_CLASSES = 4  # nesc.data's synthetic set: 1x8x8 images, 4 classes
@@ -149,3 +150,21 @@ def test_params_of_excludes_the_other_budgets(capsys, other) -> None:
     code, _, err = _run(capsys, "summary", "cnn1d", "--params-of", "cnn1d@0.5", *other)
     assert code == USAGE_ERROR and "usage: nesc" in err
     assert f"argument {other[0]}: not allowed with argument --params-of" in err, err
+
+
+# ------------------------------------------------------------------------- sampling along space / time
+
+
+def test_pool_extent_and_sampling_flags_reach_the_config_and_the_training(capsys, tmp_path: Path) -> None:
+    artifact = tmp_path / "m.nesc"
+    code, out, err = _run(capsys, "compress", "cnn1d", "--dataset", "mnist1d", "--limit", "200", "--epochs", "1",
+                          "--optimizer", "adamw", "--lr", "0.003", "--min-params", "128", "--ratio", "4",
+                          "--pool-extent", "4", "--sampling-width", "2", "--starts-lr", "0.01",
+                          "--run-dir", str(tmp_path / "run"), "--out", str(artifact))
+    assert code == 0, err
+    frozen = nesc.load(artifact)
+    report = build_report(frozen)
+    conv = [r for r in report.rows if r.pool and r.op.startswith("conv1d") and r.shape[-1] == 3]
+    assert conv and all(r.pool_shape[-1] == 3 + 4 for r in conv), [(r.name, r.pool_shape) for r in conv]
+    code, out, err = _run(capsys, "summary", "cnn1d", "--pool-extent", "-1")
+    _one_clean_error(code, out, err, "pool_extent")
