@@ -19,6 +19,7 @@ from nesc.core.modules import REGENERATE, EpitomeSampler, tensor_roles
 from nesc.core.sampling import ROUTING_SCALARS_PER_BLOCK, START_SCALARS_PER_BLOCK, Geometry
 from nesc.passes.find_weights import find_weights, weight_infos
 from nesc.passes.functionalize import INLINED, functionalize
+from nesc.passes.reuse import fold_channels
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class LayerRow:
     stored: float  # what this weight costs now: routing map + its share of the pool (or params if dense)
     madd: int  # multiply-adds per example
     regen_madd: int  # multiply-adds to regenerate the weight, once per forward
-    reason: str = ""  # why it stayed dense
+    reason: str = ""  # why it stayed dense, or what passes.reuse did
+    adds: int = 0  # additions per example outside the op (passes.reuse's input-channel fold)
 
 
 @dataclass
@@ -53,6 +55,10 @@ class Report:
     def madd(self) -> int:
         return sum(r.madd for r in self.rows)
 
+    @property
+    def adds(self) -> int:
+        return sum(r.adds for r in self.rows)
+
     def to_dict(self) -> dict:
         return {
             "rows": [asdict(r) for r in self.rows],
@@ -61,6 +67,7 @@ class Report:
             "stored_params": self.stored_params,
             "ratio": self.ratio,
             "madd": self.madd,
+            "adds": self.adds,
         }
 
     def __rich__(self):
@@ -69,21 +76,24 @@ class Report:
         table = Table(title=f"nesc: {self.dense_params:,} -> {self.stored_params:,} parameters ({self.ratio:.2f}x)")
         for col, justify in [("layer", "left"), ("op", "left"), ("weight", "left"), ("pool", "left"),
                              ("shared by", "right"), ("params", "right"), ("stored", "right"),
-                             ("MAdd", "right"), ("regen MAdd", "right"), ("note", "left")]:
+                             ("MAdd", "right"), ("adds", "right"), ("regen MAdd", "right"), ("note", "left")]:
             table.add_column(col, justify=justify, overflow="fold")
         for r in self.rows:
             pool = f"{r.pool} {tuple(r.pool_shape)}" if r.pool else "-"
             table.add_row(
                 r.name, r.op, "x".join(map(str, r.shape)), pool, str(r.shares_with + 1) if r.pool else "-",
-                f"{r.params:,}", f"{r.stored:,.0f}", f"{r.madd:,}", f"{r.regen_madd:,}" if r.regen_madd else "-",
+                f"{r.params:,}", f"{r.stored:,.0f}", f"{r.madd:,}", f"{r.adds:,}" if r.adds else "-",
+                f"{r.regen_madd:,}" if r.regen_madd else "-",
                 r.reason or ("" if r.pool else "dense"),
             )
         for reason, (tensors, params) in sorted(self.other_dense.items()):
-            table.add_row(f"({tensors} other tensors)", "", "", "-", "-", f"{params:,}", f"{params:,}", "", "", reason)
+            table.add_row(f"({tensors} other tensors)", "", "", "-", "-", f"{params:,}", f"{params:,}", "", "", "",
+                          reason)
         weights = sum(r.params for r in self.rows)
         table.add_section()
         table.add_row("total", "", "", f"{len(self.pools)} pools", "", f"{self.dense_params:,}",
-                      f"{self.stored_params:,}", f"{self.madd:,}", f"{sum(r.regen_madd for r in self.rows):,}",
+                      f"{self.stored_params:,}", f"{self.madd:,}", f"{self.adds:,}",
+                      f"{sum(r.regen_madd for r in self.rows):,}",
                       f"{weights:,} in weight-bearing ops")
         return table
 
@@ -108,6 +118,7 @@ def build_report(gm: fx.GraphModule) -> Report:
     for name, pool in pool_of.items():
         members[pool].append(name)
     reasons = gm.meta.get(names.DENSE_REASONS, {})
+    folds = _folds(gm)
     rows, seen = [], set()
     for info in infos:
         if info.weight_name in seen:
@@ -122,9 +133,13 @@ def build_report(gm: fx.GraphModule) -> Report:
         share = math.prod(g.pool) / len(members[pool])
         # Trainable: 4 start coordinates per block (parameters); frozen: the routing map's 8 scalars.
         routing = g.num_blocks * (ROUTING_SCALARS_PER_BLOCK if info.state == "frozen" else START_SCALARS_PER_BLOCK)
+        # A folded op (passes.reuse) reads fewer input channels than the weight it replaces had.
+        channels, adds = folds.get(info.weight_name, (info.shape[1], 0))
+        note = (f"folded: {channels} -> {info.shape[1]} input channels ({channels / info.shape[1]:.2f}x fewer "
+                f"multiply-adds)" if channels != info.shape[1] else "")
         rows.append(LayerRow(info.weight_name, info.op, g_shape(info), info.state, pool, g.pool,
-                             len(members[pool]) - 1, info.numel, routing + share, info.madd,
-                             len(g.corners) * g.numel))
+                             len(members[pool]) - 1, info.numel * channels // info.shape[1], routing + share,
+                             info.madd, len(g.corners) * g.numel, note, adds))
     other: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for p in gm.meta.get(names.DENSE_PARAMS, []):
         other[p.reason][0] += 1
@@ -137,6 +152,52 @@ def build_report(gm: fx.GraphModule) -> Report:
     pools = {name: (tuple(gm.get_parameter(name).shape), members[name]) for name in members}
     stored = stored_params(gm)
     return Report(rows, {k: tuple(v) for k, v in other.items()}, dense_total, stored, pools)
+
+
+_SUMS = (torch.ops.aten.sum.dim_IntList, torch.sum)
+_RESHAPES = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+_PADS = (torch.ops.aten.constant_pad_nd.default, torch.ops.aten.pad.default)
+
+
+def _folds(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    """Weight name -> (input channels before the fold, additions per example) for every op whose input
+    is ``passes.reuse``'s channel fold: still the ``fold_channels`` call, or, in a loaded artifact, the
+    pad -> reshape (copies, period) -> sum over the copies that export made of it, where the period is
+    the op's input width and the op's weight is regenerated from a pool that many channels wide."""
+    out = {}
+    for node in gm.graph.nodes:
+        info = node.meta.get(names.WEIGHT)
+        x = node.args[0] if info is not None and info.state == "frozen" and node.args else None
+        if not isinstance(x, fx.Node) or x.op != "call_function":
+            continue
+        if x.target is fold_channels:
+            src, axis = x.args[0], x.args[2]
+        elif x.target in _SUMS and len(x.args) > 1 and isinstance(x.args[0], fx.Node) and x.args[0].target in _RESHAPES:
+            dims = x.args[1] if isinstance(x.args[1], (list, tuple)) else [x.args[1]]
+            if len(dims) != 1:
+                continue
+            src, axis = x.args[0].args[0], dims[0]
+            if isinstance(src, fx.Node) and src.target in _PADS:
+                src = src.args[0]
+        else:
+            continue
+        shape, folded = _shape_of(src), _shape_of(x)
+        if not shape or not folded or len(shape) != len(folded):
+            continue
+        axis %= len(shape)
+        channels, period = shape[axis], folded[axis]
+        if period != info.shape[1] or channels <= period:
+            continue
+        copies = -(-channels // period)
+        out[info.weight_name] = (channels, (copies - 1) * math.prod(folded[1:]))
+    return out
+
+
+def _shape_of(node) -> tuple[int, ...]:
+    if not isinstance(node, fx.Node):
+        return ()
+    meta = node.meta.get("tensor_meta") or node.meta.get("val")
+    return tuple(int(d) for d in getattr(meta, "shape", ()))
 
 
 def g_shape(info) -> tuple[int, ...]:

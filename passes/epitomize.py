@@ -132,7 +132,8 @@ def _make_sampler(gm, info: WeightInfo, geometry: Geometry, config: NESConfig, g
     if config.learner:
         in_channels = info.in_shape[0] if info.channel_dim == 1 else info.in_shape[-1]
         learner = TransformationLearner(in_channels, geometry.grid, info.channel_dim)
-    return EpitomeSampler(geometry, _initial_starts(geometry, gen), scale, info.weight_name, learner)
+    return EpitomeSampler(geometry, _initial_starts(geometry, gen), scale, info.weight_name, learner,
+                          tied=config.reuse)
 
 
 def _initial_starts(geometry: Geometry, gen: torch.Generator) -> torch.Tensor:

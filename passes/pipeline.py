@@ -24,9 +24,10 @@ from .freeze import Freeze
 from .functionalize import Functionalize
 from .infra import NescPass
 from .plan_pools import PlanPools
+from .reuse import Reuse
 
 PASSES: Registry[type[NescPass]] = Registry("pass")
-for _cls in (Functionalize, FindWeights, PlanPools, Epitomize, Freeze, DecomposeRegenerate):
+for _cls in (Functionalize, FindWeights, PlanPools, Epitomize, Freeze, Reuse, DecomposeRegenerate):
     PASSES.add(_cls.name, _cls)
 # decompose_regenerate is in no pipeline here: the ONNX exporter runs it on a copy of a frozen model.
 
@@ -40,7 +41,9 @@ TRANSFORM: list[str] = [
 
 FREEZE: list[str] = [
     "freeze",  # samplers -> routing maps + nesc.regenerate nodes
-    "find_weights",  # refresh the meta for the frozen form
+    "find_weights",  # refresh the meta for the frozen form, which reuse reads
+    "reuse",  # fold input channels wherever the routing map makes it exact
+    "find_weights",  # refresh again: folded ops have fewer input channels
 ]
 
 

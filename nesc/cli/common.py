@@ -125,6 +125,8 @@ def config_flags() -> argparse.ArgumentParser:
                        help=f"weights with fewer elements stay dense (default {NESConfig.min_params})")
     group.add_argument("--learner", action="store_true", default=None,
                        help="start-index offsets predicted from the batch-mean input features (the paper's learner)")
+    group.add_argument("--reuse", action="store_true", default=None,
+                       help="train routing whose input channels fold after freeze (fewer multiply-adds)")
     group.add_argument("--pool-extent", type=int, metavar="N",
                        help="pools N cells longer than the kernel along space/time, so blocks sample along it too")
     group.add_argument("--input-size", type=int, nargs="+", metavar="D",

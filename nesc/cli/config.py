@@ -22,7 +22,8 @@ from nesc.models import ModelSpec, dense_params
 
 # NESConfig fields the command line sets, and the flag that sets each (for messages).
 CONFIG_FLAGS = {"ratio": "--ratio", "param_budget": "--params", "policy": "--policy",
-                "min_params": "--min-params", "learner": "--learner", "pool_extent": "--pool-extent"}
+                "min_params": "--min-params", "learner": "--learner", "pool_extent": "--pool-extent",
+                "reuse": "--reuse"}
 PARAMS_OF = "--params-of"  # sets param_budget too, counted by params_of_budget
 
 

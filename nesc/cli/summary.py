@@ -1,5 +1,5 @@
-"""``nesc summary``: the per-layer table of a registry model's plan (planned and fitted, not saved), or
-of a saved artifact.
+"""``nesc summary``: the per-layer table of a registry model's plan (planned, fitted and frozen as
+``compress`` would save it, with whatever ``passes.reuse`` folds; not saved), or of a saved artifact.
 
     nesc summary resnet18 --ratio 4               # plan + fit a model, print the per-layer table
     nesc summary resnet18_cifar.nesc              # summarise a saved artifact
@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from nesc.api import load, transform
+from nesc.api import freeze, load, transform
 from nesc.cli.common import (
     ARTIFACT_SUFFIX,
     create_model,
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
         # the factory's initial weights under config.seed: same run, same table
         gm = transform(create_model(spec, config.seed), inputs, config)
     print_heading(out, spec.name, f"input {format_shape(inputs[0].shape)}, {describe(config, args.params_of)}")
-    out.print(build_report(gm))
+    out.print(build_report(freeze(gm)))  # what compress would save: routing maps, reuse applied
     print_plan_notes(out, gm)
     print_fit_errors(out, gm.meta.get(names.FIT_ERRORS, {}))
     return 0

@@ -124,7 +124,11 @@ class NESConfig:
         conv with kernel 3 and ``pool_extent=4`` samples from pools 7 long): blocks then also
         sample along time / space, as WSNet's condensed filters do, at the cost of fewer channels
         for the same budget. 0 = pools exactly kernel-sized (nothing sampled along those axes).
-    learner: use the paper's feature-conditioned transformation learner for start indices.
+    reuse: train toward routing that ``passes.reuse`` turns into fewer multiply-adds: the blocks of
+        an output row share their output-channel and spatial starts and read consecutive pool
+        columns from a fixed integer input start, so every weight's input columns repeat with the
+        pool's period and its input channels fold exactly (``EpitomeSampler.tie``).
+    learner: start-index offsets predicted from the batch-mean input features.
     init: ``dense`` fits the pools to the model's current weights by least squares;
         ``random`` draws them (N(0, 1) times each layer's dense standard deviation: the sampled
         weights have the dense initialisation's spread).
@@ -140,6 +144,7 @@ class NESConfig:
     keep_first: bool = True
     keep_classifier: bool = True
     pool_extent: int = 0
+    reuse: bool = False
     learner: bool = False
     init: Literal["dense", "random"] = "dense"
     match_spread: bool = False

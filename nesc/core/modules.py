@@ -78,6 +78,7 @@ class EpitomeSampler(nn.Module):
         scale: float,
         weight_name: str,
         learner: TransformationLearner | None = None,
+        tied: bool = False,
     ):
         super().__init__()
         if tuple(starts.shape) != (*geometry.grid, 4):
@@ -85,6 +86,9 @@ class EpitomeSampler(nn.Module):
         self.geometry = geometry
         self.scale = float(scale)
         self.weight_name = weight_name
+        # Reuse-friendly routing (NESConfig.reuse): see ``tie``.
+        self.tied = tied
+        starts = self.tie(starts.float().floor() if tied else starts)
         self.starts = nn.Parameter(starts.float())
         # Where the starts began, for the displacement metrics (``start_stats``); never read by forward.
         self.register_buffer("origin", starts.detach().float().clone())
@@ -93,12 +97,25 @@ class EpitomeSampler(nn.Module):
         # wider smooths the start indices' loss landscape while they learn (``set_sampling_width``).
         self.width = 1.0
 
+    def tie(self, starts: Tensor) -> Tensor:
+        """With ``tied``: every block of an output row takes the row's first block's output-channel and
+        spatial start, and reads the pool columns that follow its neighbour's (input start ``i0 + k*bi``
+        of the first block's integer ``i0``, never learned), so each sampled weight's input columns repeat
+        with the pool's period ``Ip`` and ``passes.reuse`` can fold the input channels exactly."""
+        if not self.tied:
+            return starts
+        nbo, nbi = self.geometry.grid
+        row = starts[:, :1]
+        i = row[..., 1].detach() + torch.arange(nbi, device=starts.device) * self.geometry.block[1]
+        return torch.stack([row[..., 0].expand(nbo, nbi), i, row[..., 2].expand(nbo, nbi),
+                            row[..., 3].expand(nbo, nbi)], dim=-1)
+
     def effective_starts(self, x: Tensor | None = None) -> Tensor:
         if self.learner is None:
-            return self.starts
+            return self.tie(self.starts)
         if x is None:  # a read that feeds no op with features (a tied weight's other use)
-            return self.starts + self.learner.running_offset
-        return self.starts + self.learner(x)
+            return self.tie(self.starts + self.learner.running_offset)
+        return self.tie(self.starts + self.learner(x))
 
     def routing(self) -> tuple[Tensor, Tensor]:
         """The integer starts and interpolation fractions eval mode uses: the routing map."""

@@ -39,6 +39,8 @@ DENSE_REASONS = "nesc_dense_reasons"
 CONFIG = "nesc_config"
 # nesc.transform / nesc.fit_pools: {weight name: relative reconstruction error of the pool fit}.
 FIT_ERRORS = "nesc_fit_errors"
+# passes.reuse: {weight name: what reuse did to it, or why it left it alone}.
+REUSE = "nesc_reuse"
 # nesc.load: the ``extra`` dict the artifact was saved with (report, config, dense reasons).
 EXTRA = "nesc_extra"
 
