@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict] = {
     "learner": {"nes": {"learner": True}},
     "spread": {"nes": {"match_spread": True}},
     "wide2": {"model_kwargs": {"width_mult": 2.0}, "equal_size": True},
+    "reuse": {"nes": {"reuse": True}},
 }
 
 

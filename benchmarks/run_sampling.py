@@ -12,11 +12,12 @@ per-epoch checkpoints under ``benchmarks/.runs/`` so an interrupted run resumes 
   (``wsnet``), and nesc variants (``exp_common.VARIANTS``): ``anneal`` (sampling kernel half-width
   3 -> 1 over the first half, starts lr 0.01), ``extent4`` (pools 4 cells longer than the kernel
   along time, learned and fixed), ``learner`` (the transformation learner), ``spread`` (the pool fit
-  rescaled to the dense init's spread); and ``wide2``: a 2x-wide cnn1d compressed to the dense cnn1d's
+  rescaled to the dense init's spread), ``reuse`` (``NESConfig(reuse=True)``: routing whose input
+  channels fold after freeze, ``passes.reuse``); and ``wide2``: a 2x-wide cnn1d compressed to the dense cnn1d's
   parameter count (learned and fixed), against the dense cnn1d.
 * ``fmnist_full``: the whole Fashion-MNIST train split (60,000 images, 5 epochs), test on all 10,000:
-  ``resnet_fmnist`` and ``mobilenetv2_fmnist``: dense, nesc 4x and 8x, nesc_fixed 4x, WSNet 4x and
-  the 2x-wide model at the dense size. About 40 CPU-thread minutes per run.
+  ``resnet_fmnist`` and ``mobilenetv2_fmnist``: dense, nesc 4x and 8x, nesc_fixed 4x, WSNet 4x,
+  the 2x-wide model at the dense size, and nesc 4x with ``reuse=True``. 2-4 CPU-thread minutes per run.
 
 Runs go seed by seed, MNIST-1D first, so a suite cut short still covers every configuration once.
 """
@@ -40,9 +41,10 @@ RESULTS = exp_common.HERE / "results" / "sampling"
 RATIOS_1D = (4, 8, 16)
 # (method, variant) of the MNIST-1D grid at every ratio.
 CELLS_1D = (("nesc", ""), ("nesc_fixed", ""), ("wsnet", ""), ("nesc", "anneal"), ("nesc", "extent4"),
-            ("nesc_fixed", "extent4"), ("nesc", "learner"), ("nesc", "spread"))
+            ("nesc_fixed", "extent4"), ("nesc", "learner"), ("nesc", "spread"), ("nesc", "reuse"))
 FMNIST_MODELS = ("resnet_fmnist", "mobilenetv2_fmnist")
-CELLS_FMNIST = (("nesc", "", 4), ("nesc_fixed", "", 4), ("wsnet", "", 4), ("nesc", "", 8), ("nesc", "wide2", 1))
+CELLS_FMNIST = (("nesc", "", 4), ("nesc_fixed", "", 4), ("wsnet", "", 4), ("nesc", "", 8), ("nesc", "wide2", 1),
+                ("nesc", "reuse", 4))
 GRIDS = ("mnist1d", "fmnist_full")
 
 
