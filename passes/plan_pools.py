@@ -37,8 +37,8 @@ from .infra import NescPass, PassResult, broken_promise, require_meta
 
 # The plan must land within this fraction of the requested budget.
 BUDGET_TOLERANCE = 0.02
-# NESConfig.pool_extent lengthens a pool only while its routing maps stay below this share of its
-# parameters: a longer pool has fewer channels, so more, smaller blocks, each with its own routing.
+# pool_extent lengthens a pool only while its routing stays below this share of its parameters (a
+# longer pool has fewer channels, so more and smaller blocks).
 EXTENT_MAX_ROUTING = 0.25
 
 
@@ -64,13 +64,14 @@ class PoolPlan:
     target: int = 0  # the budget, in parameters
     planned: int = 0  # what the plan stores: pools + routing maps + dense parameters
     notes: list[str] = field(default_factory=list)  # decisions the budget forced, for the report
+    folded: frozenset[str] = frozenset()  # layers whose routing freeze + reuse shrinks (NESConfig.reuse)
 
     @property
     def ratio(self) -> float:
         return self.dense_total / max(self.planned, 1)
 
     def routing_scalars(self) -> int:
-        return sum(g.num_blocks for _, g in self.layers.values()) * ROUTING_SCALARS_PER_BLOCK
+        return sum(g.frozen_blocks(n in self.folded) for n, (_, g) in self.layers.items()) * ROUTING_SCALARS_PER_BLOCK
 
     def sharing(self, pool: str) -> list[str]:
         return [n[1] for n in self.graph.neighbors(("pool", pool))]
@@ -143,9 +144,8 @@ def _asked(config: NESConfig, dense_total: int, target: int) -> str:
     return f"{asked} (a budget of {target:,} of the dense model's {dense_total:,} parameters)"
 
 
-# keep_first / keep_classifier are preferences: a layer they keep dense is compressed after all when
-# what stays dense would otherwise take more than this share of the budget (e.g. a 1000-class head
-# holding a third of MobileNetV2's parameters), and the plan says so in its notes.
+# keep_first / keep_classifier are preferences: a layer they keep dense is compressed after all (with a
+# note) when what stays dense would take more than this share of the budget (a 1000-class head).
 KEEP_DENSE_MAX_SHARE = 0.5
 
 
@@ -225,6 +225,7 @@ class _Group:
     fixed_numel: int | None = None  # size set by a per-layer ratio
     extent: int = 0  # extra pool cells along every spatial axis whose kernel is wider than 1
     note: str = ""  # why the pool is kernel-sized although an extent was asked for
+    reuse: bool = False  # NESConfig.reuse: folded layers store fewer routing blocks once frozen
 
     @property
     def weight_numel(self) -> int:
@@ -249,7 +250,7 @@ def _group(compress, config: NESConfig) -> list[_Group]:
     groups: dict[str, _Group] = {}
     for info, layer_config in compress:
         key, label = _group_key(info, layer_config, config.policy)
-        g = groups.setdefault(key, _Group(key, label, [], extent=config.pool_extent))
+        g = groups.setdefault(key, _Group(key, label, [], extent=config.pool_extent, reuse=config.reuse))
         g.members.append((info, layer_config))
         if layer_config is not None and layer_config.pool_shape is not None:
             g.fixed_shape = layer_config.pool_shape
@@ -265,7 +266,6 @@ def _shape_for(g: _Group, numel: float) -> tuple[int, int, int, int]:
     """A pool shape of about ``numel`` elements: spatial = ``g.window`` (the kernel itself when the
     budget cannot afford the extent); the channel budget is split between Op and Ip so both shrink
     by about sqrt of the group's channel ratio."""
-    kh, kw = g.kernel
     Kh, Kw = g.kernel
     if g.window != g.kernel:
         longer = _channel_split(g, numel, g.window)
@@ -277,20 +277,17 @@ def _shape_for(g: _Group, numel: float) -> tuple[int, int, int, int]:
         else:
             g.note = ""
             return longer
-    window = Kh * Kw
-    if numel < window:
+    if numel < Kh * Kw:
         raise PlanError(
             f"the pool for {g.label} ({', '.join(i.weight_name for i, _ in g.members[:3])}"
             f"{', ...' if len(g.members) > 3 else ''}) would hold {numel:.0f} parameters, less than one "
-            f"{Kh}x{Kw} kernel window ({window}); lower the ratio, raise the budget, or keep these "
-            f"layers dense (override -> None)"
-        )
+            f"{Kh}x{Kw} kernel window ({Kh * Kw}); lower the ratio, raise the budget, or keep these "
+            f"layers dense (override -> None)")
     return _channel_split(g, numel, (Kh, Kw))
 
 
 def _channel_split(g: _Group, numel: float, window: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(Op, Ip, *window) of about ``numel`` elements, Op and Ip shrunk by about the square root of the
-    group's channel ratio."""
+    """(Op, Ip, *window) of about ``numel`` elements, Op and Ip shrunk by ~sqrt of the channel ratio."""
     kh, kw = g.kernel
     size = math.prod(window)
     r = max(g.weight_numel * size / (kh * kw * numel), 1.0)
@@ -317,7 +314,12 @@ def _geometry(info: WeightInfo, pool_shape) -> Geometry:
 
 
 def _routing(g: _Group, shape) -> int:
-    return sum(_geometry(i, shape).num_blocks for i, _ in g.members) * ROUTING_SCALARS_PER_BLOCK
+    return sum(_geometry(i, shape).frozen_blocks(g.reuse and _foldable(i)) for i, _ in g.members) * ROUTING_SCALARS_PER_BLOCK
+
+
+def _foldable(info: WeightInfo) -> bool:
+    """Whether ``passes.reuse`` can fold this op's input channels once its routing is tied."""
+    return info.op not in ("conv2d_dw", "conv2d_group")
 
 
 def _size(groups: list[_Group], target: int, fixed: int, asked: str) -> dict[str, tuple]:
@@ -380,7 +382,8 @@ def _build(groups, shapes, dense, dense_total, target, fixed) -> PoolPlan:
             graph.add_edge(("layer", info.weight_name), ("pool", name))
     for name in dense:
         graph.add_node(("layer", name), dense=dense[name])
-    plan = PoolPlan(pools, layers, dict(dense), graph, dense_total, target)
+    folded = frozenset(i.weight_name for g in groups if g.reuse for i, _ in g.members if _foldable(i))
+    plan = PoolPlan(pools, layers, dict(dense), graph, dense_total, target, folded=folded)
     plan.planned = fixed + sum(p.numel for p in pools.values()) + plan.routing_scalars()
     return plan
 
@@ -394,5 +397,4 @@ def _check_budget(plan: PoolPlan, config: NESConfig) -> None:
             f"the plan stores {plan.planned:,} parameters but the budget is {plan.target:,} "
             f"({miss:+.1%}, tolerance {BUDGET_TOLERANCE:.0%}); pools cannot be shaped to fit "
             f"({len(plan.pools)} pools with fixed sizes or at their minimum of one kernel window). "
-            f"Adjust the ratio or the per-layer overrides (ratio / pool_shape)."
-        )
+            f"Adjust the ratio or the per-layer overrides (ratio / pool_shape).")

@@ -74,6 +74,12 @@ class Geometry:
         nbo, nbi = self.grid
         return nbo * nbi
 
+    def frozen_blocks(self, folded: bool = False) -> int:
+        """Blocks a frozen routing map stores: all, or for a weight ``passes.reuse`` folds, the first
+        ``ceil(Ip / bi)`` of each output row (the folded weight keeps only ``Ip`` input columns)."""
+        nbo, nbi = self.grid
+        return nbo * min(nbi, -(-self.pool[1] // self.block[1])) if folded else nbo * nbi
+
     @property
     def active(self) -> tuple[bool, bool, bool, bool]:
         """Axes along which a block's window can move: interpolation happens only along these."""

@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nesc
-from helpers import CLOSE, assert_close, registry_inputs, registry_model
+from helpers import BUDGET_RTOL, CLOSE, assert_close, registry_inputs, registry_model
 from nesc import NESConfig
 from nesc.core import names
 from nesc.core.modules import EpitomeSampler
@@ -147,3 +147,14 @@ def test_fold_channels_sums_channels_equal_modulo_the_period(shape, dim, period)
     d = dim % x.dim()
     expected = torch.stack([sum(x.select(d, i) for i in range(c, x.shape[d], period)) for c in range(period)], d)
     assert_close(out, expected, CLOSE, f"{shape} period {period}")
+
+
+@pytest.mark.parametrize("ratio", [4, 8])
+@pytest.mark.parametrize("name", ["cnn1d", "resnet_fmnist", "mobilenetv2_fmnist"])
+def test_the_plan_counts_the_routing_reuse_keeps_so_the_frozen_model_meets_the_budget(name: str, ratio: int) -> None:
+    model = registry_model(name)
+    gm = nesc.transform(model, registry_inputs(name), NESConfig(ratio=ratio, min_params=128, reuse=True,
+                                                                 keep_classifier=False, policy="per_type", init="random"))
+    stored = nesc.stored_params(nesc.freeze(gm))
+    target = sum(p.numel() for p in model.parameters()) / ratio
+    assert abs(stored - target) <= BUDGET_RTOL * target, f"{name} {ratio}x: {stored:,} vs {target:,.0f}"
