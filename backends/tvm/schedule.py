@@ -202,11 +202,21 @@ def _tiled(sch) -> None:
     sch.vectorize(xi)
     if fi is not None and (_static(sch.get(fi).extent) or 1) > 1:
         sch.unroll(fi)
-    sch.vectorize(sch.get_loops(epilogue)[-1])
+    tile = [*outer, xo]
+    _vectorize_inside(sch, epilogue, tile)
     _parallel(sch, outer)  # before decompose_reduction: parallel needs the block to be a whole reduction
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
-        sch.vectorize(sch.get_loops(init)[-1])
+        _vectorize_inside(sch, init, tile)
+
+
+def _vectorize_inside(sch, block, tile) -> None:
+    """Vectorise ``block``'s innermost loop unless it is one of the ``tile`` loops it was computed at:
+    with one lane and no register axis the tile's own loops are all it has, and those also run the
+    anchor's reduction, which must stay serial (vectorising one gave wrong sums)."""
+    last = sch.get(sch.get_loops(block)[-1])
+    if not any(last.same_as(sch.get(lp)) for lp in tile if lp is not None):
+        sch.vectorize(sch.get_loops(block)[-1])
 
 
 def _register_axis(sch, block, extents) -> int | None:

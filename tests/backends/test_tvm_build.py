@@ -21,7 +21,10 @@ from nesc.backends.tvm import runtime, targets, tune
 from nesc.backends.tvm.adapter import host_target
 from nesc.backends.tvm.build import compile
 from nesc.cli import USAGE_ERROR, main
+from nesc.core import names
+from nesc.core.config import NESConfig
 from nesc.core.errors import ConfigError, NescError
+from nesc.passes.reuse import fold_channels
 
 EM_AARCH64 = 183  # ELF e_machine of 64-bit ARM
 
@@ -44,6 +47,31 @@ def test_dynamic_batch_build_runs_every_batch_size(name: str) -> None:
     for batch in (2, 1, 5):
         inputs = registry_inputs(name, batch)
         assert_backend_close(compiled(*inputs), eager(frozen, inputs), f"{name} batch {batch}")
+
+
+class _Fold(nn.Module):
+    def forward(self, x):
+        return fold_channels(x, 31, -1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_reduction_with_one_vector_lane_compiles_exactly(batch: int) -> None:
+    # A 31-wide output (no divisor 2..16) at batch 1 leaves the tile loops as the epilogue's only
+    # loops; vectorising one of them made TVM sum serially reduced values wrongly (every output 93x).
+    x = torch.randn(batch, 62)
+    assert_backend_close(compile(_Fold(), (x,))(x), eager(_Fold(), (x,)), f"fold batch {batch}")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_folded_reuse_model_compiles_with_parity(batch: int) -> None:
+    # passes.reuse rewrites the frozen graph (a channel fold before narrower convs and linears).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(24 * 16, 37)).eval()
+    x = torch.randn(batch, 16, 4, 4)
+    frozen = nesc.freeze(nesc.transform(model, (x,), NESConfig(ratio=4, reuse=True, init="random", min_params=0,
+                                                                keep_first=False, keep_classifier=False)))
+    assert any(v.startswith("folded") for v in frozen.meta[names.REUSE].values()), frozen.meta[names.REUSE]
+    assert_backend_close(compile(frozen, (x,))(x), eager(frozen, (x,)), f"reuse batch {batch}")
 
 
 def test_static_build_refuses_another_batch_size() -> None:
