@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .compat import keep_precision_on_cast
+from .errors import ConfigError
 from .sampling import Geometry, regenerate, regenerate_indexed, regenerate_wide, split_starts
 
 
@@ -254,7 +255,7 @@ def set_sampling_width(gm: nn.Module, width: float) -> None:
     1 before ``nesc.freeze``.
     """
     if not (isinstance(width, (int, float)) and not isinstance(width, bool) and width >= 1):
-        raise ValueError(f"sampling width must be a number >= 1 (cells; 1 = linear interpolation), got {width!r}")
+        raise ConfigError(f"sampling width must be a number >= 1 (cells; 1 = linear interpolation), got {width!r}")
     for m in gm.modules():
         if isinstance(m, EpitomeSampler):
             m.width = float(width)

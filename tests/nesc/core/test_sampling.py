@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import CLOSE, EXACT, F64, REGENERATE, assert_close, naive_regenerate
+from nesc.core.errors import ConfigError
 from nesc.core.modules import EpitomeSampler, RoutingMap, TransformationLearner, set_sampling_width, start_stats
 from nesc.core.sampling import (
     Geometry,
@@ -529,7 +530,7 @@ def test_set_sampling_width_reaches_every_sampler_and_validates() -> None:
                                  "b": EpitomeSampler(geometry, torch.zeros(*geometry.grid, 4), 1.0, "b")})
     set_sampling_width(model, 2.5)
     assert [m.width for m in model.values()] == [2.5, 2.5]
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ConfigError, match=">= 1"):
         set_sampling_width(model, 0.5)
 
 
