@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import matplotlib  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -175,6 +176,7 @@ def plot_mnist1d(data: dict, path: Path) -> None:
     ax.set(xscale="log", xlabel="compression (dense / stored parameters)", ylabel="test accuracy (%)",
            title="MNIST-1D, cnn1d: learned vs fixed sampling")
     ax.set_xticks(list(run_sampling.RATIOS_1D), [f"{r}x" for r in run_sampling.RATIOS_1D])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
