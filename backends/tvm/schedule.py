@@ -202,21 +202,17 @@ def _tiled(sch) -> None:
     sch.vectorize(xi)
     if fi is not None and (_static(sch.get(fi).extent) or 1) > 1:
         sch.unroll(fi)
-    tile = [*outer, xo]
-    _vectorize_inside(sch, epilogue, tile)
+    # With one lane and no register block, the epilogue and the init have no loop of their own below
+    # the tile: their innermost loop is a tile loop, which also runs the reduction and must stay serial
+    # (vectorising it gave wrong sums: a 31-wide fold at batch 1).
+    inner = lanes > 1 or (fi is not None and (_static(sch.get(fi).extent) or 1) > 1)
+    if inner:
+        sch.vectorize(sch.get_loops(epilogue)[-1])
     _parallel(sch, outer)  # before decompose_reduction: parallel needs the block to be a whole reduction
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
-        _vectorize_inside(sch, init, tile)
-
-
-def _vectorize_inside(sch, block, tile) -> None:
-    """Vectorise ``block``'s innermost loop unless it is one of the ``tile`` loops it was computed at:
-    with one lane and no register axis the tile's own loops are all it has, and those also run the
-    anchor's reduction, which must stay serial (vectorising one gave wrong sums)."""
-    last = sch.get(sch.get_loops(block)[-1])
-    if not any(last.same_as(sch.get(lp)) for lp in tile if lp is not None):
-        sch.vectorize(sch.get_loops(block)[-1])
+        if inner:
+            sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _register_axis(sch, block, extents) -> int | None:

@@ -378,3 +378,16 @@ def test_registry_model_parity(name):
 
 def test_unlowerable_models_are_real_registry_models():
     assert set(UNLOWERABLE) <= set(list_models())
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_convolutions_get_the_tiled_schedule_not_a_fallback(batch: int):
+    # A rule that raises falls back to a simpler (much slower) one without failing the build: check the
+    # rule each conv function got. A stale loop handle in the tiled rule once sent every conv to the
+    # fallback (30x slower) while parity tests still passed.
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    x = torch.randn(batch, 16, 8, 8)
+    low = lower(model, (x,))
+    _, rules = schedule_module(fuse(low.mod, TARGET))
+    convs = {k: v for k, v in rules.items() if "conv" in k}
+    assert convs and set(convs.values()) == {"tiled"}, rules
