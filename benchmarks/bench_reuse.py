@@ -1,19 +1,21 @@
-"""Reuse benchmark: what ``passes.reuse``'s input-channel fold saves in multiply-adds and in latency.
+"""Reuse benchmark: what ``passes.reuse``'s folds and product maps save in multiply-adds and in latency.
 
 For every model (``--models``; default mobilenetv2 and resnet18) at every ``--ratios`` (2, 4, 8),
 with pools drawn at random (``init="random"``: counts and latency do not depend on the values):
 
 * ``dense``: the registry model;
 * ``nesc``: ``nesc.freeze(nesc.transform(model, x, NESConfig(ratio=r, reuse=False, init="random")))``;
-* ``reuse``: the same with ``reuse=True``, whose routing ``passes.reuse`` (in the freeze pipeline) folds.
+* ``reuse``: the same with ``reuse=True`` (= ``"inputs"``), whose routing ``passes.reuse`` (in the freeze
+  pipeline) folds;
+* ``outputs``: ``reuse="outputs"``: one input routing per layer, so the pass also shares each layer's products.
 
 Multiply-adds per example (batch 1): ``FlopCounterMode``'s total flops / 2 (what torch's own counter
-says the graph runs) next to ``nesc.report``'s ``madd``, the fold's ``adds`` and the once-per-forward
+says the graph runs) next to ``nesc.report``'s ``madd``, the folds' and interpolations' ``adds``, the once-per-forward
 cost of regenerating the weights; which layers folded (``frozen.meta[names.REUSE]``).
 
 Latency at every ``--batches`` size (1 and 8): the three built by ``nesc.compile`` for this CPU with the
-default schedules (no tuning; one static build per batch size, as bench_tvm), and the three in eager
-PyTorch (eval, ``no_grad``), all six timed in one interleaved loop per ratio and batch (bench_core's
+default schedules (no tuning; one static build per batch size, as bench_tvm), and the same in eager
+PyTorch (eval, ``no_grad``), all timed in one interleaved loop per ratio and batch (bench_core's
 ``interleaved``); ratios are medians of per-round ratios. Parity: every compiled output against its
 eager PyTorch model (max abs error / output scale).
 
@@ -55,8 +57,10 @@ from nesc.models import get_spec
 from nesc.report import build_report
 
 DEFAULT_MODELS = "mobilenetv2,resnet18"
-VARIANTS = ("dense", "nesc", "reuse")
-LABELS = {"dense": "dense", "nesc": "nesc", "reuse": "nesc+reuse"}
+VARIANTS = ("dense", "nesc", "reuse", "outputs")
+LABELS = {"dense": "dense", "nesc": "nesc", "reuse": "nesc+reuse", "outputs": "nesc+reuse outputs"}
+REUSE_OF = {"nesc": False, "reuse": "inputs", "outputs": "outputs"}  # NESConfig.reuse of each variant
+REUSED = ("reuse", "outputs")
 TARGET_RATIO, TARGET_MADD_CUT = 4.0, 0.25  # at 4x: >= 25% fewer multiply-adds than dense
 PARITY = 1e-4  # max abs error / output scale of a compiled model against eager: float32 rounding is ~1e-6
 
@@ -81,14 +85,14 @@ class Cost:
 
     flop_madd: int  # FlopCounterMode total flops / 2, batch 1
     report_madd: int  # nesc.report: multiply-adds of the weight-bearing ops
-    adds: int  # nesc.report: additions of the input-channel folds
+    adds: int  # nesc.report: additions of the input-channel folds and product interpolations
     regen_madd: int  # nesc.report: multiply-adds regenerating the weights, once per forward (any batch)
     stored_params: int
 
 
 @dataclass
 class Run:
-    """One ratio at one batch size: samples (ms) of the six variants, parity of the compiled three."""
+    """One ratio at one batch size: samples (ms) of every variant compiled and eager, parity of the compiled."""
 
     ratio: float
     batch: int
@@ -117,7 +121,7 @@ class Result:
     dense: Cost | None = None
     costs: dict[str, dict[str, Cost]] = field(default_factory=dict)  # ratio -> nesc / reuse -> Cost
     decisions: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # ratio -> variant -> layer -> why
-    fold_rel_error: dict[str, float] = field(default_factory=dict)  # ratio -> folded frozen vs trained, eval
+    fold_rel_error: dict[str, float] = field(default_factory=dict)  # "ratio variant" -> rewritten frozen vs trained
     build_s: dict[str, float] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
     error: str | None = None
@@ -130,19 +134,21 @@ class Result:
         key = f"{TARGET_RATIO:g}"
         if self.error or key not in self.costs:
             return [f"not measured ({'failed' if self.error else f'ratio {key} not in --ratios'})"]
-        cut = 1 - self.costs[key]["reuse"].flop_madd / self.dense.flop_madd
-        lines = [f"MAdd: {cut:.1%} fewer than dense (target >= {TARGET_MADD_CUT:.0%}): "
-                 f"{'met' if cut >= TARGET_MADD_CUT else 'missed'}"]
-        for batch in (1, 8):
-            run = self.run(TARGET_RATIO, batch)
-            if run is None:
-                lines.append(f"TVM latency batch {batch}: not measured (batch not in --batches {batches})")
-                continue
-            over, err = run.over("tvm_reuse", "tvm_dense"), run.rel_error["tvm_reuse"]
-            wrong = f" (but the compiled output is wrong: error {err:.1e}, see Flags)" if err > PARITY else ""
-            lines.append(f"TVM latency batch {batch}: nesc+reuse {run.median('tvm_reuse'):.1f} ms vs dense "
-                         f"{run.median('tvm_dense'):.1f} ms, {over:.2f}x (target < 1): "
-                         f"{'met' if over < 1 else 'missed'}{wrong}")
+        lines = []
+        for v in REUSED:
+            cut = 1 - self.costs[key][v].flop_madd / self.dense.flop_madd
+            lines.append(f"{LABELS[v]} MAdd: {cut:.1%} fewer than dense (target >= {TARGET_MADD_CUT:.0%}): "
+                         f"{'met' if cut >= TARGET_MADD_CUT else 'missed'}")
+            for batch in (1, 8):
+                run = self.run(TARGET_RATIO, batch)
+                if run is None:
+                    lines.append(f"{LABELS[v]} TVM latency batch {batch}: not measured (batch not in --batches {batches})")
+                    continue
+                over, err = run.over(f"tvm_{v}", "tvm_dense"), run.rel_error[f"tvm_{v}"]
+                wrong = f" (but the compiled output is wrong: error {err:.1e}, see Flags)" if err > PARITY else ""
+                lines.append(f"{LABELS[v]} TVM latency batch {batch}: {run.median(f'tvm_{v}'):.1f} ms vs dense "
+                             f"{run.median('tvm_dense'):.1f} ms, {over:.2f}x (target < 1): "
+                             f"{'met' if over < 1 else 'missed'}{wrong}")
         return lines
 
     def to_dict(self) -> dict:
@@ -163,8 +169,9 @@ def cost(module: torch.nn.Module, x1: torch.Tensor, example: tuple) -> Cost:
 
 
 def fold_summary(decisions: dict[str, str]) -> str:
-    """``34 folded, 15 kept: grouped conv (...)``: the pass's decisions, counted by reason."""
-    counts = Counter("folded" if d.startswith("folded") else d for d in decisions.values())
+    """``34 folded+shared, 15 kept: grouped conv (...)``: the pass's decisions, counted by kind."""
+    counts = Counter("+".join(p.split(":")[0] for p in d.split("; ") if not p.startswith("kept")) or d
+                     for d in decisions.values())
     return ", ".join(f"{n} {why}" for why, n in counts.most_common())
 
 
@@ -184,23 +191,24 @@ def bench_model(name: str, s: Settings, progress: Progress) -> Result:
         result.costs[key], result.decisions[key], trained = {}, {}, {}
         for variant in VARIANTS[1:]:
             t0 = time.perf_counter()
-            config = NESConfig(ratio=ratio, reuse=variant == "reuse", init="random")
+            config = NESConfig(ratio=ratio, reuse=REUSE_OF[variant], init="random")
             trained[variant] = nesc.transform(model, example, config)
             frozen[key, variant] = nesc.freeze(trained[variant])
             result.build_s[f"transform_freeze_{variant}_r{key}"] = time.perf_counter() - t0
             result.costs[key][variant] = cost(frozen[key, variant], x1, example)
             result.decisions[key][variant] = dict(frozen[key, variant].meta[names.REUSE])
-        with torch.no_grad():  # the fold is exact: the folded frozen model against the model as trained
-            result.fold_rel_error[key] = rel_error(frozen[key, "reuse"](x1), trained["reuse"].eval()(x1))
+        with torch.no_grad():  # the rewrite is exact: the rewritten frozen model against the model as trained
+            for v in REUSED:
+                result.fold_rel_error[f"{key} {v}"] = rel_error(frozen[key, v](x1), trained[v].eval()(x1))
 
-    builds = progress.add_task(f"{name}: builds", total=len(s.batches) * (1 + 2 * len(s.ratios)))
+    builds = progress.add_task(f"{name}: builds", total=len(s.batches) * (1 + (len(VARIANTS) - 1) * len(s.ratios)))
     for batch in s.batches:
         x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
         xn = x.numpy()
         dense_tvm = build(model, x, result, f"tvm_dense_b{batch}", progress, builds)
         for ratio in s.ratios:
             key = f"{ratio:g}"
-            eager = {"dense": model, "nesc": frozen[key, "nesc"], "reuse": frozen[key, "reuse"]}
+            eager = {"dense": model} | {v: frozen[key, v] for v in VARIANTS[1:]}
             compiled = {"dense": dense_tvm} | {v: build(eager[v], x, result, f"tvm_{v}_r{key}_b{batch}", progress, builds)
                                                for v in VARIANTS[1:]}
             run = Run(ratio, batch)
@@ -211,8 +219,8 @@ def bench_model(name: str, s: Settings, progress: Progress) -> Result:
             run.ms = interleaved(fns, s, progress, f"{name} {key}x batch {batch}").ms
             result.runs.append(run)
             if not console.is_terminal:  # no live bars in a log file: one line per loop instead
-                console.print(f"{name} {key}x batch {batch}: TVM nesc+reuse/dense {run.over('tvm_reuse', 'tvm_dense'):.2f}x, "
-                              f"nesc/dense {run.over('tvm_nesc', 'tvm_dense'):.2f}x")
+                console.print(f"{name} {key}x batch {batch}: TVM / dense " + ", ".join(
+                    f"{LABELS[v]} {run.over(f'tvm_{v}', 'tvm_dense'):.2f}x" for v in VARIANTS[1:]))
     progress.remove_task(builds)
     return result
 
@@ -231,7 +239,7 @@ def build(module: torch.nn.Module, x: torch.Tensor, result: Result, label: str, 
 def markdown(facts: dict, s: Settings, results: list[Result]) -> str:
     sizes = "test input sizes (each model's `test_input_shape`)" if s.test_size else "full input sizes"
     lines = [
-        "# nesc reuse benchmark: input-channel folding (`passes.reuse`)", "",
+        "# nesc reuse benchmark: input-channel folding and product maps (`passes.reuse`)", "",
         f"Command: `{facts['command']}`", "",
         f"{facts['date']}; {facts['cpu']} ({facts['cpu_count']} cores), torch {facts['torch']}, TVM {facts['tvm']}; "
         f"git {facts['git']}; load average {facts['loadavg_start'][0]:.1f} at start, {facts['loadavg_end'][0]:.1f} at "
@@ -241,16 +249,18 @@ def markdown(facts: dict, s: Settings, results: list[Result]) -> str:
         f"(`--threads {s.threads}`; env {', '.join(f'{k}={v}' for k, v in facts['env'].items())}).", "",
         f"Ratios {', '.join(f'{r:g}' for r in s.ratios)}; {sizes}; pools drawn at random (`init=\"random\"`), "
         f"otherwise `NESConfig` defaults. MAdd per example at batch 1: `FlopCounterMode` total flops / 2 "
-        f"(the report's `madd` is shown only where it differs); adds: the fold's additions (`report.adds`). Latency: "
+        f"(the report's `madd` is shown only where it differs); adds: the folds' additions and the product maps' "
+        f"interpolations (`report.adds`), nesc+reuse / outputs. Variants: nesc (`reuse=False`), nesc+reuse "
+        f"(`reuse=True`: input channels fold), nesc+reuse outputs (`reuse=\"outputs\"`: products shared too). Latency: "
         f"`nesc.compile`, default schedules, no tuning, one build per batch size; {s.warmup} warm-up + up to "
-        f"{s.reps} interleaved rounds (>= {s.min_reps}; the six variants of a ratio and batch in one loop); "
+        f"{s.reps} interleaved rounds (>= {s.min_reps}; every variant of a ratio and batch in one loop); "
         f"ms are medians, ratios medians of per-round ratios. Denormals flushed to zero.", "",
     ]
     for r in results:
         lines += model_section(r, s)
     lines += ["## Targets at 4x", "",
               f"At least {TARGET_MADD_CUT:.0%} fewer multiply-adds than dense (FlopCounterMode on the frozen "
-              f"model), and compiled (TVM) latency of nesc+reuse below dense at batch 1 and 8.", ""]
+              f"model), and compiled (TVM) latency below dense at batch 1 and 8; for each reuse level.", ""]
     for r in results:
         lines += [f"- {r.model}:"] + [f"  - {t}" for t in r.targets(s.batches)]
     flags = [f for r in results for f in _flags(r)]
@@ -267,11 +277,12 @@ def _flags(r: Result) -> list[str]:
         out += [f"{where}: compiled {LABELS[v.removeprefix('tvm_')]} disagrees with eager PyTorch (max abs error / "
                 f"output scale {e:.1e} > {PARITY:g}): its time is that of a wrong program"
                 for v, e in run.rel_error.items() if e > PARITY]
-        ratios = [a / b for a, b in zip(run.ms["tvm_reuse"], run.ms["tvm_dense"])]
-        if max(ratios) / min(ratios) > NOISY_SPREAD:
-            out.append(f"{where}: per-round TVM nesc+reuse / dense ratios range {min(ratios):.2f}x-{max(ratios):.2f}x "
-                       f"(noisy machine?)")
-    out += [f"{r.model} {k}x: the folded frozen model differs from the model as trained ({e:.1e})"
+        for v in REUSED:
+            ratios = [a / b for a, b in zip(run.ms[f"tvm_{v}"], run.ms["tvm_dense"])]
+            if max(ratios) / min(ratios) > NOISY_SPREAD:
+                out.append(f"{where}: per-round TVM {LABELS[v]} / dense ratios range {min(ratios):.2f}x-"
+                           f"{max(ratios):.2f}x (noisy machine?)")
+    out += [f"{r.model} {k}: the rewritten frozen model differs from the model as trained ({e:.1e})"
             for k, e in r.fold_rel_error.items() if e > PARITY]
     return out
 
@@ -282,35 +293,36 @@ def model_section(r: Result, s: Settings) -> list[str]:
     if r.error:
         return lines + [f"failed: `{r.error.strip().splitlines()[-1]}`", ""]
     d = r.dense
-    head = ["ratio", "stored (x smaller)", "MAdd dense", "MAdd nesc", "MAdd nesc+reuse", "adds"]
-    head += [f"TVM ms b{b} dense / nesc / nesc+reuse" for b in s.batches]
-    head += [f"b{b} nesc+reuse / dense" for b in s.batches]
+    head = ["ratio", "stored (x smaller) nesc / +reuse / outputs"] + [f"MAdd {LABELS[v]}" for v in VARIANTS] + ["adds"]
+    head += [f"TVM ms b{b} " + " / ".join(VARIANTS) for b in s.batches]
+    head += [f"b{b} outputs / reuse / nesc, over dense" for b in s.batches]
     lines += ["| " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 1)]
     for key, c in r.costs.items():
         ratio = float(key)
-        cells = [f"{key}x", f"{d.stored_params / c['nesc'].stored_params:.2f} / {d.stored_params / c['reuse'].stored_params:.2f}",
-                 _madd(d, d)] + [_madd(c[v], d) for v in VARIANTS[1:]] + [f"{c['reuse'].adds:,}"]
+        cells = [f"{key}x", " / ".join(f"{d.stored_params / c[v].stored_params:.2f}" for v in VARIANTS[1:]),
+                 _madd(d, d)] + [_madd(c[v], d) for v in VARIANTS[1:]] + [" / ".join(f"{c[v].adds:,}" for v in REUSED)]
         runs = [r.run(ratio, b) for b in s.batches]
         cells += [" / ".join(_ms(run.median(f"tvm_{v}")) for v in VARIANTS) for run in runs]
-        cells += [f"**{run.over('tvm_reuse', 'tvm_dense'):.2f}x** (nesc {run.over('tvm_nesc', 'tvm_dense'):.2f}x)"
-                  for run in runs]
+        cells += [f"**{run.over('tvm_outputs', 'tvm_dense'):.2f}x** / {run.over('tvm_reuse', 'tvm_dense'):.2f}x / "
+                  f"{run.over('tvm_nesc', 'tvm_dense'):.2f}x" for run in runs]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Eager PyTorch (what a user of the frozen model in PyTorch gets), and parity of the compiled "
               "models (max abs error / output scale against eager):", ""]
-    head = ["ratio", "batch", "eager ms dense / nesc / nesc+reuse", "eager nesc+reuse / dense", "eager nesc / dense",
-            "TVM err dense / nesc / nesc+reuse", "n"]
-    lines += ["| " + " | ".join(head) + " |", "|---|--:|--:|--:|--:|--:|--:|"]
+    head = ["ratio", "batch", "eager ms " + " / ".join(VARIANTS), "eager outputs / reuse / nesc, over dense",
+            "TVM err " + " / ".join(VARIANTS), "n"]
+    lines += ["| " + " | ".join(head) + " |", "|---|--:|--:|--:|--:|--:|"]
     for run in r.runs:
         lines.append(
             f"| {run.ratio:g}x | {run.batch} | " + " / ".join(_ms(run.median(f"torch_{v}")) for v in VARIANTS)
-            + f" | {run.over('torch_reuse', 'torch_dense'):.2f}x | {run.over('torch_nesc', 'torch_dense'):.2f}x | "
-            + " / ".join(f"{run.rel_error[f'tvm_{v}']:.1e}" for v in VARIANTS) + f" | {len(run.ms['tvm_dense'])} |")
-    lines += ["", "Folds (`frozen.meta[names.REUSE]`, nesc+reuse), the cost of regenerating the weights (MAdd, "
-              "once per forward whatever the batch), and the folded model against the model as trained:", ""]
+            + " | " + " / ".join(f"{run.over(f'torch_{v}', 'torch_dense'):.2f}x" for v in ("outputs", "reuse", "nesc"))
+            + " | " + " / ".join(f"{run.rel_error[f'tvm_{v}']:.1e}" for v in VARIANTS) + f" | {len(run.ms['tvm_dense'])} |")
+    lines += ["", "What `passes.reuse` did (`frozen.meta[names.REUSE]`, counted by kind), the cost of regenerating "
+              "the weights (MAdd, once per forward whatever the batch), and the rewritten model against the model "
+              "as trained:", ""]
     for key, c in r.costs.items():
-        lines.append(f"- {key}x: {fold_summary(r.decisions[key]['reuse'])}; without reuse: "
-                     f"{fold_summary(r.decisions[key]['nesc'])}; regeneration nesc {c['nesc'].regen_madd:,}, "
-                     f"nesc+reuse {c['reuse'].regen_madd:,}; fold error {r.fold_rel_error[key]:.1e}")
+        lines.append(f"- {key}x: " + "; ".join(f"{LABELS[v]}: {fold_summary(r.decisions[key][v])}" for v in VARIANTS[1:])
+                     + "; regeneration " + " / ".join(f"{c[v].regen_madd:,}" for v in VARIANTS[1:])
+                     + "; rewrite error " + " / ".join(f"{r.fold_rel_error[f'{key} {v}']:.1e}" for v in REUSED))
     return lines + [""]
 
 

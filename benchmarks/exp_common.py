@@ -64,6 +64,7 @@ VARIANTS: dict[str, dict] = {
     "spread": {"nes": {"match_spread": True}},
     "wide2": {"model_kwargs": {"width_mult": 2.0}, "equal_size": True},
     "reuse": {"nes": {"reuse": True}},
+    "reuse_outputs": {"nes": {"reuse": "outputs"}},
 }
 
 

@@ -3,6 +3,7 @@
     python benchmarks/run_sampling.py                      # both grids, seeds 0 1 2; skips finished runs
     python benchmarks/run_sampling.py --only mnist1d       # one grid
     python benchmarks/run_sampling.py --report             # tables and plots from the result files only
+    python benchmarks/run_sampling.py --only fmnist_full --variants reuse_outputs --seeds 0 1   # some cells
 
 Grids (every run: ``exp_common.execute``, one JSON per run under ``benchmarks/results/sampling/runs/``,
 per-epoch checkpoints under ``benchmarks/.runs/`` so an interrupted run resumes at its last epoch):
@@ -13,11 +14,12 @@ per-epoch checkpoints under ``benchmarks/.runs/`` so an interrupted run resumes 
   3 -> 1 over the first half, starts lr 0.01), ``extent4`` (pools 4 cells longer than the kernel
   along time, learned and fixed), ``learner`` (the transformation learner), ``spread`` (the pool fit
   rescaled to the dense init's spread), ``reuse`` (``NESConfig(reuse=True)``: routing whose input
-  channels fold after freeze, ``passes.reuse``); and ``wide2``: a 2x-wide cnn1d compressed to the dense cnn1d's
+  channels fold after freeze, ``passes.reuse``), ``reuse_outputs`` (``reuse="outputs"``: also one input
+  routing per layer, so freeze shares each layer's products); and ``wide2``: a 2x-wide cnn1d compressed to the dense cnn1d's
   parameter count (learned and fixed), against the dense cnn1d.
 * ``fmnist_full``: the whole Fashion-MNIST train split (60,000 images, 5 epochs), test on all 10,000:
   ``resnet_fmnist`` and ``mobilenetv2_fmnist``: dense, nesc 4x and 8x, nesc_fixed 4x, WSNet 4x,
-  the 2x-wide model at the dense size, and nesc 4x with ``reuse=True``. 2-4 CPU-thread minutes per run.
+  the 2x-wide model at the dense size, and nesc 4x with ``reuse=True`` and ``reuse="outputs"``. 2-4 CPU-thread minutes per run.
 
 Runs go seed by seed, MNIST-1D first, so a suite cut short still covers every configuration once.
 """
@@ -44,7 +46,7 @@ CELLS_1D = (("nesc", ""), ("nesc_fixed", ""), ("wsnet", ""), ("nesc", "anneal"),
             ("nesc_fixed", "extent4"), ("nesc", "learner"), ("nesc", "spread"), ("nesc", "reuse"))
 FMNIST_MODELS = ("resnet_fmnist", "mobilenetv2_fmnist")
 CELLS_FMNIST = (("nesc", "", 4), ("nesc_fixed", "", 4), ("wsnet", "", 4), ("nesc", "", 8), ("nesc", "wide2", 1),
-                ("nesc", "reuse", 4))
+                ("nesc", "reuse", 4), ("nesc", "reuse_outputs", 4))
 GRIDS = ("mnist1d", "fmnist_full")
 
 
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(GRIDS), help=f"comma-separated grids ({', '.join(GRIDS)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", help="comma-separated variants to run (exp_common.VARIANTS; 'base' for none, "
+                                           "'dense' for the dense baselines); default all")
     parser.add_argument("--report", action="store_true", help="only write the tables and plots")
     args = parser.parse_args(argv)
     use_results_folder()
@@ -95,10 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
 
+    wanted = None if args.variants is None else set(args.variants.split(","))
+    if wanted is not None and wanted - set(exp_common.VARIANTS) - {"base", "dense"}:
+        parser.error(f"unknown variants {sorted(wanted - set(exp_common.VARIANTS) - {'base', 'dense'})}; "
+                     f"valid: base, dense, {', '.join(v for v in exp_common.VARIANTS if v)}")
     for seed in args.seeds:
         for name in only:
             for run in grid(name, seed):
-                safe_execute(run, settings, command.strip(), log=log)
+                kind = "dense" if run.method == "dense" else run.variant or "base"
+                if wanted is None or kind in wanted:
+                    safe_execute(run, settings, command.strip(), log=log)
     log("suite done")
     return 0
 

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from nesc.core import names
-from nesc.core.modules import REGENERATE, EpitomeSampler, tensor_roles
+from nesc.core.modules import REGENERATE, EpitomeSampler, is_gather_products, tensor_roles
 from nesc.core.sampling import ROUTING_SCALARS_PER_BLOCK, START_SCALARS_PER_BLOCK, Geometry
 from nesc.passes.find_weights import find_weights, weight_infos
 from nesc.passes.functionalize import INLINED, functionalize
@@ -36,7 +36,7 @@ class LayerRow:
     madd: int  # multiply-adds per example
     regen_madd: int  # multiply-adds to regenerate the weight, once per forward
     reason: str = ""  # why it stayed dense, or what passes.reuse did
-    adds: int = 0  # additions per example outside the op (passes.reuse's input-channel fold)
+    adds: int = 0  # additions per example outside the op (passes.reuse's fold and product interpolation)
 
 
 @dataclass
@@ -118,7 +118,7 @@ def build_report(gm: fx.GraphModule) -> Report:
     for name, pool in pool_of.items():
         members[pool].append(name)
     reasons = gm.meta.get(names.DENSE_REASONS, {})
-    folds = _folds(gm)
+    folds, products = _folds(gm), _products(gm)
     rows, seen = [], set()
     for info in infos:
         if info.weight_name in seen:
@@ -133,13 +133,19 @@ def build_report(gm: fx.GraphModule) -> Report:
         share = math.prod(g.pool) / len(members[pool])
         # Trainable: 4 start coordinates per block (parameters); frozen: the routing map's 8 scalars.
         routing = g.num_blocks * (ROUTING_SCALARS_PER_BLOCK if info.state == "frozen" else START_SCALARS_PER_BLOCK)
-        # A folded op (passes.reuse) reads fewer input channels than the weight it replaces had.
+        # A folded op (passes.reuse) reads fewer input channels than the weight it replaces had, and an
+        # op whose products are shared computes fewer output channels than the layer has.
         channels, adds = folds.get(info.weight_name, (info.shape[1], 0))
-        note = (f"folded: {channels} -> {info.shape[1]} input channels ({channels / info.shape[1]:.2f}x fewer "
-                f"multiply-adds)" if channels != info.shape[1] else "")
+        outputs, lerps, routes = products.get(info.weight_name, (info.shape[0], 0, 0))
+        notes = [f"folded: {channels} -> {info.shape[1]} input channels ({channels / info.shape[1]:.2f}x fewer "
+                 f"multiply-adds)"] if channels != info.shape[1] else []
+        if outputs != info.shape[0]:
+            notes.append(f"shared: {outputs} outputs from {info.shape[0]} products "
+                         f"({outputs / info.shape[0]:.2f}x fewer multiply-adds)")
+        params = info.numel * channels // info.shape[1] * outputs // info.shape[0]
         rows.append(LayerRow(info.weight_name, info.op, g_shape(info), info.state, pool, g.pool,
-                             len(members[pool]) - 1, info.numel * channels // info.shape[1], routing + share,
-                             info.madd, len(g.corners) * g.numel, note, adds))
+                             len(members[pool]) - 1, params, routing + routes + share,
+                             info.madd, len(g.corners) * g.numel, "; ".join(notes), adds + lerps))
     other: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for p in gm.meta.get(names.DENSE_PARAMS, []):
         other[p.reason][0] += 1
@@ -190,6 +196,25 @@ def _folds(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
             continue
         copies = -(-channels // period)
         out[info.weight_name] = (channels, (copies - 1) * math.prod(folded[1:]))
+    return out
+
+
+def _products(gm: fx.GraphModule) -> dict[str, tuple[int, int, int]]:
+    """Weight name -> (the layer's output channels, interpolation operations per example, scalars of
+    the product map) for every op whose output ``passes.reuse`` routes through ``nesc.gather_products``
+    (a custom op, so the same node in a loaded artifact). Each interpolated output element is one
+    subtraction and one multiply-add; a copied one costs nothing."""
+    out = {}
+    for node in filter(is_gather_products, gm.graph.nodes):
+        op, starts, fracs, _, dim, channels, block, _ = node.args
+        info = op.meta.get(names.WEIGHT) if isinstance(op, fx.Node) else None
+        shape = _shape_of(node)
+        if info is None or not shape or not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (starts, fracs)):
+            continue
+        f = gm.get_buffer(fracs.target)
+        interpolated = int((f != 0).repeat_interleave(block)[:channels].sum())
+        per_channel = math.prod(shape[1:]) // shape[dim % len(shape)]
+        out[info.weight_name] = (channels, 2 * interpolated * per_channel, gm.get_buffer(starts.target).numel() + f.numel())
     return out
 
 

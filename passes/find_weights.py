@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from nesc.capture import ExportedBatchNorm, node_arg
 from nesc.core import inputs, names
-from nesc.core.modules import REGENERATE, sampler_of, tensor_roles
+from nesc.core.modules import REGENERATE, is_gather_products, sampler_of, tensor_roles
 
 from .infra import NescPass, PassResult, broken_promise, require_meta
 
@@ -354,6 +354,8 @@ def _use(gm: fx.GraphModule, user: fx.Node, attr: fx.Node) -> str:
             return "bias"
         if op.family != "matmul":
             return f"non-parameter use in {user.name}"
+    if is_gather_products(user) and len(user.args) > 3 and user.args[3] is attr:
+        return "bias"  # passes.reuse moved the op's bias after its product map
     if user.op == "call_module":
         mod = gm.get_submodule(user.target)
         return "batch norm" if isinstance(mod, ExportedBatchNorm) else f"input of {type(mod).__name__}"

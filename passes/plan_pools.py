@@ -30,12 +30,13 @@ from nesc.core import names
 from nesc.core.config import Candidate, LayerConfig, NESConfig, resolve_overrides
 from nesc.core.errors import PlanError
 from nesc.core.modules import tensor_roles
-from nesc.core.sampling import ROUTING_SCALARS_PER_BLOCK, Geometry
+from nesc.core.sampling import Geometry
 
 from .find_weights import WeightInfo, weight_infos
 from .infra import NescPass, PassResult, broken_promise, require_meta
 
 # The plan must land within this fraction of the requested budget.
+GROUPED = ("conv2d_dw", "conv2d_group")  # ops whose channels passes.reuse cannot fold or share
 BUDGET_TOLERANCE = 0.02
 # pool_extent lengthens a pool only while its routing stays below this share of its parameters (a
 # longer pool has fewer channels, so more and smaller blocks).
@@ -65,13 +66,14 @@ class PoolPlan:
     planned: int = 0  # what the plan stores: pools + routing maps + dense parameters
     notes: list[str] = field(default_factory=list)  # decisions the budget forced, for the report
     folded: frozenset[str] = frozenset()  # layers whose routing freeze + reuse shrinks (NESConfig.reuse)
+    shared: frozenset[str] = frozenset()  # ... and whose products it shares (NESConfig(reuse="outputs"))
 
     @property
     def ratio(self) -> float:
         return self.dense_total / max(self.planned, 1)
 
     def routing_scalars(self) -> int:
-        return sum(g.frozen_blocks(n in self.folded) for n, (_, g) in self.layers.items()) * ROUTING_SCALARS_PER_BLOCK
+        return sum(g.frozen_routing(n in self.folded, n in self.shared) for n, (_, g) in self.layers.items())
 
     def sharing(self, pool: str) -> list[str]:
         return [n[1] for n in self.graph.neighbors(("pool", pool))]
@@ -225,7 +227,7 @@ class _Group:
     fixed_numel: int | None = None  # size set by a per-layer ratio
     extent: int = 0  # extra pool cells along every spatial axis whose kernel is wider than 1
     note: str = ""  # why the pool is kernel-sized although an extent was asked for
-    reuse: bool = False  # NESConfig.reuse: folded layers store fewer routing blocks once frozen
+    reuse: bool | str = False  # NESConfig.reuse: folded (and shared) layers store less routing once frozen
 
     @property
     def weight_numel(self) -> int:
@@ -314,12 +316,9 @@ def _geometry(info: WeightInfo, pool_shape) -> Geometry:
 
 
 def _routing(g: _Group, shape) -> int:
-    return sum(_geometry(i, shape).frozen_blocks(g.reuse and _foldable(i)) for i, _ in g.members) * ROUTING_SCALARS_PER_BLOCK
-
-
-def _foldable(info: WeightInfo) -> bool:
-    """Whether ``passes.reuse`` can fold this op's input channels once its routing is tied."""
-    return info.op not in ("conv2d_dw", "conv2d_group")
+    return sum(_geometry(i, shape).frozen_routing(bool(g.reuse) and i.op not in GROUPED,
+                                                   g.reuse == "outputs" and i.op not in GROUPED)
+               for i, _ in g.members)
 
 
 def _size(groups: list[_Group], target: int, fixed: int, asked: str) -> dict[str, tuple]:
@@ -382,8 +381,9 @@ def _build(groups, shapes, dense, dense_total, target, fixed) -> PoolPlan:
             graph.add_edge(("layer", info.weight_name), ("pool", name))
     for name in dense:
         graph.add_node(("layer", name), dense=dense[name])
-    folded = frozenset(i.weight_name for g in groups if g.reuse for i, _ in g.members if _foldable(i))
-    plan = PoolPlan(pools, layers, dict(dense), graph, dense_total, target, folded=folded)
+    folded = frozenset(i.weight_name for g in groups if g.reuse for i, _ in g.members if i.op not in GROUPED)
+    shared = frozenset(i.weight_name for g in groups if g.reuse == "outputs" for i, _ in g.members if i.op not in GROUPED)
+    plan = PoolPlan(pools, layers, dict(dense), graph, dense_total, target, folded=folded, shared=shared)
     plan.planned = fixed + sum(p.numel for p in pools.values()) + plan.routing_scalars()
     return plan
 

@@ -1,31 +1,43 @@
-"""reuse (rewrite): fold the input channels of every frozen weight whose input columns repeat.
+"""reuse (rewrite): fold the input channels and share the output products of frozen weights.
 
-A sampled weight whose blocks of each output row share their output-channel and spatial starts and
-read consecutive pool columns from an integer input start (what ``NESConfig(reuse=True)`` trains:
-``EpitomeSampler.tie``) has periodic input columns: ``W[:, i] = W[:, i mod Ip]`` for the pool's ``Ip``
-input channels, whatever the pool holds. Then
+**Input-channel folding.** A sampled weight whose blocks of each output row share their
+output-channel and spatial starts and read consecutive pool columns from an integer input start
+(what ``NESConfig(reuse=True)`` trains: ``EpitomeSampler.tie``) has periodic input columns:
+``W[:, i] = W[:, i mod Ip]`` for the pool's ``Ip`` input channels, whatever the pool holds. Then
 
     conv(x, W) = conv(fold(x), W[:, :Ip]),   fold(x)[c] = sum over i = c (mod Ip) of x[i]
 
-(the same for linear and matmul along the last axis): the op runs on ``Ip`` instead of ``I`` input
-channels, ``I / Ip`` times fewer multiply-adds, for ``(I - Ip)`` adds per output position of the fold.
-The regenerate node then builds only ``W[:, :Ip]`` (the first ``ceil(Ip / bi)`` input blocks of the
-routing map), so regeneration and the routing map shrink too. The condition is checked on the
-routing map's structure, never on the pool's values, so it still holds after fine-tuning.
+(the same for linear and matmul along the last axis): ``I / Ip`` times fewer multiply-adds, for
+``(I - Ip)`` adds per output position of the fold. The regenerate node then builds only ``W[:, :Ip]``.
 
-Left alone, each with its reason in ``gm.meta[names.REUSE]``: grouped and depthwise convs (each
-output reads its own group), transposed convs, weights read through another op (a transpose) or by
-several ops, layers whose input is no wider than the pool, and routing maps that are not periodic.
+**Product maps.** Output row ``j`` of a weight reads pool rows ``o_j, o_j + 1, ...`` (interpolated by
+``f_j``) under some input/spatial routing. Rows whose blocks share ``(o_j, f_j)`` and whose input
+routing is one of ``G`` distinct ones are all interpolations of the op run once with the pool's ``Op``
+rows under each routing, since the op is linear in its weight:
+
+    conv(x, lerp(P[o], P[o+1], f)) = lerp(Z[o], Z[o+1], f),   Z = conv(x, P_g)  (Op channels per group g)
+
+so ``G * Op`` output channels are computed instead of ``O`` (``NESConfig(reuse="outputs")`` trains
+``G = 1``), and ``nesc.gather_products`` copies or interpolates them into place, bias after. Applied
+where ``G * Op < O``.
+
+Both conditions are checked on the routing map's structure, never on the pool's values, so they hold
+after fine-tuning. Left alone, each with its reason in ``gm.meta[names.REUSE]``: grouped and depthwise
+convs (each output reads its own group), transposed convs, weights read through another op (a
+transpose) or by several ops, inputs no wider than the pool, routing maps that do not repeat, and
+product maps that would not be smaller (or addmm, whose bias comes first).
 
 Requires: a frozen graph (``nesc.regenerate`` nodes) with find_weights' meta. Ensures: outputs equal
-the unrewritten graph's to float rounding (the fold reorders a sum); ``gm.meta[names.REUSE]`` holds one
-decision per frozen weight; find_weights must run again before the report reads the graph.
+the unrewritten graph's to float rounding (the fold and the interpolation reorder sums);
+``gm.meta[names.REUSE]`` holds one decision per frozen weight; find_weights must run again before the
+report reads the graph.
 
     before:  %w = nesc.regenerate(%pool, %starts, %fracs, s, [O, I, kh, kw], [bo, bi], "conv2d")
-             %y = conv2d(%x, %w, ...)
+             %y = conv2d(%x, %w, %b, ...)
     after:   %xp = pad(%x, channels I -> C * Ip); %xf = sum(reshape(%xp, (N, C, Ip, H, W)), 1)
-             %w = nesc.regenerate(%pool, %starts', %fracs', s, [O, Ip, kh, kw], [bo, bi], "conv2d")
-             %y = conv2d(%xf, %w, ...)
+             %w = nesc.regenerate(%pool, %starts', %fracs', s, [G * Op, Ip, kh, kw], [Op, bi], "conv2d")
+             %z = conv2d(%xf, %w, None, ...)
+             %y = nesc.gather_products(%z, %rows, %row_fracs, %b, 1, O, bo, Op)
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from torch import fx
 from torch.nn import functional as F
 
 from nesc.core import names
-from nesc.core.modules import REGENERATE, RoutingMap, is_regenerate
+from nesc.core.modules import GATHER_PRODUCTS, REGENERATE, RoutingMap, is_regenerate
 
 from .find_weights import WEIGHT_OPS, weight_nodes
 from .infra import NescPass, PassResult, require_meta
@@ -57,9 +69,9 @@ class Reuse(NescPass):
             info = op_node.meta[names.WEIGHT]
             if info.state != "frozen":
                 continue
-            why = _fold(gm, op_node, info)
+            why = _rewrite(gm, op_node, info)
             decisions[info.weight_name] = why
-            modified |= why.startswith("folded")
+            modified |= why.startswith(("folded", "shared"))
         gm.meta[names.REUSE] = decisions
         if modified:
             _drop_unused_routes(gm)
@@ -73,8 +85,8 @@ def reuse(gm: fx.GraphModule) -> PassResult:
     return Reuse()(gm)
 
 
-def _fold(gm: fx.GraphModule, op_node: fx.Node, info) -> str:
-    """Rewrite one op if its weight's input columns repeat; returns the decision, for the report."""
+def _rewrite(gm: fx.GraphModule, op_node: fx.Node, info) -> str:
+    """Fold one op's input channels and share its products across outputs where exact; the decision."""
     spec = WEIGHT_OPS.get(op_node.target)
     if spec is None or spec.family not in ("conv", "linear", "matmul"):
         return f"kept: {info.op} is not a conv, linear or matmul"
@@ -87,6 +99,15 @@ def _fold(gm: fx.GraphModule, op_node: fx.Node, info) -> str:
         return "kept: the weight reaches the op through another op"
     if len(weight.users) != 1:
         return "kept: the weight is read by several ops"
+    folded = _fold(gm, op_node, spec, weight)
+    shared = _share(gm, op_node, spec, op_node.args[spec.weight])
+    if folded.startswith("folded") or shared.startswith("shared"):
+        return "; ".join(d for d in (folded, shared) if not d.startswith("kept")) or folded
+    return f"{folded}; {shared.removeprefix('kept: ')}"
+
+
+def _fold(gm: fx.GraphModule, op_node: fx.Node, spec, weight: fx.Node) -> str:
+    """Rewrite one op if its weight's input columns repeat; returns the decision, for the report."""
     pool, starts, fracs, scale, shape, block, layout = weight.args
     O, I, kh, kw = shape
     Ip = gm.get_parameter(pool.target).shape[1]
@@ -96,15 +117,10 @@ def _fold(gm: fx.GraphModule, op_node: fx.Node, info) -> str:
     if not _periodic(s, f, block[1], Ip):
         return "kept: the routing map's input columns do not repeat (train with NESConfig(reuse=True))"
     keep = math.ceil(Ip / block[1])  # input blocks covering the first Ip columns
-    key = f"{starts.target.split('.')[-2]}_folded"
-    routes = getattr(gm, names.ROUTES)
-    routes.add_module(key, RoutingMap(s[:, :keep].clone(), f[:, :keep].clone()))
     x = op_node.args[spec.input]
-    dim = 1 if spec.family == "conv" else -1
     with gm.graph.inserting_before(op_node):
-        folded = gm.graph.call_function(fold_channels, (x, Ip, dim))
-        new_s = gm.graph.get_attr(f"{names.ROUTES}.{key}.starts")
-        new_f = gm.graph.get_attr(f"{names.ROUTES}.{key}.fracs")
+        new_s, new_f = _add_routes(gm, f"{starts.target.split('.')[-2]}_folded", s[:, :keep], f[:, :keep])
+        folded = gm.graph.call_function(fold_channels, (x, Ip, 1 if spec.family == "conv" else -1))
         new_w = gm.graph.call_function(REGENERATE, (pool, new_s, new_f, scale, [O, Ip, kh, kw], list(block), layout))
     new_w.meta.update(weight.meta)
     args = list(op_node.args)
@@ -112,6 +128,59 @@ def _fold(gm: fx.GraphModule, op_node: fx.Node, info) -> str:
     op_node.args = tuple(args)
     gm.graph.erase_node(weight)
     return f"folded: {I} -> {Ip} input channels ({I / Ip:.2f}x fewer multiply-adds)"
+
+
+def _share(gm: fx.GraphModule, op_node: fx.Node, spec, weight: fx.Node) -> str:
+    """Run the op once with the pool's rows under each distinct input routing and make every output
+    channel an (interpolated) copy of those products, if that is fewer output channels."""
+    pool, starts, fracs, scale, shape, block, layout = weight.args
+    O, I, kh, kw = shape
+    Op = gm.get_parameter(pool.target).shape[0]
+    if spec.bias is not None and spec.family == "matmul":
+        return "kept outputs: addmm (its bias is its first argument)"
+    s, f = gm.get_buffer(starts.target), gm.get_buffer(fracs.target)
+    if not (torch.equal(s[..., 0], s[:, :1, 0].expand_as(s[..., 0])) and torch.equal(f[..., 0], f[:, :1, 0].expand_as(f[..., 0]))):
+        return "kept outputs: the blocks of an output row start at different pool rows"
+    # Rows with the same input/spatial routing read the same products: one group per distinct routing.
+    keys = torch.cat([s[..., 1:].float(), f[..., 1:]], -1).flatten(1)
+    uniq, group = torch.unique(keys, dim=0, return_inverse=True)
+    G = uniq.shape[0]
+    if G * Op >= O:
+        return (f"kept outputs: {G} distinct input routing(s) x {Op} pool rows >= {O} outputs "
+                f"(train with NESConfig(reuse='outputs'))")
+    first = torch.stack([(group == g).nonzero()[0, 0] for g in range(G)])  # one row of each group
+    new_s, new_f = s[first].clone(), f[first].clone()
+    new_s[..., 0], new_f[..., 0] = 0, 0
+    # The product map's routing: per output row, its group and pool row (wrapped), and the fraction.
+    row_starts = torch.stack([group, s[:, 0, 0].long()], 1)
+    key = f"{starts.target.split('.')[-2]}_shared"
+    bias = _arg(op_node, spec.bias, None) if spec.bias is not None else None
+    if "bias" in op_node.kwargs:
+        bias = op_node.kwargs["bias"]
+    with gm.graph.inserting_before(op_node):
+        w_s, w_f = _add_routes(gm, key, new_s, new_f)
+        p_s, p_f = _add_routes(gm, f"{key}_products", row_starts, f[:, 0, 0])
+        new_w = gm.graph.call_function(REGENERATE, (pool, w_s, w_f, scale, [G * Op, I, kh, kw], [Op, block[1]], layout))
+    new_w.meta.update(weight.meta)
+    args, kwargs = list(op_node.args), dict(op_node.kwargs)
+    args[spec.weight] = new_w
+    if "bias" in kwargs:
+        kwargs["bias"] = None
+    elif spec.bias is not None and spec.bias < len(args):
+        args[spec.bias] = None
+    op_node.args, op_node.kwargs = tuple(args), kwargs
+    gm.graph.erase_node(weight)
+    with gm.graph.inserting_after(op_node):
+        out = gm.graph.call_function(GATHER_PRODUCTS, (op_node, p_s, p_f, bias, 1 if spec.family == "conv" else -1,
+                                                       O, block[0], Op))
+    op_node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    return f"shared: {O} outputs from {G * Op} products ({O / (G * Op):.2f}x fewer multiply-adds)"
+
+
+def _add_routes(gm: fx.GraphModule, key: str, starts: torch.Tensor, fracs: torch.Tensor) -> tuple[fx.Node, fx.Node]:
+    """A routing map under ``key`` and the get_attr nodes reading it, inserted at the graph's insert point."""
+    getattr(gm, names.ROUTES).add_module(key, RoutingMap(starts.clone(), fracs.clone()))
+    return (gm.graph.get_attr(f"{names.ROUTES}.{key}.starts"), gm.graph.get_attr(f"{names.ROUTES}.{key}.fracs"))
 
 
 def fold_channels(x: torch.Tensor, period: int, dim: int) -> torch.Tensor:

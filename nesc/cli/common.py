@@ -29,7 +29,7 @@ from rich.text import Text
 from torch import fx, nn
 
 from nesc.core import names
-from nesc.core.config import DEFAULT_RATIO, POLICIES, NESConfig
+from nesc.core.config import DEFAULT_RATIO, POLICIES, REUSE_LEVELS, NESConfig
 from nesc.core.errors import InputError, OutputError
 from nesc.core.files import check_output
 from nesc.data import Dataset, list_datasets, load_dataset
@@ -125,8 +125,10 @@ def config_flags() -> argparse.ArgumentParser:
                        help=f"weights with fewer elements stay dense (default {NESConfig.min_params})")
     group.add_argument("--learner", action="store_true", default=None,
                        help="start-index offsets predicted from the batch-mean input features (the paper's learner)")
-    group.add_argument("--reuse", action="store_true", default=None,
-                       help="train routing whose input channels fold after freeze (fewer multiply-adds)")
+    group.add_argument("--reuse", nargs="?", const="inputs", choices=REUSE_LEVELS, default=None,
+                       help="train routing that freeze turns into fewer multiply-adds: 'inputs' (the default "
+                            "when the flag is given) folds input channels; 'outputs' also computes each layer "
+                            "with its pool's rows and copies the products to the outputs")
     group.add_argument("--pool-extent", type=int, metavar="N",
                        help="pools N cells longer than the kernel along space/time, so blocks sample along it too")
     group.add_argument("--input-size", type=int, nargs="+", metavar="D",

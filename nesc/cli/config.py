@@ -94,7 +94,7 @@ def describe(config: NESConfig, params_of: str | None = None) -> str:
     """``budget 32,618 params (= dense cnn1d), policy per_layer, min_params 1,024``; ``params_of`` is the
     ``--params-of`` text the budget came from, if it did."""
     return (f"{budget(config, params_of)}, policy {config.policy}, min_params {config.min_params:,}"
-            + (", learner" if config.learner else ""))
+            + (", learner" if config.learner else "") + (f", reuse {config.reuse}" if config.reuse else ""))
 
 
 def budget(config: NESConfig, params_of: str | None = None) -> str:

@@ -28,6 +28,7 @@ from nesc.core.errors import ConfigError
 Policy = Literal["per_layer", "per_type", "per_stage", "global"]
 POLICIES: tuple[str, ...] = ("per_layer", "per_type", "per_stage", "global")
 INITS: tuple[str, ...] = ("dense", "random")
+REUSE_LEVELS: tuple[str, ...] = ("inputs", "outputs")  # NESConfig.reuse besides False / True (= "inputs")
 OverrideKey = Union[str, type]
 DEFAULT_RATIO = 4.0
 
@@ -127,7 +128,10 @@ class NESConfig:
     reuse: train toward routing that ``passes.reuse`` turns into fewer multiply-adds: the blocks of
         an output row share their output-channel and spatial starts and read consecutive pool
         columns from a fixed integer input start, so every weight's input columns repeat with the
-        pool's period and its input channels fold exactly (``EpitomeSampler.tie``).
+        pool's period and its input channels fold exactly (``EpitomeSampler.tie``). ``True`` is
+        ``"inputs"``; ``"outputs"`` also gives every output row the same input and spatial starts, so
+        each layer runs with its pool's ``Op`` output channels and copies (or interpolates) the rest:
+        fewer multiply-adds still, for routing that differs only along the output channels.
     learner: start-index offsets predicted from the batch-mean input features.
     init: ``dense`` fits the pools to the model's current weights by least squares;
         ``random`` draws them (N(0, 1) times each layer's dense standard deviation: the sampled
@@ -144,7 +148,7 @@ class NESConfig:
     keep_first: bool = True
     keep_classifier: bool = True
     pool_extent: int = 0
-    reuse: bool = False
+    reuse: bool | Literal["inputs", "outputs"] = False
     learner: bool = False
     init: Literal["dense", "random"] = "dense"
     match_spread: bool = False
@@ -184,6 +188,11 @@ class NESConfig:
         if isinstance(self.pool_extent, bool) or not isinstance(self.pool_extent, int) or self.pool_extent < 0:
             raise ConfigError(f"pool_extent must be an int >= 0 (extra pool cells per spatial axis), "
                               f"got {self.pool_extent!r}")
+        if not (isinstance(self.reuse, bool) or (isinstance(self.reuse, str) and self.reuse in REUSE_LEVELS)):
+            raise ConfigError(f"reuse must be False, True (= 'inputs'), 'inputs' (fold input channels) or "
+                              f"'outputs' (fold inputs and share products across outputs), got {self.reuse!r}")
+        if self.reuse is True:
+            object.__setattr__(self, "reuse", "inputs")
         for key, value in self.overrides.items():
             _check_rule(key, value)
         # Frozen means frozen: keep a private copy of the rules so the caller's dict cannot change us.

@@ -7,6 +7,8 @@
 * ``torch.ops.nesc.regenerate``: the frozen form of a sampled weight, a ``torch.library`` custom op
   (fake kernel and autograd registered) that torch.export keeps as one node. Importing this module
   registers it.
+* ``torch.ops.nesc.gather_products``: ``passes.reuse``'s product map, output channels as (interpolated)
+  copies of the channels of one op run with a pool's rows; a custom op for the same reason.
 * ``tensor_roles`` / ``samplers_by_pool``: what each tensor of a GraphModule is, read from the graph's
   structure (which node consumes it), never from its name.
 
@@ -22,6 +24,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn import functional as F
 
 from .compat import keep_precision_on_cast
 from .errors import ConfigError
@@ -66,6 +69,8 @@ class TransformationLearner(nn.Module):
 # one thread: 128 blocks of 1x20x3 2 ms vs 95 ms; 32 of 64x64 15 ms vs 37 ms; 16 of 128x128x3x3
 # 70 ms vs 29 ms.
 INDEXED_BLOCK_NUMEL = 16384
+# EpitomeSampler's ``tied`` (NESConfig.reuse): no tie, True (= "inputs"), "inputs", "outputs".
+TIES = (False, True, "inputs", "outputs")
 
 
 @keep_precision_on_cast("starts")
@@ -82,16 +87,18 @@ class EpitomeSampler(nn.Module):
         scale: float,
         weight_name: str,
         learner: TransformationLearner | None = None,
-        tied: bool = False,
+        tied: bool | str = False,
     ):
         super().__init__()
         if tuple(starts.shape) != (*geometry.grid, 4):
             raise ValueError(f"starts must be {(*geometry.grid, 4)}, got {tuple(starts.shape)}")
+        if tied not in TIES:
+            raise ValueError(f"tied must be one of {TIES}, got {tied!r}")
         self.geometry = geometry
         self.scale = float(scale)
         self.weight_name = weight_name
-        # Reuse-friendly routing (NESConfig.reuse): see ``tie``.
-        self.tied = tied
+        # Reuse-friendly routing (NESConfig.reuse): False, "inputs" (True) or "outputs"; see ``tie``.
+        self.tied = "inputs" if tied is True else tied
         starts = self.tie(starts.float().floor() if tied else starts)
         self.starts = nn.Parameter(starts.float())
         # Where the starts began, for the displacement metrics (``start_stats``); never read by forward.
@@ -105,14 +112,20 @@ class EpitomeSampler(nn.Module):
         """With ``tied``: every block of an output row takes the row's first block's output-channel and
         spatial start, and reads the pool columns that follow its neighbour's (input start ``i0 + k*bi``
         of the first block's integer ``i0``, never learned), so each sampled weight's input columns repeat
-        with the pool's period ``Ip`` and ``passes.reuse`` can fold the input channels exactly."""
+        with the pool's period ``Ip`` and ``passes.reuse`` can fold the input channels exactly.
+
+        ``"outputs"`` ties further: every row reads the input and spatial starts of the first row, so
+        rows differ only in their output-channel start, every output channel is an (interpolated) copy
+        of one op run with the pool's rows, and ``passes.reuse`` computes the layer with ``Op``
+        instead of ``O`` output channels (its product map)."""
         if not self.tied:
             return starts
         nbo, nbi = self.geometry.grid
         row = starts[:, :1]
-        i = row[..., 1].detach() + torch.arange(nbi, device=starts.device) * self.geometry.block[1]
-        return torch.stack([row[..., 0].expand(nbo, nbi), i, row[..., 2].expand(nbo, nbi),
-                            row[..., 3].expand(nbo, nbi)], dim=-1)
+        first = starts[:1, :1] if self.tied == "outputs" else row
+        i = first[..., 1].detach() + torch.arange(nbi, device=starts.device) * self.geometry.block[1]
+        return torch.stack([row[..., 0].expand(nbo, nbi), i.expand(nbo, nbi), first[..., 2].expand(nbo, nbi),
+                            first[..., 3].expand(nbo, nbi)], dim=-1)
 
     def effective_starts(self, x: Tensor | None = None) -> Tensor:
         if self.learner is None:
@@ -195,13 +208,83 @@ def _regenerate_backward(ctx, grad):
 regenerate_op.register_autograd(_regenerate_backward, setup_context=_regenerate_setup)
 
 
+def product_index(starts: Tensor, channels: int, block: int, rows: int) -> Tensor:
+    """The two product channels output channel ``c`` interpolates between, ``(channels, 2)``: row
+    ``j = c // block`` of the product map starts at pool row ``o`` of product group ``g`` (``starts[j] =
+    (g, o)``), so channel ``c`` reads rows ``o + c % block`` and the next one (mod ``rows``, the pool's
+    rows, as ``regenerate`` wraps them) of group ``g``'s ``rows`` products."""
+    c = torch.arange(channels, device=starts.device)
+    g, o = starts[c // block].long().unbind(-1)
+    lo = o + c % block
+    step = 1 if rows > 1 else 0  # a one-row pool cannot move along its rows
+    return torch.stack([g * rows + lo % rows, g * rows + (lo + step) % rows], -1)
+
+
+@torch.library.custom_op("nesc::gather_products", mutates_args=())
+def gather_products_op(products: Tensor, starts: Tensor, fracs: Tensor, bias: Tensor | None, dim: int,
+                       channels: int, block: int, rows: int) -> Tensor:
+    """``passes.reuse``'s product map: ``channels`` outputs along ``dim``, each the interpolation of
+    two of ``products``' channels (``product_index``) with its row's fraction, plus ``bias``.
+
+    ``products`` is one op (conv, linear) run with a pool's rows as its weight, ``rows`` channels per
+    group of distinct input routing; the op is linear in its weight, so interpolating its outputs
+    equals running it with the interpolated weight. ``starts``: int32 ``(ceil(channels / block), 2)``,
+    ``(group, pool row)`` per output row; ``fracs``: ``(ceil(channels / block),)`` in ``[0, 1)``."""
+    dim = dim % products.dim()
+    index = product_index(starts, channels, block, rows)
+    lo, hi = products.index_select(dim, index[:, 0]), products.index_select(dim, index[:, 1])
+    view = [1] * products.dim()
+    view[dim] = -1
+    f = fracs.to(products.dtype).repeat_interleave(block)[:channels].view(view)
+    out = torch.lerp(lo, hi, f)
+    return out if bias is None else out + bias.view(view)
+
+
+@gather_products_op.register_fake
+def _gather_products_fake(products, starts, fracs, bias, dim, channels, block, rows):
+    shape = list(products.shape)
+    shape[dim % products.dim()] = channels
+    return products.new_empty(shape)
+
+
+def _gather_products_setup(ctx, inputs, output):
+    products, starts, fracs, bias, dim, channels, block, rows = inputs
+    ctx.save_for_backward(products, starts, fracs)
+    ctx.args = (dim % products.dim(), channels, block, rows, bias is not None)
+
+
+def _gather_products_backward(ctx, grad):
+    products, starts, fracs = ctx.saved_tensors
+    dim, channels, block, rows, has_bias = ctx.args
+    view = [1] * products.dim()
+    view[dim] = -1
+    index = product_index(starts, channels, block, rows)
+    f = fracs.to(grad.dtype).repeat_interleave(block)[:channels].view(view)
+    gp = torch.zeros_like(products).index_add_(dim, index[:, 0], grad * (1 - f)).index_add_(dim, index[:, 1], grad * f)
+    others = [d for d in range(grad.dim()) if d != dim]
+    diff = products.index_select(dim, index[:, 1]) - products.index_select(dim, index[:, 0])
+    per_channel = (grad * diff).sum(others)
+    gf = F.pad(per_channel, (0, fracs.numel() * block - channels)).view(-1, block).sum(1).to(fracs.dtype)
+    return gp, None, gf, grad.sum(others) if has_bias else None, None, None, None, None
+
+
+gather_products_op.register_autograd(_gather_products_backward, setup_context=_gather_products_setup)
+
+
 REGENERATE = torch.ops.nesc.regenerate.default
+GATHER_PRODUCTS = torch.ops.nesc.gather_products.default
+# Arguments of a gather_products node.
+GATHER_ARGS = ("products", "starts", "fracs", "bias", "dim", "channels", "block", "rows")
 # Arguments of a regenerate node: (pool, starts, fracs, scale, shape, block, layout).
 REGENERATE_ARGS = ("pool", "starts", "fracs", "scale", "shape", "block", "layout")
 
 
 def is_regenerate(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is REGENERATE
+
+
+def is_gather_products(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is GATHER_PRODUCTS
 
 
 def sampler_of(gm: fx.GraphModule, node: fx.Node) -> EpitomeSampler | None:
@@ -228,9 +311,11 @@ def tensor_roles(gm: fx.GraphModule) -> dict[str, str]:
                 roles[f"{node.target}.{pname}"] = "learner" if pname.startswith("learner.") else "start"
             for bname, _ in sampler.named_buffers():
                 roles[f"{node.target}.{bname}"] = "learner" if bname.startswith("learner.") else "start"
-        elif is_regenerate(node):
-            for arg, role in zip(node.args[:3], ("pool", "route", "route")):
-                if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        elif is_regenerate(node) or is_gather_products(node):
+            # A product map's index and fractions route outputs as a routing map routes pool cells.
+            kinds = ("pool", "route", "route") if is_regenerate(node) else (None, "route", "route")
+            for arg, role in zip(node.args[:3], kinds):
+                if role and isinstance(arg, fx.Node) and arg.op == "get_attr":
                     roles[arg.target] = role
     return roles
 

@@ -34,6 +34,8 @@ LAYOUTS = ("conv2d", "conv1d", "linear", "linear_t")
 # start coordinates before.
 ROUTING_SCALARS_PER_BLOCK = 8
 START_SCALARS_PER_BLOCK = 4
+# A product map's (group, pool row) int32 and fraction per output row (``nesc.gather_products``).
+PRODUCT_SCALARS_PER_ROW = 3
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,17 @@ class Geometry:
         nbo, nbi = self.grid
         return nbo * nbi
 
-    def frozen_blocks(self, folded: bool = False) -> int:
-        """Blocks a frozen routing map stores: all, or for a weight ``passes.reuse`` folds, the first
-        ``ceil(Ip / bi)`` of each output row (the folded weight keeps only ``Ip`` input columns)."""
+    def frozen_routing(self, folded: bool = False, shared: bool = False) -> int:
+        """Scalars a frozen routing map stores once ``passes.reuse`` has run: every block's, or for a
+        weight it folds, the first ``ceil(Ip / bi)`` blocks of each output row (the folded weight keeps
+        only ``Ip`` input columns); for a weight whose rows share one input routing (``shared``,
+        ``NESConfig(reuse="outputs")``) and whose pool has fewer rows than the weight, one row of
+        blocks plus the product map's (group, row, fraction) per output row."""
         nbo, nbi = self.grid
-        return nbo * min(nbi, -(-self.pool[1] // self.block[1])) if folded else nbo * nbi
+        kept = min(nbi, -(-self.pool[1] // self.block[1])) if folded else nbi
+        if shared and self.pool[0] < self.shape[0]:
+            return kept * ROUTING_SCALARS_PER_BLOCK + nbo * PRODUCT_SCALARS_PER_ROW
+        return nbo * kept * ROUTING_SCALARS_PER_BLOCK
 
     @property
     def active(self) -> tuple[bool, bool, bool, bool]:

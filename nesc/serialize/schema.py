@@ -26,7 +26,7 @@ from torch import fx
 
 from nesc.capture import ModeDropout
 from nesc.core import compat, inputs
-from nesc.core.modules import REGENERATE_ARGS, is_regenerate
+from nesc.core.modules import GATHER_ARGS, REGENERATE_ARGS, is_gather_products, is_regenerate
 from nesc.core.sampling import LAYOUTS, Geometry
 
 MAX_DEPTH = 32  # nesting of values and documents: exported graphs use 3-4
@@ -138,10 +138,40 @@ def check_device(text) -> str:
 # ----------------------------------------------------------------------------- assembled module
 
 def check_routes(gm: fx.GraphModule) -> None:
-    """Every ``nesc.regenerate`` node reads a pool and a routing map that fit each other."""
+    """Every ``nesc.regenerate`` node reads a pool and a routing map that fit each other, and every
+    ``nesc.gather_products`` node a product map that fits the op it reads."""
     for node in gm.graph.nodes:
         if is_regenerate(node):
             _check_route(gm, node)
+        elif is_gather_products(node):
+            _check_products(gm, node)
+
+
+def _check_products(gm: fx.GraphModule, node: fx.Node) -> None:
+    where = f"gather_products node {node.name}"
+    if len(node.args) != len(GATHER_ARGS) or node.kwargs:
+        raise Invalid(f"{where}: takes {GATHER_ARGS} positionally")
+    products, starts, fracs, bias, dim, channels, block, rows = node.args
+    starts, fracs = (_stored(gm, arg, f"{where}: {role}") for arg, role in ((starts, "starts"), (fracs, "fracs")))
+    if bias is not None:
+        _stored(gm, bias, f"{where}: bias")
+    check_type(dim, int, f"{where}: dim")
+    _ints([channels, block, rows], 3, f"{where}: channels, block, rows")
+    # The products come from one op whose weight is regenerated with ``groups * rows`` output rows.
+    weights = [a for a in (products.args if isinstance(products, fx.Node) else ()) if isinstance(a, fx.Node) and is_regenerate(a)]
+    if len(weights) != 1 or not isinstance(weights[0].args[4], list) or not weights[0].args[4]:
+        raise Invalid(f"{where}: its products must be one op whose weight a nesc.regenerate node builds")
+    groups = weights[0].args[4][0] // rows
+    nrows = -(-channels // block)
+    if starts.dtype != torch.int32 or tuple(starts.shape) != (nrows, 2):
+        raise Invalid(f"{where}: starts are {starts.dtype} {tuple(starts.shape)}, expected int32 {(nrows, 2)}")
+    if not fracs.is_floating_point() or tuple(fracs.shape) != (nrows,):
+        raise Invalid(f"{where}: fractions are {fracs.dtype} {tuple(fracs.shape)}, expected float {(nrows,)}")
+    g, o = starts.unbind(-1)
+    if bool((starts < 0).any()) or bool((g >= groups).any()) or bool((o >= rows).any()):
+        raise Invalid(f"{where}: a (group, row) start lies outside its {groups} group(s) of {rows} products")
+    if not bool(((fracs >= 0) & (fracs <= 1)).all()):  # also false for NaN
+        raise Invalid(f"{where}: interpolation fractions must lie in [0, 1]")
 
 
 def _check_route(gm: fx.GraphModule, node: fx.Node) -> None:

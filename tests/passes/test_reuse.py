@@ -1,4 +1,5 @@
-"""passes.reuse: input-channel folding of frozen weights whose input columns repeat.
+"""passes.reuse: input-channel folding of frozen weights whose input columns repeat, and product maps
+(outputs as copies or interpolations of one op run with the pool's rows).
 
 References are independent of the pass: the same frozen model without it (freeze + find_weights
 only), eager PyTorch, ``torch.utils.flop_counter.FlopCounterMode`` for the multiply-adds the
@@ -17,7 +18,7 @@ import nesc
 from helpers import BUDGET_RTOL, CLOSE, assert_close, registry_inputs, registry_model
 from nesc import NESConfig
 from nesc.core import names
-from nesc.core.modules import EpitomeSampler
+from nesc.core.modules import EpitomeSampler, gather_products_op, product_index
 from nesc.passes import pipeline
 from nesc.passes.reuse import fold_channels
 from nesc.report import build_report
@@ -27,7 +28,7 @@ MODELS = ["cnn1d", "mlp", "resnet_fmnist", "mobilenetv2_fmnist", "vit_tiny"]
 ATTENTION = {"vit_tiny"}
 
 
-def _transformed(name: str, reuse: bool, ratio: float = 4):
+def _transformed(name: str, reuse: bool | str, ratio: float = 4):
     model = registry_model(name).eval()
     return model, nesc.transform(model, registry_inputs(name), NESConfig(ratio=ratio, min_params=128, reuse=reuse,
                                                                            init="random"))
@@ -154,6 +155,131 @@ def test_fold_channels_sums_channels_equal_modulo_the_period(shape, dim, period)
 def test_the_plan_counts_the_routing_reuse_keeps_so_the_frozen_model_meets_the_budget(name: str, ratio: int) -> None:
     model = registry_model(name)
     gm = nesc.transform(model, registry_inputs(name), NESConfig(ratio=ratio, min_params=128, reuse=True,
+                                                                 keep_classifier=False, policy="per_type", init="random"))
+    stored = nesc.stored_params(nesc.freeze(gm))
+    target = sum(p.numel() for p in model.parameters()) / ratio
+    assert abs(stored - target) <= BUDGET_RTOL * target, f"{name} {ratio}x: {stored:,} vs {target:,.0f}"
+
+
+def _trained(name: str, reuse: bool | str, steps: int = 3):
+    """A transformed model after a few optimizer steps: its output-channel starts are fractional."""
+    model, gm = _transformed(name, reuse)
+    opt = torch.optim.Adam(gm.parameters(), lr=0.05)
+    x = registry_inputs(name, 8)
+    gm.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        gm(*x).square().mean().backward()
+        opt.step()
+    return model, gm.eval()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shared_products_are_exact_and_the_counts_match_the_flop_counter(name: str) -> None:
+    model, gm = _trained(name, reuse="outputs")
+    reference = _frozen_without_reuse(gm)
+    frozen = nesc.freeze(gm)
+    x = registry_inputs(name, 4)
+    assert_close(frozen(*x), reference(*x), CLOSE, f"{name}: product maps vs the unrewritten frozen model")
+    decisions = frozen.meta[names.REUSE]
+    assert any("shared:" in d for d in decisions.values()), decisions
+    maps = {k: m for k, m in frozen.nesc_routes.named_children() if k.endswith("_products")}
+    assert maps and any(bool((m.fracs != 0).any()) for m in maps.values()), "trained rows interpolate products"
+    one = tuple(t[:1] for t in x)
+    report = build_report(frozen)
+    if name not in ATTENTION:
+        assert report.madd == _flop_madd(frozen, one), name
+    assert report.madd < build_report(_frozen_without_reuse(_transformed(name, reuse="inputs")[1])).madd
+    assert report.dense_params == build_report(reference).dense_params
+    assert report.adds > 0 and report.stored_params == nesc.stored_params(frozen)
+
+
+def test_four_x_with_shared_products_cuts_more_than_half_of_the_dense_multiply_adds() -> None:
+    for name in ("resnet_fmnist", "mobilenetv2_fmnist"):
+        model, gm = _transformed(name, reuse="outputs")
+        one = registry_inputs(name, 1)
+        dense, shared = _flop_madd(model, one), _flop_madd(nesc.freeze(gm), one)
+        assert shared <= 0.5 * dense, f"{name}: {shared:,} vs dense {dense:,}"
+
+
+def test_tied_outputs_share_one_input_routing_across_rows_while_output_starts_learn() -> None:
+    _, gm = _trained("cnn1d", reuse="outputs")
+    for s in (m for m in gm.modules() if isinstance(m, EpitomeSampler)):
+        eff = s.effective_starts().detach()
+        assert torch.equal(eff[..., 1:], eff[:1, :, 1:].expand_as(eff[..., 1:])), s.weight_name
+        assert bool((s.starts[:, 0, 0] != s.origin[:, 0, 0]).any()), f"{s.weight_name}: output starts learn"
+    decisions = nesc.freeze(gm).meta[names.REUSE]
+    assert all("shared: " in d for d in decisions.values()), decisions
+
+
+def test_rows_with_their_own_input_routing_keep_their_outputs_and_say_why() -> None:
+    _, gm = _trained("resnet_fmnist", reuse=False)
+    decisions = nesc.freeze(gm).meta[names.REUSE]
+    assert not any("shared:" in d for d in decisions.values())
+    assert any("pool rows" in d or "different pool rows" in d for d in decisions.values()), decisions
+
+
+def test_shared_products_save_and_load_with_the_same_outputs_and_counts(tmp_path) -> None:
+    _, gm = _trained("resnet_fmnist", reuse="outputs")
+    frozen = nesc.freeze(gm)
+    nesc.save(frozen, tmp_path / "m.nesc")
+    loaded = nesc.load(tmp_path / "m.nesc")
+    x = registry_inputs("resnet_fmnist", 4)
+    assert_close(loaded(*x), frozen(*x), CLOSE, "loaded")
+    a, b = build_report(frozen), build_report(loaded)
+    assert (a.madd, a.adds, a.dense_params, a.stored_params) == (b.madd, b.adds, b.dense_params, b.stored_params)
+    assert [r.reason for r in a.rows] == [r.reason for r in b.rows]
+
+
+def test_a_frozen_model_with_shared_products_fine_tunes_like_the_unrewritten_one() -> None:
+    _, gm = _trained("cnn1d", reuse="outputs")
+    frozen, reference = nesc.freeze(gm).train(), _frozen_without_reuse(gm).train()
+    x = registry_inputs("cnn1d", 4)
+    for model in (frozen, reference):
+        torch.manual_seed(0)  # the same dropout masks in both
+        model(*x).square().mean().backward()
+    got, want = dict(frozen.named_parameters()), dict(reference.named_parameters())
+    for name, p in want.items():  # pools and dense weights: the same gradients through either graph
+        assert_close(got[name].grad, p.grad, CLOSE, name)
+
+
+def _gather_reference(products, starts, fracs, bias, dim, channels, block, rows):
+    """``nesc.gather_products`` channel by channel, as its docstring states it."""
+    outs = []
+    for c in range(channels):
+        g, o = (int(v) for v in starts[c // block])
+        step = 1 if rows > 1 else 0
+        lo, hi = g * rows + (o + c % block) % rows, g * rows + (o + c % block + step) % rows
+        f = float(fracs[c // block])
+        y = (1 - f) * products.select(dim, lo) + f * products.select(dim, hi)
+        outs.append(y + (0 if bias is None else bias[c]))
+    return torch.stack(outs, dim)
+
+
+@pytest.mark.parametrize("shape,dim,channels,block,rows", [((2, 6, 3, 3), 1, 10, 3, 3), ((4, 8), -1, 16, 4, 4),
+                                                           ((2, 4, 5), 1, 7, 1, 1), ((3, 5, 6), -1, 9, 2, 3)])
+def test_gather_products_matches_its_definition_and_its_gradients_check(shape, dim, channels, block, rows) -> None:
+    torch.manual_seed(0)
+    groups = shape[dim] // rows
+    nrows = -(-channels // block)
+    starts = torch.stack([torch.randint(0, groups, (nrows,)), torch.randint(0, rows, (nrows,))], 1).int()
+    fracs = torch.rand(nrows, dtype=torch.float64)
+    products = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(channels, dtype=torch.float64, requires_grad=True)
+    fr = fracs.clone().requires_grad_(True)
+    out = gather_products_op(products, starts, fr, bias, dim, channels, block, rows)
+    assert_close(out, _gather_reference(products, starts, fracs, bias, dim % len(shape), channels, block, rows),
+                 CLOSE, "definition")
+    assert product_index(starts, channels, block, rows).max() < shape[dim]
+    assert torch.autograd.gradcheck(lambda p, f, b: gather_products_op(p, starts, f, b, dim, channels, block, rows),
+                                    (products, fr, bias))
+
+
+@pytest.mark.parametrize("ratio", [4, 8])
+@pytest.mark.parametrize("name", ["cnn1d", "resnet_fmnist", "mobilenetv2_fmnist"])
+def test_the_plan_counts_the_product_maps_so_the_frozen_model_meets_the_budget(name: str, ratio: int) -> None:
+    model = registry_model(name)
+    gm = nesc.transform(model, registry_inputs(name), NESConfig(ratio=ratio, min_params=128, reuse="outputs",
                                                                  keep_classifier=False, policy="per_type", init="random"))
     stored = nesc.stored_params(nesc.freeze(gm))
     target = sum(p.numel() for p in model.parameters()) / ratio

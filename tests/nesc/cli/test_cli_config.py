@@ -168,3 +168,22 @@ def test_pool_extent_and_sampling_flags_reach_the_config_and_the_training(capsys
     assert conv and all(r.pool_shape[-1] == 3 + 4 for r in conv), [(r.name, r.pool_shape) for r in conv]
     code, out, err = _run(capsys, "summary", "cnn1d", "--pool-extent", "-1")
     _one_clean_error(code, out, err, "pool_extent")
+
+
+# ------------------------------------------------------------------------------------- reuse levels
+
+
+def test_reuse_levels_reach_the_config_and_the_frozen_graph(capsys) -> None:
+    shared = {}
+    for level in ("inputs", "outputs"):
+        code, out, err = _run(capsys, "summary", "resnet_fmnist", "--min-params", "128", "--reuse", level)
+        assert code == 0 and f"reuse {level}" in out and "folded:" in out, err
+        shared[level] = (out.count("shared:"), out.count("folded:"))
+    # "outputs" ties every row to one input routing, so every folded layer shares its products too;
+    # "inputs" rows keep their own input start and share only where few distinct ones happen to remain.
+    assert shared["outputs"][0] == shared["outputs"][1] > shared["inputs"][0], shared
+
+
+def test_an_unknown_reuse_level_is_a_usage_error(capsys) -> None:
+    code, _, err = _run(capsys, "summary", "cnn1d", "--reuse", "everything")
+    assert code == USAGE_ERROR and "argument --reuse: invalid choice: 'everything'" in err, err

@@ -270,3 +270,14 @@ def test_train_config_typos_suggest_the_field() -> None:
         TrainConfig(epoch=3)
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         TrainConfig().replace(epoch=3)
+
+
+@pytest.mark.parametrize("value, stored", [(False, False), (True, "inputs"), ("inputs", "inputs"), ("outputs", "outputs")])
+def test_reuse_takes_a_bool_or_a_level_and_true_means_inputs(value, stored) -> None:
+    assert NESConfig(reuse=value).reuse == stored
+
+
+@pytest.mark.parametrize("value", ["all", 1, None, "Outputs"])
+def test_an_unknown_reuse_level_is_a_config_error_naming_the_levels(value) -> None:
+    with pytest.raises(ConfigError, match="'inputs'.*'outputs'"):
+        NESConfig(reuse=value)

@@ -165,3 +165,36 @@ def test_the_digest_covers_the_header(regenerate_file) -> None:
     meta = header(regenerate_file)["__metadata__"]
     assert meta["format_version"] == "2" and len(meta["sha256"]) == 64
     assert names.NESC_VERSION in meta
+
+
+@pytest.fixture(scope="module")
+def products_file(tmp_path_factory):
+    """A frozen cnn1d whose layers share products (``nesc.gather_products`` with its routing maps)."""
+    import nesc
+    from helpers import registry_inputs, registry_model
+
+    gm = nesc.transform(registry_model("cnn1d"), registry_inputs("cnn1d"),
+                        nesc.NESConfig(ratio=4, min_params=128, reuse="outputs", init="random"))
+    path = tmp_path_factory.mktemp("products") / "m.nesc"
+    nesc.save(nesc.freeze(gm), path)
+    return path
+
+
+def _products_map(tensors) -> str:
+    return next(k for k in tensors if k.endswith("_products.starts"))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t, k: t.__setitem__(k, t[k] + torch.tensor([1000, 0], dtype=torch.int32)), "group(s) of"),
+    (lambda t, k: t.__setitem__(k, t[k] + torch.tensor([0, 1000], dtype=torch.int32)), "group(s) of"),
+    (lambda t, k: t.__setitem__(k, -t[k] - 1), "group(s) of"),
+    (lambda t, k: t.__setitem__(k, t[k][:1]), "expected int32"),
+    (lambda t, k: t.__setitem__(k.replace("starts", "fracs"), t[k.replace("starts", "fracs")] + 2), "fractions"),
+], ids=["group-too-large", "row-too-large", "negative", "short", "fraction-above-one"])
+def test_an_edited_product_map_is_refused(products_file, tmp_path, edit, expected) -> None:
+    def edited(tensors):
+        edit(tensors, _products_map(tensors))
+        return tensors
+
+    rewrite(products_file, tmp_path / "edited.nesc", tensors=edited)
+    assert expected in load_error(tmp_path / "edited.nesc")
