@@ -17,6 +17,7 @@ import-linter contracts in ``pyproject.toml``):
     capture                   symbolic_trace / torch.export -> mode-aware GraphModule
     models/, data, checkpoint the reference models, datasets, training run files      [folder models/]
     core/                     errors, registry, config, names, inputs, files, sampling math and modules,
+                              the regenerated-weight cache,
                               compat (torch's private APIs)
 """
 
@@ -27,6 +28,7 @@ from nesc.api import freeze, load, save, summary, transform
 from nesc.api import compile  # noqa: A004  (nesc.compile: the TVM backend, imported on first call)
 from nesc.api import export_onnx
 from nesc.capture import capture
+from nesc.core.cache import weight_cache
 from nesc.core.config import LayerConfig, NESConfig
 from nesc.core.modules import set_sampling_width, start_stats
 from nesc.fitting import distillation_loss, fit_pools, load_checkpoint
@@ -50,7 +52,7 @@ __all__ = [
     "ArtifactError", "CaptureError", "ConfigError", "InputError", "LayerConfig", "NESConfig", "NescError",
     "PassOrderError", "PlanError", "capture", "distillation_loss", "fit_pools", "freeze", "load",
     "load_checkpoint", "save", "set_sampling_width", "start_stats", "stored_bytes", "stored_params", "summary",
-    "transform",
+    "transform", "weight_cache",
 ]
 __all__ += ["compile"]
 __all__ += ["export_onnx"]

@@ -16,6 +16,15 @@ import torch.utils._pytree as _pytree  # public replacement: none yet (torch.uti
 from torch import fx, nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo  # public: none; Graph.set_codegen takes any CodeGen
 
+# --------------------------------------------------------------------------------------- tensors
+
+
+def version_counter(t: torch.Tensor) -> int:
+    """How many in-place writes ``t`` has seen (what autograd checks saved tensors with). Public
+    replacement: none (``Tensor._version``)."""
+    return t._version
+
+
 # ------------------------------------------------------------------------------------------- ops
 
 # Public replacement: none; ``torch.ops.<ns>.<op>.<overload>`` objects are of this type.

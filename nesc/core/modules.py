@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
+from .cache import cached
 from .compat import keep_precision_on_cast
 from .errors import ConfigError
 from .sampling import Geometry, regenerate, regenerate_indexed, regenerate_wide, split_starts
@@ -71,6 +72,16 @@ class TransformationLearner(nn.Module):
 INDEXED_BLOCK_NUMEL = 16384
 # EpitomeSampler's ``tied`` (NESConfig.reuse): no tie, True (= "inputs"), "inputs", "outputs".
 TIES = (False, True, "inputs", "outputs")
+
+
+def regenerate_fastest(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry) -> Tensor:
+    """``regenerate`` (block by block) or ``regenerate_indexed`` (one gather), whichever is faster for
+    the geometry (``INDEXED_BLOCK_NUMEL``) or, under ``torch.compile``, the one without data-dependent
+    Python: the compiler fuses the index arithmetic into the gather. Same values either way."""
+    bo, bi = geometry.block
+    if torch.compiler.is_compiling() or bo * bi * geometry.shape[2] * geometry.shape[3] <= INDEXED_BLOCK_NUMEL:
+        return regenerate_indexed(pool, starts, fracs, scale, geometry)
+    return regenerate(pool, starts, fracs, scale, geometry)
 
 
 @keep_precision_on_cast("starts")
@@ -144,13 +155,16 @@ class EpitomeSampler(nn.Module):
         return base, frac.detach().clone()
 
     def forward(self, pool: Tensor, x: Tensor | None = None) -> Tensor:
+        if self.training:
+            return self._regenerate(pool, x)
+        inputs = (pool, self.starts) + ((self.learner.running_offset,) if self.learner is not None else ())
+        return cached(self.starts, inputs, (self.width, self.scale, self.geometry), lambda: self._regenerate(pool, x))
+
+    def _regenerate(self, pool: Tensor, x: Tensor | None) -> Tensor:
         base, frac = split_starts(self.effective_starts(x), self.geometry)
         if self.width > 1:
             return regenerate_wide(pool, base, frac, self.scale, self.geometry, self.width)
-        bo, bi = self.geometry.block
-        if bo * bi * self.geometry.shape[2] * self.geometry.shape[3] <= INDEXED_BLOCK_NUMEL:
-            return regenerate_indexed(pool, base, frac, self.scale, self.geometry)  # bit-identical on CPU
-        return regenerate(pool, base, frac, self.scale, self.geometry)
+        return regenerate_fastest(pool, base, frac, self.scale, self.geometry)
 
     def extra_repr(self) -> str:
         g = self.geometry
@@ -176,9 +190,11 @@ class RoutingMap(nn.Module):
 def regenerate_op(
     pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, shape: list[int], block: list[int], layout: str
 ) -> Tensor:
-    """The frozen form of a sampled weight: one graph node, kept whole by torch.export."""
+    """The frozen form of a sampled weight: one graph node, kept whole by torch.export. In inference
+    the weight comes from ``nesc.core.cache`` while the pool and routing map are unchanged."""
     geometry = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
-    return regenerate(pool, starts, fracs, scale, geometry)
+    return cached(starts, (pool, starts, fracs), (float(scale), geometry),
+                  lambda: regenerate_fastest(pool, starts, fracs, scale, geometry))
 
 
 @regenerate_op.register_fake
