@@ -1,7 +1,8 @@
 """The steps of ``export_onnx``, one function each, in the order it runs them.
 
 1. ``lower``: a copy of the model whose nesc ops are rewritten by the pass each names in ``LOWERINGS``
-   (``decompose_regenerate``: index arithmetic over the pool and the routing map);
+   (``decompose_regenerate``: index arithmetic over the pool and the routing map;
+   ``decompose_products.DecomposeGatherProducts``: the product map as gathers and a lerp);
 2. ``capture``: ``torch.export`` with the batch dimension named ``BATCH`` (``nesc.core.inputs``);
 3. (``check.check_supported``);
 4. ``translate``: ``torch.onnx.export(dynamo=True, optimize=False)``;
@@ -26,16 +27,20 @@ from nesc.core import files, names
 from nesc.core.errors import InputError
 from nesc.core.inputs import batch_dims
 from nesc.passes import pipeline
+from nesc.passes.infra import NescPass
 
 from .check import OnnxExportError, unsupported_error
+from .decompose_products import DecomposeGatherProducts
 
 BATCH = "batch"  # name of the symbolic batch dimension in the exported file
 PROTOBUF_LIMIT = 2**31  # a single-file ONNX model must serialise under 2 GiB
 
-# nesc's own ops -> the rewrite pass (a name in nesc.passes.pipeline.PASSES) that turns them into ops
-# the exporter knows. Run on a copy of the model before capture.
-LOWERINGS: dict[object, str] = {
+# nesc's own ops -> the rewrite pass that turns them into ops the exporter knows: a name in
+# nesc.passes.pipeline.PASSES, or a pass of this backend (a NescPass class) for an op only exporters
+# need spelled out. Run in this order on a copy of the model before capture.
+LOWERINGS: dict[object, str | type[NescPass]] = {
     torch.ops.nesc.regenerate.default: "decompose_regenerate",
+    torch.ops.nesc.gather_products.default: DecomposeGatherProducts,
 }
 
 
@@ -49,8 +54,10 @@ def lower(module: nn.Module) -> fx.GraphModule:
     gm = copy.deepcopy(module).eval()
     gm.meta = copy.copy(module.meta)
     present = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    steps = [name for target, name in LOWERINGS.items() if target in present]
-    return pipeline.run(gm, steps) if steps else gm
+    for target, lowering in LOWERINGS.items():
+        if target in present:  # a registered pass runs through the pipeline (lint, its note on failure)
+            gm = pipeline.run(gm, [lowering]) if isinstance(lowering, str) else lowering()(gm).graph_module
+    return gm
 
 
 def capture(module: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -> torch.export.ExportedProgram:

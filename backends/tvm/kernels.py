@@ -17,6 +17,15 @@ window (channel axes wrap, spatial axes clamp to the last row); results agree wi
 The pool and the routing map are the kernel's only inputs: no index tensor, no weight-sized
 constant. ``regenerate_rows_te`` is the fast form for the usual geometry (the window moves along
 channels only): the weight as rows ``(O, I*kh*kw)``, each block row one contiguous run.
+
+``gather_products_te`` is ``torch.ops.nesc.gather_products`` (``passes.reuse``'s product map): the
+layer's output channels as interpolated copies of the channels of one op run with the pool's rows,
+
+    out[..., c, ...] = lerp(products[..., g*rows + r, ...], products[..., g*rows + (r + step) % rows, ...], f[j])
+                       + bias[c],     j = c // block, (g, o) = starts[j], r = (o + c % block) % rows
+
+(``nesc.core.modules.product_index``). It reads ``products`` at ``g*rows + r < groups*rows`` only
+while ``g < groups`` and ``o >= 0``: the deploy runtime checks the stored starts before any kernel runs.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ WEIGHT_NAME = names.TVM_WEIGHT
 CROP_NAME = names.TVM_WEIGHT_CROP
 # Block annotation of the weight: [output-block axis, its block size, input-block axis, its block size].
 SPLIT_ATTR = names.TVM_SPLIT_ATTR
+PRODUCTS_NAME = "nesc_gather_products"  # block (and PrimFunc hint) of the product map's gather
+# Block annotation of the product map: the axis its gather indexes (the channel axis, >= 0).
+PRODUCTS_DIM_ATTR = "nesc_products_dim"
 
 
 def lerp(lo, hi, f):
@@ -144,3 +156,25 @@ def regenerate_rows_te(pool_rows: te.Tensor, starts: te.Tensor, fracs: te.Tensor
     if cols == I * area:
         return weight
     return te.compute((O, I * area), lambda o, c: weight[o, c], name=CROP_NAME)
+
+
+def gather_products_te(products: te.Tensor, starts: te.Tensor, fracs: te.Tensor, bias: te.Tensor | None = None, *,
+                       dim: int, channels: int, block: int, rows: int) -> te.Tensor:
+    """``channels`` outputs along ``dim`` (>= 0) from ``products`` (``groups * rows`` channels there),
+    ``starts`` int32 ``(ceil(channels / block), 2)``, ``fracs`` ``(ceil(channels / block),)`` and an
+    optional ``bias (channels,)``. One compute over the output: the gather index depends on the
+    channel only, so every other axis reads ``products`` contiguously."""
+    shape = list(products.shape)
+    shape[dim] = channels
+    step = 1 if rows > 1 else 0  # a one-row pool cannot move along its rows (as product_index)
+
+    def element(*idx):
+        c = idx[dim]
+        j = c // block
+        g, o = starts[j, 0], starts[j, 1]
+        r = o + c % block
+        at = lambda row: products[idx[:dim] + (g * rows + row % rows,) + idx[dim + 1:]]  # noqa: E731
+        out = lerp(at(r), at(r + step), fracs[j].astype(products.dtype))
+        return out if bias is None else out + bias[c]
+
+    return te.compute(shape, element, name=PRODUCTS_NAME, tag=PRODUCTS_NAME, attrs={PRODUCTS_DIM_ATTR: dim})

@@ -15,11 +15,12 @@ The steps, in order:
 3. ``_check_supported``: every op the importer cannot convert, listed in one ``LoweringError``.
 4. ``from_exported_program`` with ``keep_params_as_input=True`` and a converter table that turns each
    ``nesc.regenerate`` into the TE kernel of ``kernels.regenerate_te`` (pool + routing map in, weight
-   out, computed at run time). (``from_fx`` is not used: in TVM 0.27 it miscompiles conv/pool padding.)
+   out, computed at run time) and each ``nesc.gather_products`` (``passes.reuse``'s product map) into
+   ``kernels.gather_products_te``. (``from_fx`` is not used: in TVM 0.27 it miscompiles conv/pool padding.)
 5. ``Lowered``: the module, the parameters in the order ``main`` takes them after the data inputs,
    what each parameter is (pool, route or dense, from step 0), and for every routing map the pool
-   it indexes and the range its values must stay in (``_routes``, read from the regenerate nodes),
-   which the deploy runtime checks before any kernel runs.
+   it indexes and the range its values must stay in (``_routes``, read from the regenerate and
+   gather_products nodes), which the deploy runtime checks before any kernel runs.
 
 Batch norm stays a scale/shift on the conv output: it is never folded into a weight, let alone into
 a pool that other layers share.
@@ -36,15 +37,23 @@ from torch import fx, nn
 
 from nesc.core.errors import NescError
 from nesc.core.inputs import as_tensors, batch_dims, export_batch
-from nesc.core.modules import is_regenerate, tensor_roles
+from nesc.core.modules import is_gather_products, is_regenerate, tensor_roles
 from nesc.core.sampling import Geometry
 
 from .adapter import ExportedProgramImporter, detach_params, from_exported_program, relax, tvm, var_name
-from .kernels import REGENERATE_NAME, regenerate_rows_te, regenerate_te, rows_form
+from .kernels import (
+    PRODUCTS_NAME,
+    REGENERATE_NAME,
+    gather_products_te,
+    regenerate_rows_te,
+    regenerate_te,
+    rows_form,
+)
 
 # tensor_roles' role -> the kind a Lowered parameter is. A sampler's start indices and learner are
 # the trainable form of a routing map (nesc.freeze turns them into one).
 KIND_OF_ROLE = {"pool": "pool", "route": "route", "start": "route", "learner": "route"}
+INJECTIVE = 2  # relax OpPatternKind.kInjective
 
 
 class LoweringError(NescError):
@@ -59,7 +68,9 @@ class Lowered:
     input_names: tuple[str, ...]
     kinds: dict[str, str]  # param name -> "pool" | "route" | "dense"
     # routing-map param name -> {role: starts | fracs, pool: its name, pool_shape, grid: (nbo, nbi),
-    # max (starts): the largest valid value of each of the 4 coordinates}
+    # max (starts): the largest valid value of each of the 4 coordinates}; a product map's ->
+    # {role: product_starts | product_fracs, pool: the pool whose rows made the products (or None),
+    # grid: (rows of the map,), products: (groups, rows), max (starts): (groups - 1, rows - 1)}
     routes: dict[str, dict] = field(default_factory=dict)
 
 
@@ -160,6 +171,25 @@ def _convert_regenerate(node: fx.Node, importer) -> relax.Var:
     return bb.emit(relax.op.reshape(weight, geometry.param_shape))
 
 
+def _convert_gather_products(node: fx.Node, importer) -> relax.Var:
+    """``nesc.gather_products(products, starts, fracs, bias, dim, channels, block, rows)`` -> the TE
+    kernel of ``kernels.gather_products_te`` (the bias, when there is one, added in it)."""
+    products, starts, fracs, bias, dim, channels, block, rows = node.args
+    env, bb = importer.env, importer.block_builder
+    dim = dim % len(products.meta["val"].shape)
+
+    def kernel(p, s, f, *b):  # emit_te converts keyword arguments to TIR values: the geometry is closed over
+        return gather_products_te(p, s, f, *b, dim=dim, channels=int(channels), block=int(block), rows=int(rows))
+
+    tensors = [env[products], env[starts], env[fracs]] + ([env[bias]] if bias is not None else [])
+    out = bb.emit_te(kernel, *tensors, primfunc_name_hint=PRODUCTS_NAME)
+    # AnnotateTIROpPattern calls a data-dependent read opaque, which would keep the batch-norm scale/shift
+    # and activation after it out of its loop; it is a gather, injective like TVM's own take, and says so.
+    gv = bb.lookup_binding(out).args[0]  # call_tir(gv, (tensors...))
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", INJECTIVE))
+    return out
+
+
 def _convert_amax(node: fx.Node, importer) -> relax.Var:
     """``aten.amax(x, dim=[], keepdim=False)``, which the 0.27 importer lacks (``x.amax(-1)``, max pooling
     over time in signal models); an empty ``dim`` reduces every axis."""
@@ -171,7 +201,11 @@ def _convert_amax(node: fx.Node, importer) -> relax.Var:
 
 
 # The importer's table, extended by ours; keys are OpOverload names as the importer spells them.
-CONVERTERS = {"regenerate.default": _convert_regenerate, "amax.default": _convert_amax}
+CONVERTERS = {
+    "regenerate.default": _convert_regenerate,
+    "gather_products.default": _convert_gather_products,
+    "amax.default": _convert_amax,
+}
 
 
 def _check_supported(ep: torch.export.ExportedProgram) -> None:
@@ -230,4 +264,40 @@ def _routes(ep: torch.export.ExportedProgram) -> dict[str, dict]:
                     raise LoweringError(f"routing map {name!r} is read with grids {old['grid']} and {entry['grid']}")
                 entry = old | ({"max": [min(a, b) for a, b in zip(old["max"], limits)]} if "max" in old else {})
             routes[name] = entry
+    for node in filter(is_gather_products, ep.graph.nodes):
+        for name, entry in _product_routes(node, names).items():
+            if routes.setdefault(name, entry) != entry:
+                raise LoweringError(f"{node.name}: product map {name!r} is also read as {routes[name]}; each product "
+                                    f"map is read by one gather_products node")
     return routes
+
+
+def _product_routes(node: fx.Node, names: dict[str, str]) -> dict[str, dict]:
+    """The routes of one ``gather_products`` node's product map: its starts ``(g, o)`` index group
+    ``g < groups`` and row ``o < rows`` of the ``groups * rows`` product channels (the kernel reads
+    channel ``g * rows + (o + a) % rows``); its fractions are in [0, 1]."""
+    products, starts, fracs, _, dim, channels, block, rows = node.args
+    width = int(products.meta["val"].shape[dim])
+    groups, rest = divmod(width, rows)
+    if rest or not groups:
+        raise LoweringError(f"{node.name}: its products have {width} channels along dim {dim}, not a multiple of its "
+                            f"{rows} rows; passes.reuse makes them with a weight of groups * rows output channels")
+    n = -(-channels // block)  # rows of the product map
+    common = {"pool": _products_pool(products, width, names), "grid": [n], "products": [groups, rows]}
+    out = {}
+    for arg, entry, shape in ((starts, {"role": "product_starts", "max": [groups - 1, rows - 1]}, (n, 2)),
+                              (fracs, {"role": "product_fracs"}, (n,))):
+        name = names.get(getattr(arg, "name", None))
+        if name is None or tuple(arg.meta["val"].shape) != shape:
+            raise LoweringError(f"{node.name}: its {entry['role']} must be a stored parameter of shape {shape}, the "
+                                f"product map the deploy runtime checks; got {arg}")
+        out[name] = common | entry
+    return out
+
+
+def _products_pool(products: fx.Node, width: int, names: dict[str, str]) -> str | None:
+    """The pool whose rows ``products`` was computed with: the regenerate node of ``width`` output
+    channels that is its weight (directly, or through one permute/view: ``linear`` as ``mm``)."""
+    near = [n for arg in products.all_input_nodes for n in (arg, *arg.all_input_nodes)]
+    pools = {names.get(n.args[0].name) for n in near if is_regenerate(n) and n.args[4][0] == width}
+    return pools.pop() if len(pools) == 1 else None

@@ -12,9 +12,11 @@ The parameters file is untrusted input. ``read_params`` checks it against ``SCHE
 ``DeployError``, nothing else, whatever its bytes: format and version, every entry's type, the
 library's SHA-256 (a mismatched library is refused before native code is loaded), the content hash,
 each tensor's dtype and shape, and every routing map against its pool (starts int32 in [0, Op),
-[0, Ip), [0, Kh - kh], [0, Kw - kw]; fractions float32, finite, in [0, 1]): no kernel reads outside a
-pool. ``load`` also compares the library's facts with the header's (a header edited to widen a range,
-its hash recomputed, is refused). A ``.so`` is native code by nature: loading one runs its code, so
+[0, Ip), [0, Kh - kh], [0, Kw - kw]; fractions float32, finite, in [0, 1]) and every product map
+(``passes.reuse``'s) against its products (starts ``(g, o)`` int32 in [0, groups), [0, rows);
+fractions as above): no kernel reads outside a pool or the products computed from it. ``load``
+also compares the library's facts with the header's (a header edited to widen a range, its hash
+recomputed, is refused). A ``.so`` is native code by nature: loading one runs its code, so
 load only libraries you trust. nesc writes both files through ``nesc.core.files`` (``export.py``),
 which a lone copy of this file cannot import. Run as a script, it keeps torch (which tvm_ffi imports
 whenever installed) out, as on a device without it.
@@ -237,15 +239,20 @@ def check_tensors(params: dict, meta: dict, where: str, fix: str = _FIX) -> None
                               f"{want['dtype']} {want['shape']}. {fix}")
     for name, route in meta["routes"].items():
         a = params[name]
-        if route["role"] == "starts":
+        if route["role"] in STARTS_ROLES:
             bad, expected = (a < 0) | (a > np.asarray(route["max"])), f"in [0, {route['max']}] per coordinate"
         else:
             bad, expected = ~np.isfinite(a) | (a < 0) | (a > 1), "finite and in [0, 1]"
         if bad.any():
-            j, k, d = (int(i) for i in np.argwhere(bad)[0])
-            raise DeployError(f"{where}: routing map {name!r} ({route['role']} into pool {route['pool']!r}) has "
-                              f"{a[j, k, d]} at block ({j}, {k}), coordinate {d}; expected {expected}, or a kernel "
-                              f"would read outside the pool. {fix}")
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            if route["role"] in PRODUCT_ROLES:  # (row, coordinate) of the starts, (row,) of the fractions
+                what, where_in = "product map", f"row {at[0]}" + (f", coordinate {at[1]}" if len(at) > 1 else "")
+                target = f"the {'x'.join(map(str, route['products']))} products of pool {route['pool']!r}"
+            else:
+                what, where_in = "routing map", f"block ({at[0]}, {at[1]}), coordinate {at[2]}"
+                target = f"pool {route['pool']!r}"
+            raise DeployError(f"{where}: {what} {name!r} ({route['role']} into {target}) has {a[at]} at {where_in}; "
+                              f"expected {expected}, or a kernel would read outside the pool. {fix}")
 
 
 # ------------------------------------------------------------------------------- header schema
@@ -266,8 +273,21 @@ _HEX64 = _is("64 hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0
 # items), {str: s} (names -> s) or {key: s, ...} (exactly these keys).
 _STARTS = {"role": ("starts",), "pool": _POOL, "pool_shape": [_POS] * 4, "grid": [_POS] * 2, "max": [_NAT] * 4}
 _FRACS = {k: v for k, v in _STARTS.items() if k != "max"} | {"role": ("fracs",)}
-_ROUTE = _is("{role: starts, pool, pool_shape: 4 ints, grid: 2 ints, max: 4 ints} or the same for fracs, no max",
-             lambda v: _fits(v, _STARTS if isinstance(v, dict) and v.get("role") == "starts" else _FRACS))
+# A product map (passes.reuse): per row of output channels, (group, pool row) into the groups x rows
+# products one op computed with the pool's rows (pool: that pool, or null), and the row's fraction.
+_ROWS = _is("a list of exactly 1 int >= 1", lambda v: isinstance(v, list) and len(v) == 1 and _POS(v[0]))
+_PRODUCT_STARTS = {"role": ("product_starts",), "pool": _POOL, "grid": _ROWS, "products": [_POS] * 2,
+                   "max": [_NAT] * 2}
+_PRODUCT_FRACS = {k: v for k, v in _PRODUCT_STARTS.items() if k != "max"} | {"role": ("product_fracs",)}
+ROUTE_SCHEMAS = {"starts": _STARTS, "fracs": _FRACS, "product_starts": _PRODUCT_STARTS,
+                 "product_fracs": _PRODUCT_FRACS}
+STARTS_ROLES = ("starts", "product_starts")  # int32 indices with a max; the others are fractions
+PRODUCT_ROLES = ("product_starts", "product_fracs")
+_ROUTE = _is("{role: starts, pool, pool_shape: 4 ints, grid: 2 ints, max: 4 ints} or the same for fracs, no max; "
+             "or {role: product_starts, pool, grid: 1 int, products: 2 ints, max: 2 ints} or the same for "
+             "product_fracs, no max",
+             lambda v: isinstance(v, dict) and isinstance(v.get("role"), str) and v["role"] in ROUTE_SCHEMAS
+             and _fits(v, ROUTE_SCHEMAS[v["role"]]))
 SCHEMA = {
     "params": [_STR], "kinds": {str: KINDS}, "device": DEVICES, "target": {"name": _STR, "tvm": _STR},
     "tensors": {str: {"dtype": DTYPES, "shape": [_NAT]}},
@@ -330,6 +350,9 @@ def _check_relations(meta: dict, where: str) -> None:
     maps = sorted(n for n in params if kinds[n] == "route")
     _expect(sorted(routes) == maps, where, "routes", f"one entry per routing map (kind 'route'): {maps}", sorted(routes))
     for name, r in routes.items():
+        if r["role"] in PRODUCT_ROLES:
+            _check_product_route(name, r, kinds, tensors, where)
+            continue
         want = {"dtype": "int32" if r["role"] == "starts" else "float32", "shape": r["grid"] + [4]}
         _expect(tensors[name] == want, where, f"tensors[{name!r}]", f"{want}, as its route says", tensors[name])
         pool = r["pool"]
@@ -337,6 +360,19 @@ def _check_relations(meta: dict, where: str) -> None:
                 f"routes[{name!r}]['pool']", f"null or a pool of shape {r['pool_shape']}", pool)
         _expect(all(m < p for m, p in zip(r.get("max", ()), r["pool_shape"])), where, f"routes[{name!r}]['max']",
                 f"below the pool's shape {r['pool_shape']}", r.get("max"))
+
+
+def _check_product_route(name: str, r: dict, kinds: dict, tensors: dict, where: str) -> None:
+    """A product map's starts are int32 (rows, 2), its fractions float32 (rows,); its range is inside
+    its products; its pool, when named, is a pool with that many rows."""
+    starts = r["role"] == "product_starts"
+    want = {"dtype": "int32" if starts else "float32", "shape": r["grid"] + ([2] if starts else [])}
+    _expect(tensors[name] == want, where, f"tensors[{name!r}]", f"{want}, as its route says", tensors[name])
+    pool, rows = r["pool"], r["products"][1]
+    _expect(pool is None or (kinds.get(pool) == "pool" and tensors[pool]["shape"][:1] == [rows]), where,
+            f"routes[{name!r}]['pool']", f"null or a pool of {rows} rows", pool)
+    _expect(all(m < p for m, p in zip(r.get("max", ()), r["products"])), where, f"routes[{name!r}]['max']",
+            f"below its products {r['products']}", r.get("max"))
 
 
 def _expect(ok: bool, where: str, key: str, expected: str, got) -> None:

@@ -14,6 +14,11 @@ every PrimFunc a rule-based schedule read off its blocks, never off op names:
   residual add) on the tile while it is in cache.
 * ``rows`` — a reduction along the contiguous axis (softmax, layer norm, global mean): parallel rows,
   serial reduction.
+* ``products`` — the product map's gather (``kernels.gather_products_te``) and the elementwise ops fused
+  after it (batch-norm scale/shift, activation, residual add): inlined into one pass, parallel over
+  the axes up to the channel axis (whose gather index is fixed inside), every axis after it fused
+  into one contiguous run vectorised in full registers; a linear layer's (channels last) as
+  ``elementwise``.
 * ``elementwise`` — everything else (injective ops, the epitome regeneration kernels (``names.TVM_REGENERATE``)): intermediate
   blocks inlined, outer loops fused and parallelised, the innermost static axis vectorised.
 
@@ -24,12 +29,12 @@ A function that no rule can schedule keeps its legalized form and is reported by
 from __future__ import annotations
 
 from .adapter import region_buffer, relax, s_tir, tir, tvm
-from .kernels import CROP_NAME, PADDED_NAME, SPLIT_ATTR, WEIGHT_NAME
+from .kernels import CROP_NAME, PADDED_NAME, PRODUCTS_DIM_ATTR, SPLIT_ATTR, WEIGHT_NAME
 
 VECTOR_LANES = 8  # float32 lanes of AVX2; 16-wide inner tiles are two registers
 MAX_INNER = 16  # widest vectorised inner tile
 REGISTER_TILE = 64  # accumulator elements per register block (AVX2 has 16 ymm registers)
-RULES = ("tiled", "dot", "rows", "regenerate", "elementwise", "reshape", "none")
+RULES = ("tiled", "dot", "rows", "regenerate", "products", "elementwise", "reshape", "none")
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled function again
 
 
@@ -97,6 +102,8 @@ def _candidates(func: tir.PrimFunc):
     if any(sch.get(b).name_hint == WEIGHT_NAME for b in _blocks(sch)):
         return (_regenerate, _elementwise)
     kinds = [_kind(sch, b) for b in _blocks(sch)]
+    if set(kinds) == {"elementwise"} and any(_products_dim(sch, b) is not None for b in _blocks(sch)):
+        return (_products, _elementwise)
     if kinds.count("dot") == 1 and not ({"tiled", "rows"} & set(kinds)):
         return (_dot, _rows, _elementwise)
     if "tiled" in kinds:
@@ -251,6 +258,45 @@ def _regenerate(sch) -> None:
     row = sch.fuse(*row) if len(row) > 1 else row[0]
     _vectorize_with_tail(sch, row)
     _parallel(sch, outer)
+
+
+def _products(sch) -> None:
+    """The product map's gather and its elementwise consumers in one pass over the output. Inlined
+    into the last block when that has the gather's axes (elementwise ops, a pad; a residual add may
+    join two gathers); otherwise (a reshape after it) each gather keeps its own loops, scheduled the
+    same way, and the rest is elementwise."""
+    blocks = _blocks(sch)
+    dims = [_products_dim(sch, b) for b in blocks]
+    gathers = {(d, len(sch.get_loops(b))) for b, d in zip(blocks, dims) if d is not None}
+    fused = dims[-1] is None and len(gathers) == 1 and next(iter(gathers))[1] == len(sch.get_loops(blocks[-1]))
+    for b, d in zip(blocks[:-1], dims[:-1]):
+        if fused or d is None:
+            _try_inline(sch, b)
+    for b in _blocks(sch):
+        d = _products_dim(sch, b)
+        if d is not None or fused:
+            _product_rows(sch, b, next(iter(gathers))[0] if d is None else d)
+        else:
+            _parallel_vectorize(sch, b)
+
+
+def _products_dim(sch, block) -> int | None:
+    """The channel axis of a gather_products block (its annotation), or None for any other block."""
+    annotations = sch.get(block).annotations
+    return int(annotations[PRODUCTS_DIM_ATTR]) if PRODUCTS_DIM_ATTR in annotations else None
+
+
+def _product_rows(sch, block, dim: int) -> None:
+    """Parallel over the axes up to ``dim`` (batch, channel); the axes after it (H, W: contiguous, and
+    the gather index does not change along them) fused and vectorised in full registers."""
+    loops = sch.get_loops(block)
+    if dim >= len(loops) - 1 or any(_static(sch.get(lp).extent) is None for lp in loops[dim + 1:]):
+        _parallel_vectorize(sch, block)  # channels last (linear): vector lanes over channels
+        return
+    rest = loops[dim + 1:]
+    row = sch.fuse(*rest) if len(rest) > 1 else rest[0]
+    _vectorize_with_tail(sch, row)
+    _parallel(sch, loops[: dim + 1])
 
 
 def _vectorize_with_tail(sch, loop) -> None:

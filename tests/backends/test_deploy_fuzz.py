@@ -39,6 +39,8 @@ from safetensors.numpy import load as load_safetensors  # noqa: E402
 
 import nesc  # noqa: E402
 from nesc.backends.tvm import runtime  # noqa: E402
+from nesc.core.config import NESConfig  # noqa: E402
+from product_cases import with_fractions  # noqa: E402
 
 WORKER = Path(__file__).with_name("deploy_fuzz_worker.py")
 RUNTIME_FILE = Path(runtime.__file__)
@@ -303,3 +305,109 @@ def test_a_parameters_path_that_is_no_regular_file_is_never_opened(deployment: D
     os.mkfifo(params) if what == "fifo" else params.mkdir()  # a FIFO opened for reading would block
     with pytest.raises(runtime.DeployError, match="is not a regular file"):
         runtime.load(library)
+
+
+# ------------------------------------------------------------------------------ product maps
+
+
+@pytest.fixture(scope="module")
+def products_deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    """A two-layer MLP whose outputs are product maps (reuse="outputs"): each layer runs once with its
+    pool's rows and gathers its outputs from those products, indexed by the map's starts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = (torch.randn(2, 16),)
+    config = NESConfig(ratio=4, init="random", reuse="outputs", **COMPRESS_ALL)
+    frozen = with_fractions(nesc.freeze(nesc.transform(model, x, config)))
+    library = tmp_path_factory.mktemp("products") / "model.so"
+    nesc.compile(frozen, x).export_library(library)
+    data = runtime.params_path(library).read_bytes()
+    deployment = Deployment(library, data, fz.metadata(data), dict(load_safetensors(data)))
+    roles = {r["role"] for r in deployment.json("routes").values()}
+    assert {"product_starts", "product_fracs"} <= roles, roles
+    return deployment
+
+
+@pytest.fixture(scope="module")
+def products_worker(products_deployment: Deployment, tmp_path_factory: pytest.TempPathFactory):
+    w = Worker(products_deployment, tmp_path_factory.mktemp("products_fuzz"))
+    yield w
+    w.close()
+
+
+def _product_routes(d: Deployment, role: str) -> dict[str, dict]:
+    return {n: r for n, r in d.json("routes").items() if r["role"] == role}
+
+
+def test_the_pristine_product_map_export_loads_and_runs(products_deployment: Deployment,
+                                                          products_worker: Worker) -> None:
+    report = products_worker.check(products_deployment.data)
+    assert report["outcome"] == "ok" and report["output"] == [[2, 8], "float32"], report
+    for name, route in _product_routes(products_deployment, "product_starts").items():
+        groups, rows = route["products"]
+        assert route["max"] == [groups - 1, rows - 1] and route["grid"] == [len(products_deployment.tensors[name])]
+
+
+def test_an_out_of_range_product_start_is_a_deploy_error_not_a_segfault(products_deployment: Deployment,
+                                                                          products_worker: Worker) -> None:
+    """A group past the products makes the gather read past the conv's output: refused at load."""
+    routes = _product_routes(products_deployment, "product_starts")
+    assert len(routes) == 2
+    for name, route in routes.items():
+        for c, top in enumerate(route["max"]):
+            for value in (top + 1, -1, 2**31 - 1, -(2**31)):
+                starts = products_deployment.tensors[name].copy()
+                starts[-1, c] = value
+                report = products_worker.check(reseal(fz.replace_tensors(products_deployment.data, {name: starts})))
+                assert report["outcome"] == "deploy_error", (name, c, value, report)
+                assert f"product map {name!r}" in report["message"] and "outside the pool" in report["message"]
+                assert f"row {len(starts) - 1}, coordinate {c}" in report["message"], report
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -0.5, 1.5])
+def test_product_fractions_outside_0_1_are_refused(products_deployment: Deployment, products_worker: Worker,
+                                                   value: float) -> None:
+    name = next(iter(_product_routes(products_deployment, "product_fracs")))
+    fracs = products_deployment.tensors[name].copy()
+    fracs[0] = value
+    report = products_worker.check(reseal(fz.replace_tensors(products_deployment.data, {name: fracs})))
+    assert report["outcome"] == "deploy_error" and "finite and in [0, 1]" in report["message"], report
+
+
+def test_a_consistently_widened_product_map_is_refused_by_the_library_facts(
+        products_deployment: Deployment, products_worker: Worker, tmp_path: Path) -> None:
+    routes = products_deployment.json("routes")
+    name = next(iter(_product_routes(products_deployment, "product_starts")))
+    routes[name] |= {"pool": None, "products": [64, 64], "max": [63, 63]}
+    starts = products_deployment.tensors[name].copy()
+    starts[0] = 63
+    data = reseal(fz.replace_tensors(products_deployment.data, {name: starts},
+                                     products_deployment.header | {"routes": json.dumps(routes)}))
+    library = tmp_path / "model.so"
+    shutil.copy(products_deployment.library, library)
+    runtime.params_path(library).write_bytes(data)
+    runtime.read_params(library)  # the header alone is consistent...
+    report = products_worker.load(library)  # ...but not what the library was built with
+    assert report["outcome"] == "deploy_error" and "routes differ from what model.so was built with" in report[
+        "message"], report
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r | {"grid": r["grid"] * 2}, "header entry routes must be"),  # a 2-D grid: not a product map
+    (lambda r: r | {"pool_shape": [1, 1, 1, 1]}, "header entry routes must be"),  # a key of the other schema
+    (lambda r: {k: v for k, v in r.items() if k != "max"}, "header entry routes must be"),  # starts need a max
+    (lambda r: r | {"max": [r["products"][0], 0]}, r"routes\[.*\]\['max'\] must be below its products"),
+    (lambda r: r | {"products": [r["products"][0], r["products"][1] + 1], "max": [0, 0]},
+     r"routes\[.*\]\['pool'\] must be null or a pool of"),  # rows that are not its pool's
+])
+def test_a_product_route_that_breaks_its_schema_is_refused(products_deployment: Deployment, tmp_path: Path,
+                                                           edit, match: str) -> None:
+    routes = products_deployment.json("routes")
+    name = next(iter(_product_routes(products_deployment, "product_starts")))
+    routes[name] = edit(routes[name])
+    library = tmp_path / "model.so"
+    shutil.copy(products_deployment.library, library)
+    runtime.params_path(library).write_bytes(reseal(fz.set_metadata(products_deployment.data, "routes",
+                                                                    json.dumps(routes))))
+    with pytest.raises(runtime.DeployError, match=match):
+        runtime.read_params(library)

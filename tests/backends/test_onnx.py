@@ -24,6 +24,8 @@ from helpers import (
     transformed_registry,
 )
 from nesc.backends import onnx as onnx_backend
+from nesc.backends.onnx.decompose_products import decompose_gather_products, gather_products_aten
+from product_cases import PRODUCT_MODELS, gather_nodes, products_registry
 from nesc.models import get_spec, list_models
 from torch import nn
 
@@ -161,6 +163,51 @@ def test_tvm_imports_the_file_with_pools_and_routes_as_its_parameters(name: str)
     assert shapes == sorted(tuple(t.dims) for t in model.graph.initializer)
     pools = [t for t in model.graph.initializer if t.name.startswith("nesc_pool_")]
     assert pools and all(tuple(t.dims) in shapes for t in pools)
+
+
+# ------------------------------------------------------------------------------------ product maps
+
+
+@functools.cache
+def _products_exported(name: str) -> onnx_backend.OnnxExport:
+    _, frozen = products_registry(name)
+    return nesc.export_onnx(frozen, registry_inputs(name), _DIR / f"{name}_products.onnx")
+
+
+def test_the_products_decomposition_is_the_op_bit_for_bit() -> None:
+    _, frozen = products_registry("resnet_fmnist")
+    x = get_spec("resnet_fmnist").example_inputs(3, test=True, seed=1)
+    want = run(frozen, x)
+    result = decompose_gather_products(frozen)
+    assert result.modified and not gather_nodes(result.graph_module)
+    assert {n.target for n in result.graph_module.graph.nodes} >= {gather_products_aten}
+    result.graph_module.graph.lint()
+    assert torch.equal(run(result.graph_module, x), want)
+    assert not decompose_gather_products(result.graph_module).modified  # nothing left to rewrite
+
+
+@pytest.mark.parametrize("name", PRODUCT_MODELS)
+def test_product_map_models_export_compressed_with_onnxruntime_parity(name: str) -> None:
+    _, frozen = products_registry(name)
+    report = _products_exported(name)
+    for batch in (2, 5):
+        x = get_spec(name).example_inputs(batch, test=True, seed=batch)[0]
+        _assert_backend_close(_ort_run(report.path, x), run(frozen, (x,)), f"{name} with product maps, batch {batch}")
+    # Compressed: the file's tensors are the module's (pools, routing and product maps, what stayed
+    # dense) plus the small folded aranges; the product maps are stored, not folded into indices.
+    model = onnx.load(str(report.path))
+    module = _module_tensors(frozen)
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    assert set(inits) <= set(module) and all(inits[n] == module[n] for n in inits)
+    values = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
+    state = frozen.state_dict()
+    for node in gather_nodes(frozen):
+        for attr in node.args[1:3]:
+            assert attr.target in inits or any(np.array_equal(v, state[attr.target].numpy()) for v in values), attr
+    held = sum(t.numel() * t.element_size() for t in list(frozen.parameters()) + list(frozen.buffers()))
+    assert report.tensor_bytes <= held * (1 + onnx_backend.CONSTANT_ALLOWANCE) + onnx_backend.CONSTANT_SLACK_BYTES
+    assert {"GatherND", "Gather"} <= set(report.ops)
+    assert not [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")]  # no custom op left
 
 
 # ------------------------------------------------------------------------------------ size

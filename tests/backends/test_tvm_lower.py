@@ -1,6 +1,7 @@
 """TVM lowering: the regeneration kernels against the eager formula and an independent per-element
 reference, what the lowered module stores, the default schedules, one error for every unsupported
-op, and parity of compiled registry models with the frozen torch models."""
+op, and parity of compiled registry models with the frozen torch models; the same for product maps
+(``nesc.gather_products``, ``NESConfig(reuse="outputs")``)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,18 @@ from torch import nn
 import helpers
 import nesc
 from helpers import BACKEND_REL, CLOSE, COMPRESS_ALL, assert_close, naive_regenerate
+from product_cases import PRODUCT_MODELS, gather_nodes, products_registry
 
 tvm_adapter = pytest.importorskip("nesc.backends.tvm.adapter", reason="needs the tvm extra")
 
 from nesc.backends.tvm import targets  # noqa: E402
 from nesc.backends.tvm.adapter import host_target, relax, relax_constants, te, tvm, var_shape  # noqa: E402
-from nesc.backends.tvm.kernels import regenerate_rows_te, regenerate_te, rows_form  # noqa: E402
+from nesc.backends.tvm.kernels import gather_products_te, regenerate_rows_te, regenerate_te, rows_form  # noqa: E402
 from nesc.backends.tvm.lower import Lowered, LoweringError, lower  # noqa: E402
 from nesc.backends.tvm.schedule import fuse, prepare, schedule_func, schedule_module  # noqa: E402
 from nesc.models import get_spec, list_models  # noqa: E402
 from nesc.core import names  # noqa: E402
-from nesc.core.modules import RoutingMap  # noqa: E402
+from nesc.core.modules import GATHER_PRODUCTS, RoutingMap  # noqa: E402
 from nesc.core.sampling import Geometry, regenerate_indexed, split_starts  # noqa: E402
 
 # Exactly what nesc.compile(..., target="llvm") builds for.
@@ -391,3 +393,152 @@ def test_convolutions_get_the_tiled_schedule_not_a_fallback(batch: int):
     _, rules = schedule_module(fuse(low.mod, TARGET))
     convs = {k: v for k, v in rules.items() if "conv" in k}
     assert convs and set(convs.values()) == {"tiled"}, rules
+
+
+# ---------------------------------------------------------------------------------- product maps
+
+# (products shape with None at the channel axis, dim, channels, block, rows, groups, bias)
+PRODUCT_GEOMETRIES = {
+    "conv2d_two_groups": ((2, None, 3, 5), 1, 10, 4, 3, 2, False),  # 10 = 4 + 4 + 2: the last row overhangs
+    "conv1d_bias": ((2, None, 7), 1, 9, 3, 5, 1, True),
+    "linear": ((3, None), -1, 20, 6, 7, 3, True),  # channels last: the gather runs along memory
+    "one_row_pool": ((2, None, 4), 1, 5, 2, 1, 2, False),  # nothing to move along: both reads are row 0
+}
+
+
+def _product_map(shape, channels: int, block: int, rows: int, groups: int, bias: bool, seed: int = 0):
+    """(products, starts, fracs, bias) with starts over their whole range, the top included."""
+    g = torch.Generator().manual_seed(seed)
+    n = -(-channels // block)
+    starts = torch.stack([torch.randint(0, groups, (n,), generator=g), torch.randint(0, rows, (n,), generator=g)], 1)
+    starts[0] = torch.tensor([groups - 1, rows - 1])
+    fracs = torch.rand(n, generator=g)
+    fracs[0] = 0.999
+    products = torch.randn([groups * rows if d is None else d for d in shape], generator=g)
+    return products, starts.int(), fracs, torch.randn(channels, generator=g) if bias else None
+
+
+def _placeholders(tensors) -> list:
+    return [te.placeholder(tuple(t.shape), str(t.dtype).removeprefix("torch."), f"t{k}") for k, t in enumerate(tensors)]
+
+
+@pytest.mark.parametrize("name", list(PRODUCT_GEOMETRIES))
+def test_gather_products_kernel_matches_the_op_and_gets_its_schedule(name):
+    shape, dim, channels, block, rows, groups, has_bias = PRODUCT_GEOMETRIES[name]
+    products, starts, fracs, bias = _product_map(shape, channels, block, rows, groups, has_bias)
+    tensors = [products, starts, fracs] + ([bias] if has_bias else [])
+    holders = _placeholders(tensors)
+    out = gather_products_te(*holders, dim=dim % len(shape), channels=channels, block=block, rows=rows)
+    func, rule = schedule_func(te.create_prim_func([*holders, out]))
+    assert rule == "products", rule
+    lib = tvm.compile(func, target=TARGET)
+    dev = tvm.cpu()
+    result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], "float32"), dev)
+    lib(*[tvm.runtime.tensor(t.numpy(), dev) for t in tensors], result)
+    want = GATHER_PRODUCTS(products, starts, fracs, bias, dim, channels, block, rows)
+    assert_close(torch.from_numpy(result.numpy()), want, CLOSE, name)
+
+
+def _flatten_relu(gathered):
+    (out,) = gathered
+    b, c, h, w = (int(d) for d in out.shape)
+    zero = tvm.tirx.const(0.0, "float32")
+    return te.compute((b, c * h * w), lambda i, k: te.max(out[i, k // (h * w), k % (h * w) // w, k % w], zero))
+
+
+def _residual_add(gathered):
+    left, right = gathered
+    return te.compute(left.shape, lambda *i: left(*i) + right(*i))
+
+
+@pytest.mark.parametrize("after", [_flatten_relu, _residual_add], ids=["flatten", "two_gathers_added"])
+def test_a_gather_fused_with_what_follows_keeps_its_rule(after):
+    """What FuseOps may put after a gather in one function: a reshape (other axes: the gather keeps
+    its own loops) or a residual add of two product-mapped branches (both inlined)."""
+    shape, _, channels, block, rows, groups, _ = PRODUCT_GEOMETRIES["conv2d_two_groups"]
+    seeds = (0, 1) if after is _residual_add else (0,)
+    maps = [_product_map(shape, channels, block, rows, groups, False, seed) for seed in seeds]
+    tensors = [t for m in maps for t in m[:3]]
+    holders = _placeholders(tensors)
+    gathered = [gather_products_te(*holders[3 * k:3 * k + 3], dim=1, channels=channels, block=block, rows=rows)
+                for k in range(len(maps))]
+    out = after(gathered)
+    func, rule = schedule_func(te.create_prim_func([*holders, out]))
+    assert rule == "products", rule
+    lib = tvm.compile(func, target=TARGET)
+    dev = tvm.cpu()
+    result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], "float32"), dev)
+    lib(*[tvm.runtime.tensor(t.numpy(), dev) for t in tensors], result)
+    eager = [GATHER_PRODUCTS(*m, 1, channels, block, rows) for m in maps]
+    want = eager[0].flatten(1).relu() if after is _flatten_relu else eager[0] + eager[1]
+    assert_close(torch.from_numpy(result.numpy()), want, CLOSE, after.__name__)
+
+
+class ProductConv(nn.Module):
+    """A conv run with ``groups`` x ``rows`` products (a pool of ``rows`` rows under two input routings)
+    whose 10 outputs are interpolated copies of them, plus a bias: what passes.reuse emits."""
+
+    def __init__(self, starts: torch.Tensor, fracs: torch.Tensor) -> None:
+        super().__init__()
+        self.pool = nn.Parameter(torch.randn(3, 5, 3, 3))
+        # two groups of 3 rows, the second reading the pool's input channels from 2 on (wrapping)
+        weight_starts = torch.tensor([[[0, 0, 0, 0]] * 2, [[0, 2, 0, 0]] * 2], dtype=torch.int32)  # grid (2, 2)
+        self.weight_routes = RoutingMap(weight_starts, torch.zeros(2, 2, 4))
+        self.products = RoutingMap(starts, fracs)
+        self.bias = nn.Parameter(torch.randn(10))
+
+    def forward(self, x):
+        w = torch.ops.nesc.regenerate.default(self.pool, self.weight_routes.starts, self.weight_routes.fracs, 0.7,
+                                              [6, 7, 3, 3], [3, 5], "conv2d")  # (groups * rows, 7, 3, 3)
+        products = F.conv2d(x, w, padding=1)  # (B, 6, H, W)
+        return GATHER_PRODUCTS(products, self.products.starts, self.products.fracs, self.bias, 1, 10, 4, 3)
+
+
+def test_product_map_routes_record_their_range_and_it_is_exact():
+    """A product map's starts (group, row) may reach (groups - 1, rows - 1), recorded in Lowered.routes
+    (what the deploy runtime enforces): at the top of the range they compile and agree with eager."""
+    starts = torch.tensor([[1, 2], [0, 1], [1, 2]], dtype=torch.int32)
+    gm = torch.fx.symbolic_trace(ProductConv(starts, torch.tensor([0.999, 0.5, 0.25])).eval())
+    x = (torch.randn(2, 7, 6, 6),)
+    low = lower(gm, x)
+    common = {"pool": "pool", "grid": [3], "products": [2, 3]}
+    assert {n: r for n, r in low.routes.items() if n.startswith("products.")} == {
+        "products.starts": common | {"role": "product_starts", "max": [1, 2]},
+        "products.fracs": common | {"role": "product_fracs"},
+    }
+    assert low.kinds["products.starts"] == low.kinds["products.fracs"] == "route"
+    with torch.no_grad():
+        for batch in (1, 2):
+            assert_backend_close(compile_lowered(low)(x[0][:batch]), gm(x[0][:batch]), f"product map batch {batch}")
+
+
+@functools.lru_cache(maxsize=None)
+def _lowered_products(name: str):
+    _, frozen = products_registry(name)
+    x = helpers.registry_inputs(name, 2)
+    return frozen, x, lower(frozen, x)
+
+
+@pytest.mark.parametrize("name", PRODUCT_MODELS)
+def test_product_map_models_compile_with_parity(name):
+    frozen, _, low = _lowered_products(name)
+    maps = {n.args[k].target for n in gather_nodes(frozen) for k in (1, 2)}  # get_attr of starts, fracs
+    assert {n for n, r in low.routes.items() if r["role"].startswith("product_")} == maps
+    assert all(low.kinds[n] == "route" for n in maps)
+    run = compile_lowered(low)
+    spec = get_spec(name)
+    with torch.no_grad():
+        for batch in (1, 2):
+            xb = spec.example_inputs(batch, test=True, seed=3)
+            assert_backend_close(run(*xb), frozen(*xb), f"{name} with product maps, batch {batch}")
+
+
+@pytest.mark.parametrize("name", PRODUCT_MODELS)
+def test_product_maps_get_their_schedule_not_a_fallback(name):
+    # As for convolutions: a rule that raises falls back silently. Every gather (with the batch norm and
+    # activation fused after it) gets the products rule, and no function is left unscheduled.
+    _, _, low = _lowered_products(name)
+    _, rules = schedule_module(fuse(low.mod, TARGET))
+    gathers = {k: v for k, v in rules.items() if "nesc_gather_products" in k}
+    assert gathers and set(gathers.values()) == {"products"}, rules
+    assert "none" not in rules.values(), rules

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 import nesc
 from helpers import BACKEND_REL, assert_backend_close, registry_inputs
+from product_cases import products_registry
 from tvm_deploy_cases import compiled_registry, eager, frozen_registry
 
 from nesc.backends.tvm import runtime
@@ -93,6 +94,23 @@ def test_registry_model_deploys_and_runs_without_torch(name: str, tmp_path: Path
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok (1, ")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1d"])  # products along dim -1 (with the bias) and dim 1
+def test_product_map_model_deploys_and_runs_without_torch(name: str, tmp_path: Path) -> None:
+    _, frozen = products_registry(name)
+    inputs = registry_inputs(name, 3)
+    library = tmp_path / f"{name}.so"
+    compiled = nesc.compile(frozen, inputs, dynamic_batch=True)
+    assert {r["role"] for r in compiled.routes.values()} >= {"product_starts", "product_fracs"}
+    compiled.export_library(library)
+    np.save(tmp_path / "x.npy", inputs[0].numpy())
+    np.save(tmp_path / "y.npy", eager(frozen, inputs).numpy())
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(RUNTIME_FILE), str(library),
+                           str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(BACKEND_REL)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok (3, ")
 
 
 def test_command_line_runs_the_model(exported: Path, tmp_path: Path) -> None:
