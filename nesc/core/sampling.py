@@ -266,60 +266,65 @@ class _Regenerate(torch.autograd.Function):
         padded = _pad_for_windows(pool * scale, geometry)  # scale the small pool, not the large weight
         origins = starts.tolist()
         f = fracs.detach().tolist()
-        # Each block's last interpolation step writes straight into its place in the weight.
+        # Each block's last interpolation step writes straight into its place in the weight; the
+        # inputs of its lerps are kept for the backward pass (views of the pool, and intermediates).
         w4 = padded.new_empty(nbo * bo, nbi * bi, kh, kw)
+        keep = any(ctx.needs_input_grad)
+        ctx.steps = [[None] * nbi for _ in range(nbo)]
         for j in range(nbo):
             for k in range(nbi):
                 block = w4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
-                _interpolate(padded, origins[j][k], geometry, f[j][k], out=block)
+                steps = _interpolate(padded, origins[j][k], geometry, f[j][k], out=block)
+                ctx.steps[j][k] = steps[:-1] if keep else None
         if w4.shape[0] != O or w4.shape[1] != I:
             w4 = w4[:O, :I].contiguous()  # the last blocks overhang the weight
-        ctx.save_for_backward(padded)
+        ctx.padded_shape = tuple(padded.shape)
         ctx.origins, ctx.fracs, ctx.scale, ctx.geometry = origins, f, scale, geometry
         return to_param_layout(w4, geometry.layout)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (padded,) = ctx.saved_tensors
         g = ctx.geometry
         bo, bi = g.block
         nbo, nbi = g.grid
-        active = g.active
+        axes = [d for d in range(4) if g.active[d]]
         grad4 = _from_param_layout(grad, g)  # (O, I, kh, kw)
         if grad4.shape[0] != nbo * bo or grad4.shape[1] != nbi * bi:  # the last blocks were cropped
             grad4 = torch.nn.functional.pad(grad4, (0, 0, 0, 0, 0, nbi * bi - grad4.shape[1], 0, nbo * bo - grad4.shape[0]))
-        gpad = torch.zeros_like(padded)
-        gfrac = torch.zeros(nbo, nbi, 4, dtype=padded.dtype, device=padded.device)
+        gpad = grad4.new_zeros(ctx.padded_shape)
+        gfrac = grad4.new_zeros(nbo, nbi, 4)
         for j in range(nbo):
             for k in range(nbi):
                 fr = ctx.fracs[j][k]
-                steps = _interpolate(padded, ctx.origins[j][k], g, fr)
                 gy = grad4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
-                # Walk the lerps backwards: y = lo + f * (hi - lo) along axis d of the step's input x.
-                for d, x in reversed(list(zip([d for d in range(4) if active[d]], steps[:-1]))):
-                    n = x.shape[d] - 1
-                    lo, hi = x.narrow(d, 0, n), x.narrow(d, 1, n)
-                    if ctx.needs_input_grad[1]:
-                        gfrac[j, k, d] = (gy * (hi - lo)).sum()
-                    gy = _lerp_adjoint(gy, d, fr[d])
+                # Walk the lerps backwards: y = x[:-1] + f * (x[1:] - x[:-1]) along axis d.
+                for d, x in reversed(list(zip(axes, ctx.steps[j][k]))):
+                    gy, gf = _lerp_backward(gy, x, d, fr[d], ctx.needs_input_grad[1])
+                    if gf is not None:
+                        gfrac[j, k, d] = gf
                 o, i, y, x0 = ctx.origins[j][k]
                 gpad[o : o + gy.shape[0], i : i + gy.shape[1], y : y + gy.shape[2], x0 : x0 + gy.shape[3]] += gy
         gpool = _fold_padding(gpad, g) * ctx.scale if ctx.needs_input_grad[0] else None
         return gpool, (gfrac if ctx.needs_input_grad[1] else None), None, None, None
 
 
-def _lerp_adjoint(gy: Tensor, d: int, f: float) -> Tensor:
-    """Gradient w.r.t. ``x`` of ``y = lerp(x[:-1], x[1:], f)`` along axis ``d``, in one pass:
-    ``gx[0] = (1-f) gy[0]``, ``gx[m] = (1-f) gy[m] + f gy[m-1]``, ``gx[n] = f gy[n-1]``."""
+def _lerp_backward(gy: Tensor, x: Tensor, d: int, f: float, want_frac: bool) -> tuple[Tensor, Tensor | None]:
+    """Gradients of ``y = lerp(x[:-1], x[1:], f)`` along axis ``d`` w.r.t. ``x`` and ``f``, through the
+    one difference ``c = [-gy[0], gy[:-1] - gy[1:], gy[-1]]`` (length n + 1): ``gx = [gy, 0] + f c`` and
+    ``gf = sum(gy * (x[1:] - x[:-1])) = sum(x * c)``."""
     n = gy.shape[d]
     shape = list(gy.shape)
     shape[d] = n + 1
-    gx = gy.new_empty(shape)
-    torch.mul(gy.narrow(d, 0, 1), 1 - f, out=gx.narrow(d, 0, 1))
-    torch.mul(gy.narrow(d, n - 1, 1), f, out=gx.narrow(d, n, 1))
+    c = gy.new_empty(shape)
+    torch.neg(gy.narrow(d, 0, 1), out=c.narrow(d, 0, 1))
+    c.narrow(d, n, 1).copy_(gy.narrow(d, n - 1, 1))
     if n > 1:
-        torch.lerp(gy.narrow(d, 1, n - 1), gy.narrow(d, 0, n - 1), f, out=gx.narrow(d, 1, n - 1))
-    return gx
+        torch.sub(gy.narrow(d, 0, n - 1), gy.narrow(d, 1, n - 1), out=c.narrow(d, 1, n - 1))
+    gf = (x * c).sum() if want_frac else None
+    gx = gy.new_empty(shape)
+    torch.add(gy, c.narrow(d, 0, n), alpha=f, out=gx.narrow(d, 0, n))
+    torch.mul(c.narrow(d, n, 1), f, out=gx.narrow(d, n, 1))
+    return gx, gf
 
 
 def _interpolate(padded: Tensor, origin, geometry: Geometry, fr, out: Tensor | None = None) -> list[Tensor]:
