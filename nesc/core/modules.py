@@ -76,10 +76,12 @@ TIES = (False, True, "inputs", "outputs")
 
 def regenerate_fastest(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry) -> Tensor:
     """``regenerate`` (block by block) or ``regenerate_indexed`` (one gather), whichever is faster for
-    the geometry (``INDEXED_BLOCK_NUMEL``) or, under ``torch.compile``, the one without data-dependent
-    Python: the compiler fuses the index arithmetic into the gather. Same values either way."""
+    the geometry (``INDEXED_BLOCK_NUMEL``) or, while a compiler traces (``torch.compile``, AOTAutograd:
+    its tensors are fakes or functional wrappers), the one without data-dependent Python, whose index
+    arithmetic the compiler fuses into the gather. Same values either way."""
     bo, bi = geometry.block
-    if torch.compiler.is_compiling() or bo * bi * geometry.shape[2] * geometry.shape[3] <= INDEXED_BLOCK_NUMEL:
+    tracing = torch.compiler.is_compiling() or type(pool) not in (Tensor, nn.Parameter)
+    if tracing or bo * bi * geometry.shape[2] * geometry.shape[3] <= INDEXED_BLOCK_NUMEL:
         return regenerate_indexed(pool, starts, fracs, scale, geometry)
     return regenerate(pool, starts, fracs, scale, geometry)
 
@@ -216,7 +218,7 @@ def _regenerate_backward(ctx, grad):
     with torch.enable_grad():
         p = pool.detach().requires_grad_(True)
         f = fracs.detach().requires_grad_(True)
-        out = regenerate(p, starts, f, scale, geometry)
+        out = regenerate_fastest(p, starts, f, scale, geometry)
         gp, gf = torch.autograd.grad(out, (p, f), grad)
     return gp, None, gf, None, None, None, None
 
