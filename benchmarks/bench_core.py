@@ -5,7 +5,10 @@ For every model (``nesc.models.list_models()`` or ``--models a,b``) at ``--ratio
 * transform time: ``nesc.transform(model, example_inputs, ratio=r)``, median of ``--transform-reps``;
 * compression: dense parameters / ``nesc.stored_params(nesc.freeze(gm))``;
 * one training step (forward + cross-entropy + backward + SGD step), transformed vs dense;
-* one forward (eval, no_grad), transformed and frozen vs dense.
+* one forward (eval, no_grad), transformed and frozen vs dense (in inference the regenerated weights
+  come from ``nesc.core.cache`` while the pools are unchanged; ``--no-cache`` times regeneration);
+* for the models of ``--compile``: the same under ``torch.compile`` (dense, nesc training step, frozen
+  forward), with compile seconds and graph breaks (``torch._dynamo.explain``).
 
 Timing is *interleaved*: after a warm-up, every repetition times the dense model and the nesc model
 back to back (the order alternates between repetitions), and the reported ratio is the median of the
@@ -23,6 +26,7 @@ Inputs with an ImageNet-size side (>= ``--large-side``) use ``--large-batch`` (8
 
     python benchmarks/bench_core.py                          # every model, defaults (2-core CPU: ~5-11 min)
     python benchmarks/bench_core.py --models mlp,cnn1d --test-size --reps 3
+    python benchmarks/bench_core.py --compile mlp,cnn1d,resnet_fmnist   # also torch.compile for these
 
 Writes ``benchmarks/results/core.json`` (every sample) and ``core.md`` (the table).
 """
@@ -61,9 +65,11 @@ import nesc
 from nesc.models import get_spec, list_models
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The README's performance target, at 4x compression, for these models.
-TARGET_MODELS = ("mobilenetv2", "resnet18")
-TARGET_TRAIN, TARGET_FORWARD = 1.3, 1.2
+# The speed issue's targets at 4x compression: {model: (train step, forward) over dense}; compiled
+# frozen forward over compiled dense.
+TARGETS = {"mobilenetv2": (1.15, 1.10), "resnet18": (1.15, 1.10), "mlp": (1.5, 1.5)}
+TARGET_MODELS = tuple(TARGETS)
+TARGET_COMPILED = 1.05
 
 # Environment variables that change CPU timings; recorded with the results.
 ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
@@ -85,6 +91,7 @@ class Settings:
     lr: float
     measure_budget_s: float
     min_reps: int
+    compile: tuple[str, ...] = ()
 
     def batch_for(self, shape: tuple[int, ...]) -> int:
         """Inputs with a spatial side >= ``large_side`` (ImageNet-size) use the smaller batch."""
@@ -100,8 +107,8 @@ class Timing:
     def median(self, variant: str) -> float:
         return statistics.median(self.ms[variant])
 
-    def ratio(self, variant: str) -> float:
-        return statistics.median(v / d for v, d in zip(self.ms[variant], self.ms["dense"]))
+    def ratio(self, variant: str, over: str = "dense") -> float:
+        return statistics.median(v / d for v, d in zip(self.ms[variant], self.ms[over]))
 
     def ratio_range(self, variant: str) -> tuple[float, float]:
         ratios = [v / d for v, d in zip(self.ms[variant], self.ms["dense"])]
@@ -126,6 +133,10 @@ class Result:
     frozen_rel_diff: float = float("nan")  # max |frozen - transformed eval| / max |out|: should be ~0
     train: Timing | None = None
     forward: Timing | None = None
+    train_compiled: Timing | None = None  # one loop: dense, nesc, and both under torch.compile
+    forward_compiled: Timing | None = None  # one loop: dense, frozen, and both under torch.compile
+    compile_s: dict[str, float] = field(default_factory=dict)  # variant -> first (compiling) call, seconds
+    graph_breaks: dict[str, int] = field(default_factory=dict)  # "nesc train" / "frozen" -> torch._dynamo.explain
     error: str | None = None
 
     @property
@@ -137,17 +148,29 @@ class Result:
             return "-"
         if self.error or self.train is None or self.forward is None:
             return "no (failed)"
+        train, fwd = TARGETS[self.model]
         misses = []
-        if self.train.ratio("nesc") > TARGET_TRAIN:
-            misses.append(f"train {self.train.ratio('nesc'):.2f}x > {TARGET_TRAIN}x")
-        if self.forward.ratio("nesc") > TARGET_FORWARD:
-            misses.append(f"fwd {self.forward.ratio('nesc'):.2f}x > {TARGET_FORWARD}x")
+        if self.train.ratio("nesc") > train:
+            misses.append(f"train {self.train.ratio('nesc'):.2f}x > {train}x")
+        if self.forward.ratio("nesc") > fwd:
+            misses.append(f"fwd {self.forward.ratio('nesc'):.2f}x > {fwd}x")
         return "yes" if not misses else "no: " + ", ".join(misses)
+
+    def compiled_target(self) -> str:
+        if self.forward_compiled is None or self.train_compiled is None:
+            return "-"
+        over = self.forward_compiled.ratio("frozen_compiled", "dense_compiled")
+        faster = self.train_compiled.ratio("nesc_compiled", "nesc")
+        return (f"compiled frozen / compiled dense {over:.2f}x (target <= {TARGET_COMPILED}x: "
+                f"{'met' if over <= TARGET_COMPILED else 'missed'}); compiled / eager nesc training {faster:.2f}x "
+                f"(target < 1: {'met' if faster < 1 else 'missed'}); graph breaks {self.graph_breaks}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["train"] = self.train.to_dict() if self.train else None
         d["forward"] = self.forward.to_dict() if self.forward else None
+        for k in ("train_compiled", "forward_compiled"):
+            d[k] = getattr(self, k).to_dict() if getattr(self, k) else None
         d["ratio_achieved"] = self.achieved
         d["transform_median_s"] = statistics.median(self.transform_s) if self.transform_s else None
         d["target_met"] = self.target()
@@ -262,7 +285,29 @@ def bench_model(name: str, s: Settings, progress: Progress) -> Result:
         {"dense": forward(model, x), "nesc": forward(gm, x), "frozen": forward(frozen, x)},
         s, progress, f"{name}: forward (batch {res.batch})",
     )
+    if name in s.compile:
+        compiled(res, model, gm, frozen, x, y, s, progress)
     return res
+
+
+def compiled(res: Result, model: nn.Module, gm: nn.Module, frozen: nn.Module, x, y, s: Settings, progress) -> None:
+    """The same measurements under ``torch.compile`` (default mode): the first call of each compiled
+    variant is timed as its compile time; graph breaks of the nesc training forward and the frozen one."""
+    import torch._dynamo
+
+    res.graph_breaks = {"nesc train": torch._dynamo.explain(gm.train())(x).graph_break_count,
+                        "frozen": torch._dynamo.explain(frozen.eval())(x).graph_break_count}
+    dense_t, gm_t = copy.deepcopy(model), copy.deepcopy(gm)
+    train = {"dense": train_step(dense_t, x, y, s.lr), "nesc": train_step(gm_t, x, y, s.lr),
+             "dense_compiled": train_step(torch.compile(copy.deepcopy(model)), x, y, s.lr),
+             "nesc_compiled": train_step(torch.compile(copy.deepcopy(gm)), x, y, s.lr)}
+    fwd = {"dense": forward(model, x), "frozen": forward(frozen, x),
+           "dense_compiled": forward(torch.compile(model), x), "frozen_compiled": forward(torch.compile(frozen), x)}
+    for label, fns in (("train", train), ("forward", fwd)):
+        for v in ("dense_compiled", "nesc_compiled" if label == "train" else "frozen_compiled"):
+            res.compile_s[f"{label} {v}"] = _clock(fns[v]) / 1e3
+    res.train_compiled = interleaved(train, s, progress, f"{res.model}: compiled train")
+    res.forward_compiled = interleaved(fwd, s, progress, f"{res.model}: compiled forward")
 
 
 # ------------------------------------------------------------------------------------------ machine facts
@@ -342,7 +387,8 @@ def markdown(facts: dict, s: Settings, results: list[Result]) -> str:
          f"interleaved ratios much less so"),
         (f"- ratio requested {s.ratio:g}; batch {s.batch}, and {s.large_batch} for inputs with a side >= "
          f"{s.large_side} (the 224x224 models); {'test' if s.test_size else 'canonical'} input sizes"),
-        (f"- timing: {timing}; denormals {'flushed to zero' if facts['flush_denormal'] else 'kept'}; transform: "
+        (f"- timing: {timing}; denormals {'flushed to zero' if facts['flush_denormal'] else 'kept'}; regenerated-weight "
+         f"cache {'on' if facts.get('weight_cache', True) else 'off (--no-cache)'} in inference; transform: "
          f"median of up to {s.transform_reps} runs (no new run after {s.transform_budget_s:g} s); "
          f"wall time {facts['wall_s']:.0f} s"),
         ("- train step = forward + cross-entropy + backward + SGD step, train mode; forward = eval mode, "
@@ -356,10 +402,23 @@ def markdown(facts: dict, s: Settings, results: list[Result]) -> str:
     lines += [_row(r) for r in results]
     lines += [
         "",
-        (f"Target (README), checked in the last column: at 4x compression, training step <= {TARGET_TRAIN}x dense and forward <= "
-         f"{TARGET_FORWARD}x dense on {' and '.join(TARGET_MODELS)}."),
+        ("Targets (the speed issue), checked in the last column: at 4x compression, training step and forward "
+         "over dense at most " + ", ".join(f"{m} {t}x / {f}x" for m, (t, f) in TARGETS.items()) + "."),
     ]
     lines += [f"- {r.model}: {r.target()}" for r in results if r.model in TARGET_MODELS]
+    comp = [r for r in results if r.forward_compiled is not None]
+    if comp:
+        lines += ["", f"torch.compile (default mode; the first call of a variant is its compile time): ms "
+                      f"median, one loop per row with the eager variants; target: compiled frozen forward "
+                      f"<= {TARGET_COMPILED}x compiled dense, compiled nesc training faster than eager.", "",
+                  "| model | train ms dense / nesc / dense compiled / nesc compiled | fwd ms dense / frozen / "
+                  "dense compiled / frozen compiled | compile s | graph breaks |", "|---|--:|--:|---|---|"]
+        for r in comp:
+            t, f = r.train_compiled, r.forward_compiled
+            lines.append(f"| {r.model} | " + " / ".join(f"{t.median(v):.1f}" for v in t.ms) + " | "
+                         + " / ".join(f"{f.median(v):.1f}" for v in f.ms) + " | "
+                         + ", ".join(f"{k} {v:.0f}" for k, v in r.compile_s.items()) + f" | {r.graph_breaks} |")
+        lines += [""] + [f"- {r.model}: {r.compiled_target()}" for r in comp]
     notes = _notes(results)
     if notes:
         lines += ["", "Flags:", ""] + [f"- {n}" for n in notes]
@@ -434,6 +493,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormal floats to zero (default: flush; see the module docstring)")
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate of the timed step (default 1e-3)")
+    p.add_argument("--compile", default="", help="comma-separated models also timed under torch.compile (default none)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="switch the regenerated-weight cache off (inference regenerates every call)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
     p.add_argument("--name", default="core", help="output file stem (default core)")
     args = p.parse_args(argv)
@@ -441,7 +503,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         p.error("--reps, --transform-reps, --min-reps and batch sizes must be >= 1, --warmup >= 0")
     settings = Settings(args.ratio, args.reps, args.warmup, args.transform_reps, args.transform_budget_s,
                         args.batch, args.large_batch, args.large_side, args.test_size, args.lr,
-                        args.measure_budget_s, min(args.min_reps, args.reps))
+                        args.measure_budget_s, min(args.min_reps, args.reps),
+                        tuple(m for m in args.compile.split(",") if m))
     return args, settings
 
 
@@ -450,9 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(not args.keep_denormals)
+    nesc.weight_cache(not args.no_cache)
     names = model_names(args.models)
     facts = machine_facts()
     facts["flush_denormal"] = not args.keep_denormals
+    facts["weight_cache"] = not args.no_cache
     t0 = time.perf_counter()
     results: list[Result] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
