@@ -1,8 +1,9 @@
 """Save and load nesc models: one safetensors file holding tensors and a JSON graph; never pickle.
 
 Why not ``torch.save``: a pickle runs code when it is loaded and ties the file to the classes that
-wrote it. A nesc artifact is plain data, so a file from anyone can be opened safely: tensors in the
-safetensors body, everything else as JSON strings in its header, decoded through a schema
+wrote it. A nesc artifact is plain data, so a file from anyone can be opened safely: tensors and
+the zlib-compressed JSON documents that describe the graph in the safetensors body, the format and a
+digest in its header; the documents are decoded through a schema
 (``schema``): every name that ends up in generated Python code (node names, attribute paths,
 argument names) is an identifier or a path of ``[A-Za-z0-9_-]`` atoms, and call targets resolve only
 to the allow-list of pure ops (``ops``). See ``loader`` for every check, in order.
@@ -13,22 +14,31 @@ arguments cannot be recovered generically, so ``save`` first re-exports the mode
 ``get_attr`` tensors, and writes that graph. ``load`` rebuilds it and turns batch norm / dropout back
 into modules that follow ``train()``/``eval()`` (``nesc.capture.make_mode_aware``).
 
-Format, ``FORMAT_VERSION`` 2 (1 is still read). Tensors: every parameter and buffer of the saved
-module under its ``state_dict`` name, plus tensor constants of the exported graph; a name that
-aliases another tensor (tied weights) is stored once. Tensors are stored contiguous; a transposed or channels_last one
-records its strides and gets them back. Header metadata (all strings):
+Format, ``FORMAT_VERSION`` 3 (1 and 2 are still read). Tensors: every parameter and buffer of the
+saved module under its ``state_dict`` name, plus tensor constants of the exported graph; a name that
+aliases another tensor (tied weights) is stored once. Tensors are stored contiguous; a transposed or
+channels_last one records its strides and gets them back. The file is a safetensors file whose
+metadata holds five plain strings:
 
     format          "nesc"
-    format_version  "2"
+    format_version  "3"
     nesc_version    the nesc that wrote the file (key ``names.NESC_VERSION``)
     torch_version   the torch that wrote it
-    graph           JSON {"nodes": [...], "codegen": {...}} (see ``codec``)
-    tensors         JSON {name: {"kind": "parameter"|"buffer"|"constant", "requires_grad",
-                    "persistent", "stride", "alias_of"}} (see ``tensors``)
-    input_specs     JSON [[shape, dtype], ...] of the example inputs
-    extra           JSON of the caller's ``extra`` dict (e.g. the compression report)
-    sha256          hex digest over every other header entry (canonical JSON) and then the stored
+    sha256          hex digest over every other metadata entry (canonical JSON) and then the file's
                     tensors: name, dtype, shape and bytes, by name (version 1: the tensors only)
+
+and whose two tensors (``container``) are ``documents``, the zlib-compressed JSON texts of
+
+    graph           {"nodes": [...], "codegen": {...}} (see ``codec``)
+    tensors         {name: {"kind": "parameter"|"buffer"|"constant", "requires_grad",
+                    "persistent", "stride", "alias_of"}} (see ``tensors``)
+    input_specs     [[shape, dtype], ...] of the example inputs
+    extra           the caller's ``extra`` dict (e.g. the compression report)
+    layout          [[name, dtype, shape], ...]: the stored tensors in ``data``, in order
+
+and ``data``, the stored tensors' bytes back to back. Version 2 had the first four documents as
+metadata entries and one safetensors entry per tensor, which made a small model's file up to twice its
+tensors (see ``container`` for the sizes that decided the change).
 
 Decisions:
 
@@ -47,15 +57,17 @@ Decisions:
   (strides) and alignment (tensors are cloned into torch's 64-byte-aligned memory on load) matter
   for that: CPU kernels may sum in another order otherwise.
 * Load order of checks (``loader``): a regular file; safetensors header readable; ``format`` and
-  ``format_version`` before anything else is parsed; ``sha256``; header documents and graph against
+  ``format_version`` before anything else is parsed; ``sha256``; the documents inflated within their
+  bound and the tensors unpacked (version 3); header documents and graph against
   their schema, calls against the allow-list; routing maps against their pools, in-place writes;
   one check run on the recorded inputs. Each failure is an ``ArtifactError`` naming the file, the
   problem and the fix.
 
 Modules, bottom to top (each imports only those before it): ``schema`` (what a file must follow),
-``ops`` (the allow-list of calls), ``codec`` (graph <-> JSON), ``tensors`` (the tensor table, aliasing,
-layout, digest), ``loader`` (``load``: the checks above, assembling the module), ``writer`` (``save``:
-re-export, rebuild check, writing).
+``ops`` (the allow-list of calls), ``codec`` (graph <-> JSON), ``container`` (the bytes of a format-3
+file: compressed documents, packed tensors), ``tensors`` (the tensor table, aliasing, layout, digest),
+``loader`` (``load``: the checks above, assembling the module), ``writer`` (``save``: re-export,
+rebuild check, writing).
 """
 
 from __future__ import annotations

@@ -5,12 +5,14 @@ failure an ``ArtifactError`` naming the file, the problem and the fix; never ano
 
 1. the path is a regular file; its safetensors header is readable;
 2. ``format`` and ``format_version``, before anything else of the header is parsed;
-3. the digest: version 2 hashes every header entry and every tensor (the whole content), version 1
+3. the digest: versions 2 and 3 hash every header entry and every tensor (the whole content), version 1
    the tensors only (read with a ``NescWarning``: its graph is not covered);
-4. the header documents against their schema (``schema``: the tensor table, input specs, ``extra``,
+4. version 3: the compressed documents inflate within their bound and the tensors tile the packed data
+   (``container.unpack``); from here on every version reads the same documents and tensors;
+5. the header documents against their schema (``schema``: the tensor table, input specs, ``extra``,
    nesting depth) and the graph against its own (``codec.decode_graph``: node kinds, names, values,
    and call targets only from the allow-list of pure ops, ``ops``);
-5. the assembled module: routing maps fit their pools, in-place ops write only into tensors the graph
+6. the assembled module: routing maps fit their pools, in-place ops write only into tensors the graph
    computed (``schema.check_routes`` / ``check_mutations``), and the graph runs on its recorded input
    shapes (``_check_runs``: one forward at batch 1, or fake tensors for very large inputs).
 
@@ -36,15 +38,17 @@ from nesc.capture import make_mode_aware
 from nesc.core import compat, names
 from nesc.core.errors import ArtifactError, NescWarning
 
-from . import schema
+from . import container, schema
 from .codec import decode_graph
 from .schema import Invalid
 from .tensors import digest, install_tensors
 
 FORMAT = "nesc"
-# 2: the digest covers the header too (1: tensors only). Both are read; 1 with a warning.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: documents compressed and tensors packed (``container``); 2: the documents as header entries and one
+# safetensors entry per tensor, the digest over both; 1: as 2, the digest over the tensors only. All
+# three are read (1 with a warning); only 3 is written.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 DIGEST = "sha256"
 REAL_CHECK_ELEMENTS = 1 << 24  # per input at batch 1: 64 MiB of float32
 _DOCUMENTS = ("graph", "tensors", "input_specs")
@@ -75,6 +79,8 @@ def _load(path: str) -> fx.GraphModule:
     metadata, tensors = _read(path)
     version = _check_format(metadata, path)
     _check_digest(metadata, tensors, version, path)
+    if version >= 3:
+        metadata, tensors = _unpack(metadata, tensors, path)
     doc, table, specs, extra = _parse_json(metadata, path)
     gm = assemble(doc, tensors, table, path)
     _check_runs(gm, specs, path)
@@ -157,6 +163,18 @@ def _check_digest(md: dict[str, str], tensors: dict[str, Tensor], version: int, 
         warnings.warn(f"{path}: format_version 1: its sha256 covers the tensors but not the graph; it is loaded "
                       f"through the same checks. Re-save it with this nesc to cover the whole file.",
                       NescWarning, stacklevel=4)
+
+
+def _unpack(md: dict[str, str], blobs: dict[str, Tensor], path: str):
+    """Format 3: (the header with its documents inflated, the stored tensors by name)."""
+    inline = [key for key in (*container.DOCUMENTS, container.LAYOUT) if key in md]
+    if inline:  # one place per document: a second copy could say something else than the one used
+        raise _invalid(path, f"format_version 3 keeps its documents compressed, yet the header has entries {inline}")
+    try:
+        documents, tensors = container.unpack(blobs)
+    except Invalid as e:
+        raise _invalid(path, str(e)) from None
+    return {**md, **documents}, tensors
 
 
 def _parse_json(md: dict[str, str], path: str):

@@ -158,7 +158,8 @@ def _check_products(gm: fx.GraphModule, node: fx.Node) -> None:
     check_type(dim, int, f"{where}: dim")
     _ints([channels, block, rows], 3, f"{where}: channels, block, rows")
     # The products come from one op whose weight is regenerated with ``groups * rows`` output rows.
-    weights = [a for a in (products.args if isinstance(products, fx.Node) else ()) if isinstance(a, fx.Node) and is_regenerate(a)]
+    args = products.args if isinstance(products, fx.Node) else ()
+    weights = [a for a in args if isinstance(a, fx.Node) and is_regenerate(a)]
     if len(weights) != 1 or not isinstance(weights[0].args[4], list) or not weights[0].args[4]:
         raise Invalid(f"{where}: its products must be one op whose weight a nesc.regenerate node builds")
     groups = weights[0].args[4][0] // rows

@@ -28,6 +28,7 @@ from nesc.capture import ExportedBatchNorm
 from nesc.core import compat, files, inputs, names
 from nesc.core.errors import ArtifactError
 
+from . import container
 from .codec import encode_graph
 from .loader import DIGEST, FORMAT, FORMAT_VERSION, assemble, installed_version
 from .tensors import add_constants, collect_tensors, digest, without_aliases
@@ -49,20 +50,26 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = No
     specs = _input_specs(gm)
     extra_json = _json_or_raise(extra or {}, "extra")
     graph_doc, tensors, table = _export_graph(gm, specs, *collect_tensors(gm))
-    stored = without_aliases(tensors, table)
+    documents = {
+        "graph": _compact(graph_doc),
+        "tensors": _compact(table),
+        "input_specs": _compact([[list(s), d] for s, d in specs]),
+        "extra": extra_json,
+    }
+    blobs = container.pack(documents, without_aliases(tensors, table))  # format 3: see ``container``
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         names.NESC_VERSION: installed_version(),
         "torch_version": torch.__version__,
-        "graph": json.dumps(graph_doc, allow_nan=False),
-        "tensors": json.dumps(table, allow_nan=False),
-        "input_specs": json.dumps([[list(s), d] for s, d in specs]),
-        "extra": extra_json,
     }
-    metadata[DIGEST] = digest(stored, metadata)
-    files.atomic_write(path, lambda tmp: save_file(stored, str(tmp), metadata=metadata), overwrite=overwrite,
+    metadata[DIGEST] = digest(blobs, metadata)  # every metadata entry and both tensors: the whole file
+    files.atomic_write(path, lambda tmp: save_file(blobs, str(tmp), metadata=metadata), overwrite=overwrite,
                        what="nesc.save")
+
+
+def _compact(doc) -> str:
+    return json.dumps(doc, allow_nan=False, separators=(",", ":"))
 
 
 def _input_specs(gm: fx.GraphModule) -> list[inputs.InputSpec]:

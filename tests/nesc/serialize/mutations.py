@@ -1,25 +1,31 @@
 """Mutations of a saved artifact, as a fuzzer (or an attacker) makes them: shared by the bounded
 property test in the suite (``test_fuzz.py``) and the long run in ``benchmarks/fuzz_loaders.py``.
 
-``mutate(data, rng)`` returns new file bytes. Half of the mutations work on the raw bytes (flips,
-truncation, splices: most die at the container or the digest); the other half decode the file, edit
-one thing a schema must catch — a value deep inside a header document, a node name, a call target, a
-tensor's values, dtype or shape — and write it back with the digest recomputed, so the checks behind
-the digest are what gets tested.
+``mutate(data, rng)`` returns new file bytes. 40% of the mutations work on the raw bytes (flips,
+truncation, splices: most die at the container or the digest); the others decode the file (format 3:
+the documents inflated, the tensors unpacked), edit one thing a schema must catch — a value deep
+inside a header document or the tensor layout, a node name, a call target, a tensor's values, dtype or
+shape — and write it back packed as before with the digest recomputed, so the checks behind the digest
+are what gets tested; a few damage format 3's compressed documents or packed data themselves (bit
+flips, truncation, trailing bytes, a decompression bomb).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import struct
+import zlib
 
 import fuzz_helpers as fh
 import torch
 
+from nesc.serialize import container
 from nesc.serialize.tensors import digest
+from serialize_cases import decode_artifact, encode_artifact
 
-DOCUMENTS = ("graph", "tensors", "input_specs", "extra")
+DOCUMENTS = ("graph", "tensors", "input_specs", "extra", "layout")
 NASTY_STRINGS = [
     "", "self", "x\rimport os", 'a"),__import__("os").system("id"),("', "__class__", "aten::from_file.default",
     "operator.attrgetter", "builtins.eval", "..", "a..b", "nesc::regenerate.default", "aten::relu_.default",
@@ -36,14 +42,16 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         meta, tensors = _unpack(data)
     except Exception:  # noqa: BLE001 - an already-broken input: mutate its bytes instead
         return _raw(data, rng)
-    if rng.random() < 0.7:
+    choice = rng.random()
+    if choice < 0.07 and meta.get("format_version") == "3":
+        return _damage_packing(data, rng)
+    if choice < 0.7:
         key = rng.choice([k for k in DOCUMENTS if k in meta] or list(meta))
         meta[key] = _edit_text(meta[key], rng)
     else:
         _edit_tensor(tensors, rng)
-    if rng.random() < 0.9:  # an attacker recomputes the digest
-        meta["sha256"] = digest(tensors, {k: v for k, v in meta.items() if k != "sha256"})
-    return _pack(meta, tensors)
+    # an attacker recomputes the digest; a layout edit stays in the file, a tensor edit gets a new layout
+    return _pack(meta, tensors, rehash=rng.random() < 0.9, keep_layout=choice < 0.7)
 
 
 # ------------------------------------------------------------------------------------ raw bytes
@@ -69,17 +77,43 @@ def _raw(data: bytes, rng: random.Random) -> bytes:
 # ------------------------------------------------------------------------------ structured edits
 
 def _unpack(data: bytes) -> tuple[dict, dict]:
-    from safetensors.torch import load
+    """(header entries with the documents inflated, stored tensors by name), any format version."""
+    return decode_artifact(data)
+
+
+def _pack(meta: dict, tensors: dict, *, rehash: bool = True, keep_layout: bool = False) -> bytes:
+    return encode_artifact(meta, tensors, rehash=rehash, keep_layout=keep_layout)
+
+
+def _damage_packing(data: bytes, rng: random.Random) -> bytes:
+    """Format 3's two byte tensors themselves edited, the digest recomputed: a damaged or bombed zlib
+    stream, or packed data that no longer matches its layout."""
+    from safetensors.torch import load, save
 
     (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8 : 8 + n])["__metadata__"]
-    return dict(meta), dict(load(data))
+    meta, blobs = dict(json.loads(data[8 : 8 + n])["__metadata__"]), dict(load(data))
+    name = rng.choice(sorted(blobs))
+    raw = blobs[name].numpy().tobytes()
+    kind = rng.randrange(5)
+    if kind == 0:
+        raw = fh.flip(raw, rng.randrange(max(len(raw), 1)), 1 << rng.randrange(8))
+    elif kind == 1:
+        raw = raw[: rng.randrange(len(raw) + 1)]
+    elif kind == 2:
+        raw += rng.randbytes(rng.randint(1, 16))
+    elif kind == 3:
+        raw = _bomb()
+    else:
+        raw = zlib.compress(rng.choice([b"", b"[]", b"{}", b'{"graph": 1}', "€".encode(), b"\xff\xfe"]))
+    blobs[name] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+    meta["sha256"] = digest(blobs, {k: v for k, v in meta.items() if k != "sha256"})
+    return save(blobs, metadata=meta)
 
 
-def _pack(meta: dict, tensors: dict) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+@functools.lru_cache(maxsize=1)
+def _bomb() -> bytes:
+    """A zlib stream of ~64 KiB that inflates past ``container.MAX_DOCUMENTS_BYTES``."""
+    return zlib.compress(bytes(container.MAX_DOCUMENTS_BYTES + 1024), 9)
 
 
 def _edit_text(text: str, rng: random.Random) -> str:

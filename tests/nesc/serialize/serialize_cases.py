@@ -4,13 +4,14 @@ Models are built here by hand: a conv + batch norm + ReLU + dropout + linear net
 ``symbolic_trace``, and the same net with its conv weight replaced by a ``nesc.regenerate`` node
 reading a pool and a routing map, as ``passes.freeze`` leaves it. ``conftest.py`` saves each once per
 session (the first ``torch.export`` dominates the run time); the error tests edit copies of those
-files with ``rewrite_metadata``.
+files with ``rewrite`` / ``rewrite_metadata``.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from torch import fx, nn
 import nesc.core.modules  # noqa: F401 - registers torch.ops.nesc.regenerate
 from nesc.core import names
 from nesc.core.errors import ArtifactError
-from nesc.serialize import load
+from nesc.serialize import container, load
 from nesc.serialize.tensors import digest
 
 REGENERATE = torch.ops.nesc.regenerate.default
@@ -95,18 +96,66 @@ def assert_same_tensors(a: nn.Module, b: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------- editing artifacts
+#
+# Tests edit what a file says, not how format 3 packs it: ``decode_artifact`` gives the header entries
+# with the documents inflated (JSON texts under "graph", "tensors", "input_specs", "extra", "layout")
+# and the stored tensors by name, for every format version; ``encode_artifact`` writes them back in the
+# file's own version, the digest recomputed as an attacker would (``rehash``).
+
+PLAIN = ("format", "format_version", names.NESC_VERSION, "torch_version", "sha256")
 
 
 def header(path) -> dict:
+    """The raw safetensors header (tensor entries and ``__metadata__``) of a file."""
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     return json.loads(raw[8 : 8 + n])
 
 
+def decode_artifact(data: bytes) -> tuple[dict, dict]:
+    """(header entries with the documents inflated, stored tensors by name) of an artifact's bytes."""
+    from safetensors.torch import load as load_tensors
+
+    (n,) = struct.unpack("<Q", data[:8])
+    meta, tensors = dict(json.loads(data[8 : 8 + n])["__metadata__"]), dict(load_tensors(data))
+    if meta.get("format_version") == "3":
+        documents, tensors = container.unpack(tensors)
+        meta = {**meta, **documents}
+    return meta, tensors
+
+
+def encode_artifact(meta: dict, tensors: dict, *, rehash: bool = True, keep_layout: bool = False) -> bytes:
+    """The bytes of an artifact with these header entries and tensors, in the version ``meta`` names.
+    Format 3: the tensors are packed anew, and the layout made from them unless ``keep_layout`` (then
+    ``meta["layout"]``, maybe edited, goes into the file as it is)."""
+    from safetensors.torch import save as save_tensors
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if meta.get("format_version") == "3":
+        documents = {k: meta[k] for k in container.DOCUMENTS}
+        stored = container.pack(documents, tensors)
+        if keep_layout and container.LAYOUT in meta:
+            text = json.dumps({**documents, container.LAYOUT: meta[container.LAYOUT]})
+            stored["documents"] = torch.frombuffer(bytearray(zlib.compress(text.encode())), dtype=torch.uint8)
+        meta = {k: v for k, v in meta.items() if k not in (*container.DOCUMENTS, container.LAYOUT)}
+        tensors = stored
+    if rehash:
+        rest = {k: v for k, v in meta.items() if k != "sha256"}
+        meta = {**meta, "sha256": digest(tensors, rest if meta.get("format_version") != "1" else None)}
+    return save_tensors(tensors, metadata=meta)
+
+
+def read_artifact(path) -> tuple[dict, dict]:
+    return decode_artifact(path.read_bytes())
+
+
 def rewrite_metadata(src, dst, *, rehash: bool = True, **changes) -> None:
-    """Copy an artifact with some metadata fields replaced; a well-formed header, only the values change.
-    ``rehash``: recompute the digest, as an attacker would, so that what is tested is the check the edit
-    is aimed at rather than the digest (which covers the whole header)."""
+    """Copy an artifact with some header entries or documents replaced (``rehash``: the digest recomputed,
+    as an attacker would, so that what is tested is the check the edit is aimed at rather than the
+    digest, which covers the whole file). Plain entries are edited in the raw header, the tensors'
+    bytes kept, so that any version may be written (a future one included)."""
+    if not changes.keys() <= set(PLAIN):
+        return rewrite(src, dst, metadata=lambda m: {**m, **changes}, rehash=rehash)
     raw = src.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     head = json.loads(raw[8 : 8 + n])
@@ -128,21 +177,16 @@ def load_error(path) -> str:
 
 
 def rewrite(src, dst, *, metadata=None, tensors=None, rehash: bool = True) -> None:
-    """Copy an artifact through safetensors with its metadata and/or tensors edited by the given
-    functions (dict -> dict), and its digest recomputed as an attacker would (``rehash``)."""
-    from safetensors.torch import save_file
-
-    with safe_open(str(src), framework="pt") as f:
-        meta, stored = dict(f.metadata()), {name: f.get_tensor(name) for name in f.keys()}
+    """Copy an artifact with its header entries and/or stored tensors edited by the given functions
+    (dict -> dict), in its own format version, the digest recomputed as an attacker would (``rehash``)."""
+    meta, stored = read_artifact(src)
     meta = metadata(meta) if metadata else meta
     stored = tensors(stored) if tensors else stored
-    if rehash:
-        meta["sha256"] = digest(stored, {k: v for k, v in meta.items() if k != "sha256"})
-    save_file(stored, str(dst), metadata=meta)
+    dst.write_bytes(encode_artifact(meta, stored, rehash=rehash))
 
 
 def graph_doc(path) -> dict:
-    return json.loads(header(path)["__metadata__"]["graph"])
+    return json.loads(read_artifact(path)[0]["graph"])
 
 
 def with_graph(doc: dict):

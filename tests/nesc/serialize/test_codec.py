@@ -13,7 +13,7 @@ from nesc.core.errors import ArtifactError
 from nesc.serialize import load, save
 from nesc.serialize.codec import Invalid, decode, encode
 from nesc.serialize.ops import PY_FUNCTIONS
-from serialize_cases import header, load_error, rewrite_metadata, traced
+from serialize_cases import load_error, read_artifact, rewrite_metadata, traced
 
 VALUES = [None, True, 3, 2.5, "conv2d", [1, [2, 3]], (1, (2,)), {"a": 1, 2: (3,)}, float("inf"), float("-inf"),
           slice(0, None, 2), Ellipsis, torch.device("cpu"), torch.float16, torch.strided, torch.channels_last]
@@ -57,7 +57,7 @@ def test_invalid_graph_description(regenerate_file, tmp_path, graph, expected):
 
 
 def test_unknown_operators_are_listed_together(regenerate_file, tmp_path):
-    graph = header(regenerate_file)["__metadata__"]["graph"]
+    graph = read_artifact(regenerate_file)[0]["graph"]
     graph = graph.replace("aten::relu.default", "aten::no_such_op.default")
     graph = graph.replace("nesc::regenerate.default", "nesc::regenerate_v9.default")
     path = tmp_path / "unknown_op.nesc"
@@ -69,7 +69,7 @@ def test_unknown_operators_are_listed_together(regenerate_file, tmp_path):
 
 def test_only_arithmetic_python_functions_resolve(regenerate_file, tmp_path):
     # operator.attrgetter / methodcaller / call would let a crafted file walk to arbitrary Python.
-    graph = header(regenerate_file)["__metadata__"]["graph"].replace("aten::relu.default", "operator.attrgetter")
+    graph = read_artifact(regenerate_file)[0]["graph"].replace("aten::relu.default", "operator.attrgetter")
     path = tmp_path / "crafted.nesc"
     rewrite_metadata(regenerate_file, path, graph=graph)
     assert "'operator.attrgetter' is neither" in load_error(path)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nesc.core import names
-from nesc.serialize import load, save
+from nesc.serialize import FORMAT_VERSION, load, save
 from serialize_cases import graph_doc, header, load_error, rewrite, traced, with_graph
 
 MARKER = "nesc_untrusted_test_ran"
@@ -163,7 +163,7 @@ def test_legal_module_names_that_are_not_identifiers_save_and_load(tmp_path) -> 
 
 def test_the_digest_covers_the_header(regenerate_file) -> None:
     meta = header(regenerate_file)["__metadata__"]
-    assert meta["format_version"] == "2" and len(meta["sha256"]) == 64
+    assert meta["format_version"] == str(FORMAT_VERSION) and len(meta["sha256"]) == 64
     assert names.NESC_VERSION in meta
 
 

@@ -13,7 +13,8 @@ from torch import fx, nn
 from nesc.core import names
 from nesc.core.errors import ArtifactError
 from nesc.serialize import FORMAT_VERSION, load, save
-from serialize_cases import REGENERATE, SHAPE, ConvNet, assert_same_tensors, header, traced, with_regenerate
+from serialize_cases import (REGENERATE, SHAPE, ConvNet, assert_same_tensors, header, read_artifact, traced,
+                             with_regenerate)
 
 
 def test_round_trip_is_bit_exact(saved):
@@ -80,10 +81,14 @@ def test_file_is_safetensors_and_nothing_pickles(monkeypatch, tmp_path):
     loaded = load(path)
     x = torch.randn(*SHAPE)
     assert torch.equal(loaded(x), gm.eval()(x))
-    md = header(path)["__metadata__"]
+    raw = header(path)
+    md = raw.pop("__metadata__")
     assert md["format"] == "nesc" and md["format_version"] == str(FORMAT_VERSION)
-    assert {"nesc_version", "torch_version", "graph", "tensors", "input_specs", "extra", "sha256"} <= md.keys()
-    nodes = json.loads(md["graph"])["nodes"]
+    assert md.keys() == {"format", "format_version", "nesc_version", "torch_version", "sha256"}
+    assert {name: entry["dtype"] for name, entry in raw.items()} == {"documents": "U8", "data": "U8"}
+    documents, _ = read_artifact(path)
+    assert {"graph", "tensors", "input_specs", "extra", "layout"} <= documents.keys()
+    nodes = json.loads(documents["graph"])["nodes"]
     assert not any(n["op"] == "call_module" for n in nodes)  # _guards_fn dropped, nothing opaque
     assert {"nesc::regenerate.default", "aten::conv2d.default"} <= {n["target"] for n in nodes}
 
