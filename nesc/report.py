@@ -214,7 +214,8 @@ def _products(gm: fx.GraphModule) -> dict[str, tuple[int, int, int]]:
         f = gm.get_buffer(fracs.target)
         interpolated = int((f != 0).repeat_interleave(block)[:channels].sum())
         per_channel = math.prod(shape[1:]) // shape[dim % len(shape)]
-        out[info.weight_name] = (channels, 2 * interpolated * per_channel, gm.get_buffer(starts.target).numel() + f.numel())
+        scalars = gm.get_buffer(starts.target).numel() + f.numel()
+        out[info.weight_name] = (channels, 2 * interpolated * per_channel, scalars)
     return out
 
 

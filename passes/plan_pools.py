@@ -381,8 +381,8 @@ def _build(groups, shapes, dense, dense_total, target, fixed) -> PoolPlan:
             graph.add_edge(("layer", info.weight_name), ("pool", name))
     for name in dense:
         graph.add_node(("layer", name), dense=dense[name])
-    folded = frozenset(i.weight_name for g in groups if g.reuse for i, _ in g.members if i.op not in GROUPED)
-    shared = frozenset(i.weight_name for g in groups if g.reuse == "outputs" for i, _ in g.members if i.op not in GROUPED)
+    folded, shared = (frozenset(i.weight_name for g in groups if want(g) for i, _ in g.members if i.op not in GROUPED)
+                      for want in (lambda g: bool(g.reuse), lambda g: g.reuse == "outputs"))
     plan = PoolPlan(pools, layers, dict(dense), graph, dense_total, target, folded=folded, shared=shared)
     plan.planned = fixed + sum(p.numel for p in pools.values()) + plan.routing_scalars()
     return plan

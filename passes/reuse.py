@@ -71,7 +71,7 @@ class Reuse(NescPass):
                 continue
             why = _rewrite(gm, op_node, info)
             decisions[info.weight_name] = why
-            modified |= why.startswith(("folded", "shared"))
+            modified |= any(part.startswith(("folded", "shared")) for part in why.split("; "))
         gm.meta[names.REUSE] = decisions
         if modified:
             _drop_unused_routes(gm)
@@ -100,10 +100,7 @@ def _rewrite(gm: fx.GraphModule, op_node: fx.Node, info) -> str:
     if len(weight.users) != 1:
         return "kept: the weight is read by several ops"
     folded = _fold(gm, op_node, spec, weight)
-    shared = _share(gm, op_node, spec, op_node.args[spec.weight])
-    if folded.startswith("folded") or shared.startswith("shared"):
-        return "; ".join(d for d in (folded, shared) if not d.startswith("kept")) or folded
-    return f"{folded}; {shared.removeprefix('kept: ')}"
+    return f"{folded}; {_share(gm, op_node, spec, op_node.args[spec.weight])}"
 
 
 def _fold(gm: fx.GraphModule, op_node: fx.Node, spec, weight: fx.Node) -> str:
@@ -139,7 +136,8 @@ def _share(gm: fx.GraphModule, op_node: fx.Node, spec, weight: fx.Node) -> str:
     if spec.bias is not None and spec.family == "matmul":
         return "kept outputs: addmm (its bias is its first argument)"
     s, f = gm.get_buffer(starts.target), gm.get_buffer(fracs.target)
-    if not (torch.equal(s[..., 0], s[:, :1, 0].expand_as(s[..., 0])) and torch.equal(f[..., 0], f[:, :1, 0].expand_as(f[..., 0]))):
+    row_s, row_f = s[:, :1, 0].expand_as(s[..., 0]), f[:, :1, 0].expand_as(f[..., 0])
+    if not (torch.equal(s[..., 0], row_s) and torch.equal(f[..., 0], row_f)):
         return "kept outputs: the blocks of an output row start at different pool rows"
     # Rows with the same input/spatial routing read the same products: one group per distinct routing.
     keys = torch.cat([s[..., 1:].float(), f[..., 1:]], -1).flatten(1)
