@@ -108,17 +108,25 @@ def load(path: str | Path) -> fx.GraphModule:
     return gm
 
 
+# nesc.compile's regenerate= default (backends.tvm.modes.DEFAULT, which needs the tvm extra to import).
+REGENERATE_DEFAULT = "once"
+
+
 def compile(frozen: nn.Module, example_inputs, target="llvm", *, tune=None, cache_dir: str | Path | None = None,
-            dynamic_batch: bool = False):
+            dynamic_batch: bool = False, regenerate: str = REGENERATE_DEFAULT):
     """Build ``frozen`` (a ``nesc.freeze``d model, or any dense module) with Apache TVM for ``target``
     ("llvm": this CPU; "aarch64": cross-compiled 64-bit ARM Linux; "cuda") and return a
     ``CompiledModel``: call it on numpy arrays or tensors, ``export_library("model.so")`` to deploy
     (the library plus ``model.params.safetensors``; ``nesc/backends/tvm/runtime.py`` runs them with
     tvm and numpy only). ``tune``: an opt-in MetaSchedule budget, trials (int) or seconds ("120s"),
-    cached under ``cache_dir`` (default ``~/.cache/nesc/tvm``). Needs the ``tvm`` extra."""
+    cached under ``cache_dir`` (default ``~/.cache/nesc/tvm``). ``regenerate``: ``"once"`` rebuilds
+    the weights from the pools when the model loads (dense latency, the weights in memory),
+    ``"per_call"`` in every call (less memory); the deployed files are the same either way; any
+    other value is a ``ConfigError``. Needs the ``tvm`` extra."""
     from nesc.backends.tvm.build import compile as tvm_compile
 
-    return tvm_compile(frozen, example_inputs, target, tune=tune, cache_dir=cache_dir, dynamic_batch=dynamic_batch)
+    return tvm_compile(frozen, example_inputs, target, tune=tune, cache_dir=cache_dir, dynamic_batch=dynamic_batch,
+                       regenerate=regenerate)
 
 
 def export_onnx(frozen: fx.GraphModule, example_inputs, path: str | Path, *, simplify: bool = True,

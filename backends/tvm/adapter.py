@@ -85,6 +85,30 @@ def var_shape(var) -> tuple:
 __all__ += ["var_shape"]
 
 
+def reordered(func, params: list, **attrs):
+    """Relax function ``func`` taking ``params`` (its own parameters, in another order), ``attrs`` set:
+    the return type is ``ret_ty`` in 0.27 (was ``ret_struct_info``)."""
+    ret = func.ret_ty if hasattr(func, "ret_ty") else func.ret_struct_info
+    out = relax.Function(params, func.body, ret, func.is_pure, func.attrs)
+    for key, value in attrs.items():
+        out = out.with_attr(key, value)
+    return out
+
+
+def tuple_length(x) -> int | None:
+    """How many fields a tuple-typed Relax variable, or a function's tuple return type, has (None for
+    anything else): ``.ty`` / ``.ret_ty`` in 0.27 (were ``.struct_info`` / ``.ret_struct_info``)."""
+    if isinstance(x, relax.Function):
+        info = x.ret_ty if hasattr(x, "ret_ty") else x.ret_struct_info
+    else:
+        info = x.ty if hasattr(x, "ty") else x.struct_info
+    fields = getattr(info, "fields", None)
+    return len(fields) if fields is not None else None
+
+
+__all__ += ["reordered", "tuple_length"]
+
+
 def with_string_function(mod, name: str, text: str):
     """``mod`` plus a public Relax function ``name() -> text``: a string the compiled library carries
     (called through the VM like ``main``). ``StringImm`` is ``tvm.ir.StringImm`` in 0.27 (was

@@ -1,6 +1,7 @@
 """Build a frozen model with TVM and ship it: ``nesc.compile`` and ``CompiledModel``.
 
     lower (torch.export -> Relax, parameters as inputs)   lower.py
+    -> [lift: regenerate((pools, routes)) -> weights]     modes.py  (regenerate="once", the default)
     -> [tune: MetaSchedule on the fused kernels, cached]  tune.py   (opt-in)
     -> prepare (legalize, fuse, default schedules)        schedule.py
     -> + the deploy facts (param dtypes/shapes, routes)   export.py
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from nesc.backends.tvm import export, runtime
+from nesc.backends.tvm import export, modes, runtime
 from nesc.backends.tvm.adapter import tvm
 from nesc.backends.tvm.export import ExportedFiles
 from nesc.backends.tvm.lower import Lowered, lower
@@ -60,10 +61,15 @@ class CompiledModel:
                 f"this model was built for target {self.target.name!r} ({self.target.describe}), which cannot "
                 f"run on this machine; export_library(path) and run it there with runtime.py"
             )
-        if self._runner is None:
-            self._runner = runtime.Runner(self.executable, list(self.params.values()), self.input_specs,
-                                          self.target.device, f"compiled model ({self.target.name})")
+        if self._runner is None:  # a once build regenerates its weights here, on the first call
+            self._runner = runtime.Runner(self.executable, dict(self.params), self.input_specs, self.target.device,
+                                          f"compiled model ({self.target.name})", self.facts["regenerate"])
         return self._runner(*inputs)
+
+    @property
+    def regenerate(self) -> str:
+        """``"once"`` (weights rebuilt from the pools when the model loads) or ``"per_call"`` (in every call)."""
+        return self.facts["regenerate"]["mode"]
 
     @property
     def param_bytes(self) -> int:
@@ -117,6 +123,7 @@ def compile(
     tune=None,
     cache_dir: str | Path | None = None,
     dynamic_batch: bool = False,
+    regenerate: str = modes.DEFAULT,
 ) -> CompiledModel:
     """Build ``frozen`` (a ``nesc.freeze``d GraphModule, or any dense nn.Module) with TVM for ``target``.
 
@@ -126,8 +133,11 @@ def compile(
     (benchmarks/results/tvm_schedules_dynamic.md); tuning needs static shapes, so it excludes it. ``tune``: None (default schedules only),
     a number of trials, or ``TuneConfig(trials=..., seconds=...)``; records are cached under
     ``cache_dir`` (default ``~/.cache/nesc/tvm``) and reused by the next compile of the same kernels.
+    ``regenerate``: ``"once"`` rebuilds every sampled weight from its pool once, when the model loads
+    (a workspace of dense weights in memory; TVM dense latency), ``"per_call"`` in every call (no
+    workspace: less memory); the deployed files are the same size either way (``modes.py``).
     """
-    spec, config = get_target(target), as_tune_config(tune)
+    spec, config, regenerate = get_target(target), as_tune_config(tune), modes.check_mode(regenerate)
     if dynamic_batch and config is not None:
         raise ConfigError("tune= and dynamic_batch=True exclude each other: MetaSchedule tunes kernels for "
                           "static shapes; build with dynamic_batch=False (the example inputs' batch) to tune")
@@ -136,13 +146,17 @@ def compile(
     tvm_target = spec.tvm_target()
     with _timed(seconds, "lower"):
         lowered = lower(frozen, example_inputs, dynamic_batch=dynamic_batch)
-    report = None
-    mod = lowered.mod
+    report, mod = None, lowered.mod
+    lifted = modes.liftable(lowered.params, lowered.kinds, lowered.routes) if regenerate == "once" else []
+    if lifted:  # before tuning, so that MetaSchedule tunes the kernels of both functions as they are built
+        with _timed(seconds, "lift"):
+            mod = modes.lift(mod, list(lowered.params), lifted, tvm_target)
     if config is not None:
         with _timed(seconds, "tune"):
             mod, report = tune_module(mod, tvm_target, config, cache_dir)
     inputs = _input_specs(lowered, example_inputs, dynamic=dynamic_batch)
-    facts = export.deploy_facts(lowered.params, lowered.kinds, inputs, lowered.routes)
+    facts = export.deploy_facts(lowered.params, lowered.kinds, inputs, lowered.routes,
+                                {"mode": regenerate, "params": lifted})
     with _timed(seconds, "prepare"):
         mod = export.with_manifest(prepare(mod, tvm_target), facts)
     with _timed(seconds, "build"):

@@ -1,7 +1,8 @@
 """Ship a compiled model: ``model.so`` and ``model.params.safetensors``, read back by ``runtime.py``.
 
     deploy_facts   what the parameters must be for the compiled code (``runtime.FACT_KEYS``: names,
-                   dtypes, shapes, inputs, kinds, and every routing map's pool and value range)
+                   dtypes, shapes, inputs, kinds, every routing map's pool and value range, and the
+                   regeneration mode with the parameters a ``once`` build regenerates from)
     with_manifest  those facts compiled into the library (``runtime.MANIFEST``), before ``tvm.compile``,
                    so that a parameters file cannot claim other facts than its library's
     write          both files, through ``nesc.core.files``: both paths are checked before anything is
@@ -50,11 +51,12 @@ class ExportedFiles:
 
 
 def deploy_facts(params: dict[str, np.ndarray], kinds: dict[str, str], inputs: tuple[runtime.InputSpec, ...],
-                 routes: dict[str, dict]) -> dict:
-    """The facts ``runtime.read_params`` and ``runtime.load`` check a parameters file against."""
+                 routes: dict[str, dict], regenerate: dict) -> dict:
+    """The facts ``runtime.read_params`` and ``runtime.load`` check a parameters file against;
+    ``regenerate``: ``{"mode": "once" | "per_call", "params": what the library's regenerate takes}``."""
     tensors = {name: {"dtype": str(a.dtype), "shape": [int(d) for d in a.shape]} for name, a in params.items()}
     return {"params": list(params), "tensors": tensors, "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in inputs],
-            "kinds": dict(kinds), "routes": routes}
+            "kinds": dict(kinds), "routes": routes, "regenerate": regenerate}
 
 
 def with_manifest(mod, facts: dict):

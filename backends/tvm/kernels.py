@@ -41,9 +41,9 @@ WEIGHT_NAME = names.TVM_WEIGHT
 CROP_NAME = names.TVM_WEIGHT_CROP
 # Block annotation of the weight: [output-block axis, its block size, input-block axis, its block size].
 SPLIT_ATTR = names.TVM_SPLIT_ATTR
-PRODUCTS_NAME = "nesc_gather_products"  # block (and PrimFunc hint) of the product map's gather
+PRODUCTS_NAME = names.TVM_GATHER_PRODUCTS  # block (and PrimFunc hint) of the product map's gather
 # Block annotation of the product map: the axis its gather indexes (the channel axis, >= 0).
-PRODUCTS_DIM_ATTR = "nesc_products_dim"
+PRODUCTS_DIM_ATTR = names.TVM_PRODUCTS_DIM_ATTR
 
 
 def lerp(lo, hi, f):

@@ -1,14 +1,17 @@
-"""Run an exported nesc model with TVM and numpy only (no torch, no nesc): copy this file to the device and
+"""Run an exported nesc model with TVM and numpy only (no torch, no nesc): copy this file and
+``deploy_schema.py`` (the file format and its checks) to the device, side by side, and
 
     python runtime.py model.so                        # run once on random inputs, print shape and time
     python runtime.py model.so --input x.npy --output y.npy
 
 or ``load("model.so")(x)``. ``export_library`` writes ``model.so`` (kernels and VM program, with the
 build's facts compiled in: ``MANIFEST``) and ``model.params.safetensors``: pools, routing maps and
-dense leftovers (never pickle), under a header with the same facts (dtypes, shapes, inputs, and each
-routing map's pool and valid range), the SHA-256 of model.so and ``content_sha256``.
+dense leftovers (never pickle), under a header with the same facts (dtypes, shapes, inputs, each
+routing map's pool and valid range, the regeneration mode), the SHA-256 of model.so and
+``content_sha256``. A ``regenerate="once"`` build's library also has ``REGENERATE``: ``load`` runs it
+once, after every check below, and calls ``main`` with the weights it made (``Runner``).
 
-The parameters file is untrusted input. ``read_params`` checks it against ``SCHEMA`` and raises
+The parameters file is untrusted input. ``read_params`` checks it (``deploy_schema``) and raises
 ``DeployError``, nothing else, whatever its bytes: format and version, every entry's type, the
 library's SHA-256 (a mismatched library is refused before native code is loaded), the content hash,
 each tensor's dtype and shape, and every routing map against its pool (starts int32 in [0, Op),
@@ -18,7 +21,7 @@ fractions as above): no kernel reads outside a pool or the products computed fro
 also compares the library's facts with the header's (a header edited to widen a range, its hash
 recomputed, is refused). A ``.so`` is native code by nature: loading one runs its code, so
 load only libraries you trust. nesc writes both files through ``nesc.core.files`` (``export.py``),
-which a lone copy of this file cannot import. Run as a script, it keeps torch (which tvm_ffi imports
+which a copy of the runtime cannot import. Run as a script, it keeps torch (which tvm_ffi imports
 whenever installed) out, as on a device without it.
 """
 
@@ -27,32 +30,38 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import reprlib
 import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = "nesc-tvm"
-FORMAT_VERSION = "2"
+
+def _sibling(name: str):
+    """``name``.py next to this file, for a copy outside the nesc package (run as a script or loaded by
+    its path), where the relative import has no package to import from."""
+    import importlib.util
+
+    path = Path(__file__).with_name(f"{name}.py")
+    if not path.is_file():
+        raise ImportError(f"the nesc TVM runtime needs {path.name} next to {Path(__file__).name}: copy both files")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if __package__:
+    from . import deploy_schema as schema
+else:
+    schema = _sibling("deploy_schema")
+
+# The file format and its checks live in deploy_schema.py; these names are the runtime's API too.
+DeployError, check_tensors = schema.DeployError, schema.check_tensors
+FORMAT, FORMAT_VERSION, FACT_KEYS, RAW_KEYS, SCHEMA = (schema.FORMAT, schema.FORMAT_VERSION, schema.FACT_KEYS,
+                                                        schema.RAW_KEYS, schema.SCHEMA)
 PARAMS_SUFFIX = ".params.safetensors"
 MANIFEST = "deploy_manifest"  # the library's function that returns its build facts, as JSON
-FACT_KEYS = ("params", "tensors", "inputs", "kinds", "routes")  # in the library and in the header
-RAW_KEYS = ("format", "format_version", "library_sha256", "content_sha256")  # plain strings; the others JSON
-DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
-KINDS = ("pool", "route", "dense")
-DEVICES = ("cpu", "cuda")
-_FIX = "The file is damaged or was edited: export it again with CompiledModel.export_library."
-
-# Inside a nesc program a DeployError is a NescError (``except NescError`` catches it); standalone,
-# where importing nesc would import torch, it is a plain ValueError.
-_ERRORS = sys.modules.get("nesc.core.errors")
-_BASES = (_ERRORS.NescError, ValueError) if _ERRORS is not None else (ValueError,)
-
-
-class DeployError(*_BASES):
-    """An artifact that cannot be loaded (missing, mismatched, damaged, wrong format) or inputs that do not fit it."""
+REGENERATE = "regenerate"  # a regenerate="once" library's function: (pools, routing maps) -> weights
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,18 @@ def content_sha256(header: dict[str, str], params: dict) -> str:
 
 
 class Runner:
-    """Calls the VM's ``main`` with checked inputs followed by the parameters, returns numpy arrays;
-    shared by the in-process ``CompiledModel`` and the standalone ``Deployed``."""
+    """Calls the VM's ``main`` with checked inputs followed by its parameters, returns numpy arrays;
+    shared by the in-process ``CompiledModel`` and the standalone ``Deployed``.
 
-    def __init__(self, module, params: list, inputs: tuple[InputSpec, ...], device_kind: str, where: str) -> None:
+    ``params`` (name -> array, in ``main``'s order) is consumed: each array is dropped from it once it is
+    on the device, so that the host copies go as the device copies come. ``regenerate``: the build's
+    ``{"mode", "params"}``. In a ``once`` build ``main`` takes the other parameters, then the weights that
+    the library's ``REGENERATE`` function makes from ``params`` (pools and routing maps):
+    ``regenerate()`` runs it, once, and keeps its outputs as the workspace ``main`` reads; the pools and
+    maps are released then."""
+
+    def __init__(self, module, params: dict, inputs: tuple[InputSpec, ...], device_kind: str, where: str,
+                 regenerate: dict) -> None:
         import numpy as np
         import tvm
         from tvm import relax
@@ -106,12 +123,24 @@ class Runner:
         self.inputs, self.where = inputs, where
         self.device = tvm.device(device_kind, 0)
         self.vm = relax.VirtualMachine(module, self.device)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
+        on_device = {name: tvm.runtime.tensor(np.ascontiguousarray(params.pop(name)), self.device)
+                     for name in list(params)}
+        lifted = regenerate["params"]
+        self.params = [a for name, a in on_device.items() if name not in set(lifted)]
+        self._pending = [on_device[name] for name in lifted]  # REGENERATE's inputs, until it has run
+
+    def regenerate(self) -> None:
+        """Rebuild the weights of a ``once`` build into the workspace (nothing to do otherwise, or again)."""
+        if self._pending:
+            weights = self.vm[REGENERATE](self._pending)
+            self.params += list(weights)
+            self._pending = []
 
     def __call__(self, *inputs):
         import tvm
 
         arrays = check_inputs(inputs, self.inputs, self.where)
+        self.regenerate()
         out = self.vm["main"](*(tvm.runtime.tensor(a, self.device) for a in arrays), *self.params)
         return _unpack(out)
 
@@ -148,12 +177,16 @@ def _unpack(out):
 
 
 class Deployed:
-    """An exported model loaded from disk, ``Deployed(...)(x) -> numpy``: made by ``load``, which checks first."""
+    """An exported model loaded from disk, ``Deployed(...)(x) -> numpy``: made by ``load``, which checks
+    first, and whose ``params`` it moves to the device (the dict is emptied). A ``regenerate="once"``
+    build rebuilds its weights here, after every check."""
 
     def __init__(self, library: Path, params: dict, meta: dict, device: str) -> None:
-        self.library, self.meta, self.params = library, meta, params
+        self.library, self.meta = library, meta
         self.input_specs = tuple(InputSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in meta["inputs"])
         self.kinds: dict[str, str] = meta["kinds"]
+        self.regenerate: str = meta["regenerate"]["mode"]
+        self.param_bytes = sum(a.nbytes for a in params.values())  # the arrays live on the device only
         where = f"model {library.name}"
         try:  # TVM raises its own error classes (RuntimeError, ValueError, ...): all mean "cannot load"
             import tvm
@@ -161,21 +194,22 @@ class Deployed:
 
             module = tvm.runtime.load_module(str(library))
             facts = json.loads(str(relax.VirtualMachine(module, tvm.device(device, 0))[MANIFEST]()))
-            self._runner = Runner(module, list(params.values()), self.input_specs, device, where)
+            self._runner = Runner(module, params, self.input_specs, device, where, meta["regenerate"])
         except Exception as e:  # noqa: BLE001 - re-raised as the one error a caller handles
             raise DeployError(f"{where}: TVM cannot load {str(library)!r} on {device!r} ({type(e).__name__}: "
                               f"{str(e).strip()[:300]}); export it again for this device") from e
         changed = [key for key in FACT_KEYS if not isinstance(facts, dict) or facts.get(key) != meta[key]]
         if changed:
             raise DeployError(f"{where}: the parameters file's {', '.join(changed)} differ from what {library.name} "
-                              f"was built with (its header was edited). {_FIX}")
+                              f"was built with (its header was edited). {schema.FIX}")
+        try:  # the first kernels to run: every routing map was checked by read_params, the facts just now
+            self._runner.regenerate()
+        except Exception as e:  # noqa: BLE001 - as above
+            raise DeployError(f"{where}: TVM cannot rebuild the weights on {device!r} ({type(e).__name__}: "
+                              f"{str(e).strip()[:300]}); export it again for this device") from e
 
     def __call__(self, *inputs):
         return self._runner(*inputs)
-
-    @property
-    def param_bytes(self) -> int:
-        return sum(a.nbytes for a in self.params.values())
 
     @property
     def artifact_bytes(self) -> int:
@@ -210,174 +244,22 @@ def read_params(library: str | os.PathLike) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="numpy") as f:
             header, names = f.metadata() or {}, set(f.keys())
-            meta = _header(header, where)
+            meta = schema.decode_header(header, where)
             if header["library_sha256"] != sha256(library):
                 raise DeployError(f"{where} was written for another build of {library.name} (SHA-256 differs); "
                                   f"copy both files from the same export_library call")
             if names != set(meta["params"]):
                 raise DeployError(f"{where}: tensors {sorted(names ^ set(meta['params']))[:5]} are missing or "
-                                  f"not listed in its header. {_FIX}")
+                                  f"not listed in its header. {schema.FIX}")
             params = {name: f.get_tensor(name) for name in meta["params"]}
     except DeployError:
         raise
     except (SafetensorError, OSError, ValueError, TypeError, KeyError, RecursionError, MemoryError) as e:
-        raise DeployError(f"{where} cannot be read as safetensors ({type(e).__name__}: {str(e)[:200]}). {_FIX}") from e
+        raise DeployError(f"{where} cannot be read as safetensors ({type(e).__name__}: {str(e)[:200]}). {schema.FIX}") from e
     if header["content_sha256"] != content_sha256(header, params):
-        raise DeployError(f"{where}: its contents do not match their SHA-256 (content_sha256). {_FIX}")
+        raise DeployError(f"{where}: its contents do not match their SHA-256 (content_sha256). {schema.FIX}")
     check_tensors(params, meta, where)
     return params, meta
-
-
-def check_tensors(params: dict, meta: dict, where: str, fix: str = _FIX) -> None:
-    """Each tensor has the recorded dtype and shape; each routing map stays inside its pool."""
-    import numpy as np
-
-    for name, a in params.items():
-        want = meta["tensors"][name]
-        if str(a.dtype) != want["dtype"] or list(a.shape) != want["shape"]:
-            raise DeployError(f"{where}: tensor {name!r} is {a.dtype} {list(a.shape)}; the build expects "
-                              f"{want['dtype']} {want['shape']}. {fix}")
-    for name, route in meta["routes"].items():
-        a = params[name]
-        if route["role"] in STARTS_ROLES:
-            bad, expected = (a < 0) | (a > np.asarray(route["max"])), f"in [0, {route['max']}] per coordinate"
-        else:
-            bad, expected = ~np.isfinite(a) | (a < 0) | (a > 1), "finite and in [0, 1]"
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
-            if route["role"] in PRODUCT_ROLES:  # (row, coordinate) of the starts, (row,) of the fractions
-                what, where_in = "product map", f"row {at[0]}" + (f", coordinate {at[1]}" if len(at) > 1 else "")
-                target = f"the {'x'.join(map(str, route['products']))} products of pool {route['pool']!r}"
-            else:
-                what, where_in = "routing map", f"block ({at[0]}, {at[1]}), coordinate {at[2]}"
-                target = f"pool {route['pool']!r}"
-            raise DeployError(f"{where}: {what} {name!r} ({route['role']} into {target}) has {a[at]} at {where_in}; "
-                              f"expected {expected}, or a kernel would read outside the pool. {fix}")
-
-
-# ------------------------------------------------------------------------------- header schema
-
-
-def _is(doc: str, test):
-    test.__doc__ = doc  # what _describe says the value must be
-    return test
-
-
-_STR = _is("a string", lambda v: isinstance(v, str))
-_NAT = _is("an int >= 0", lambda v: type(v) is int and 0 <= v < 2**31)  # bool is an int subclass: excluded
-_POS = _is("an int >= 1", lambda v: _NAT(v) and v >= 1)
-_DIM = _is("an int >= 1 or null", lambda v: v is None or _POS(v))
-_POOL = _is("a pool's name or null", lambda v: v is None or isinstance(v, str))
-_HEX64 = _is("64 hex digits", lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
-# A schema: a predicate, a tuple of allowed strings, [s] (a list of s), [s1, ..., sn] (exactly n
-# items), {str: s} (names -> s) or {key: s, ...} (exactly these keys).
-_STARTS = {"role": ("starts",), "pool": _POOL, "pool_shape": [_POS] * 4, "grid": [_POS] * 2, "max": [_NAT] * 4}
-_FRACS = {k: v for k, v in _STARTS.items() if k != "max"} | {"role": ("fracs",)}
-# A product map (passes.reuse): per row of output channels, (group, pool row) into the groups x rows
-# products one op computed with the pool's rows (pool: that pool, or null), and the row's fraction.
-_ROWS = _is("a list of exactly 1 int >= 1", lambda v: isinstance(v, list) and len(v) == 1 and _POS(v[0]))
-_PRODUCT_STARTS = {"role": ("product_starts",), "pool": _POOL, "grid": _ROWS, "products": [_POS] * 2,
-                   "max": [_NAT] * 2}
-_PRODUCT_FRACS = {k: v for k, v in _PRODUCT_STARTS.items() if k != "max"} | {"role": ("product_fracs",)}
-ROUTE_SCHEMAS = {"starts": _STARTS, "fracs": _FRACS, "product_starts": _PRODUCT_STARTS,
-                 "product_fracs": _PRODUCT_FRACS}
-STARTS_ROLES = ("starts", "product_starts")  # int32 indices with a max; the others are fractions
-PRODUCT_ROLES = ("product_starts", "product_fracs")
-_ROUTE = _is("{role: starts, pool, pool_shape: 4 ints, grid: 2 ints, max: 4 ints} or the same for fracs, no max; "
-             "or {role: product_starts, pool, grid: 1 int, products: 2 ints, max: 2 ints} or the same for "
-             "product_fracs, no max",
-             lambda v: isinstance(v, dict) and isinstance(v.get("role"), str) and v["role"] in ROUTE_SCHEMAS
-             and _fits(v, ROUTE_SCHEMAS[v["role"]]))
-SCHEMA = {
-    "params": [_STR], "kinds": {str: KINDS}, "device": DEVICES, "target": {"name": _STR, "tvm": _STR},
-    "tensors": {str: {"dtype": DTYPES, "shape": [_NAT]}},
-    "inputs": [{"name": _STR, "shape": [_DIM], "dtype": DTYPES}],
-    "routes": {str: _ROUTE},
-}
-
-
-def _fits(v, spec) -> bool:
-    if callable(spec):
-        return spec(v)
-    if isinstance(spec, tuple):
-        return isinstance(v, str) and v in spec
-    if isinstance(spec, list):
-        items = spec * len(v) if len(spec) == 1 and isinstance(v, list) else spec
-        return isinstance(v, list) and len(v) == len(items) and all(_fits(x, s) for x, s in zip(v, items))
-    if list(spec) == [str]:
-        return isinstance(v, dict) and all(_fits(x, spec[str]) for x in v.values())
-    return isinstance(v, dict) and set(v) == set(spec) and all(_fits(v[k], s) for k, s in spec.items())
-
-
-def _describe(spec) -> str:
-    if callable(spec) or isinstance(spec, tuple):
-        return spec.__doc__ if callable(spec) else "one of " + "|".join(spec)
-    if isinstance(spec, list):
-        return f"a list of {_describe(spec[0])}" if len(spec) == 1 else f"{len(spec)} x {_describe(spec[0])}"
-    return "{" + ", ".join(f"{'name' if k is str else k}: {_describe(s)}" for k, s in spec.items()) + "}"
-
-
-def _header(header: dict, where: str) -> dict:
-    """The header's entries decoded and checked against ``SCHEMA``: format and version first."""
-    fmt, version = header.get("format"), header.get("format_version")
-    if fmt == FORMAT and version == "1":
-        raise DeployError(f"{where} is a {FORMAT} v1 file, written by an older nesc (no content hash, routing maps "
-                          f"unchecked); this nesc reads v{FORMAT_VERSION}: re-export it with this nesc (export_library)")
-    if fmt != FORMAT or version != FORMAT_VERSION:
-        raise DeployError(f"{where} is not a {FORMAT} v{FORMAT_VERSION} parameters file (format {reprlib.repr(fmt)}, "
-                          f"version {reprlib.repr(version)}); export it again with this version of nesc")
-    keys = set(RAW_KEYS) | set(SCHEMA)
-    _expect(set(header) == keys, where, "names", f"exactly {sorted(keys)}", sorted(header))
-    meta = {}
-    for key, spec in SCHEMA.items():
-        try:
-            meta[key] = json.loads(header[key])
-        except (ValueError, RecursionError) as e:
-            raise DeployError(f"{where}: header entry {key!r} is not JSON ({type(e).__name__}). {_FIX}") from None
-        _expect(_fits(meta[key], spec), where, key, _describe(spec), meta[key])
-    for key in ("library_sha256", "content_sha256"):
-        _expect(_HEX64(header[key]), where, key, _HEX64.__doc__, header[key])
-    _check_relations(meta, where)
-    return meta
-
-
-def _check_relations(meta: dict, where: str) -> None:
-    """What types cannot say: an entry per parameter, a route per routing map, fitting its tensor and pool."""
-    params, kinds, tensors, routes = meta["params"], meta["kinds"], meta["tensors"], meta["routes"]
-    _expect(len(set(params)) == len(params), where, "params", "unique names", params)
-    for key in ("kinds", "tensors"):
-        _expect(set(meta[key]) == set(params), where, key, "one entry per name of 'params'", sorted(meta[key]))
-    maps = sorted(n for n in params if kinds[n] == "route")
-    _expect(sorted(routes) == maps, where, "routes", f"one entry per routing map (kind 'route'): {maps}", sorted(routes))
-    for name, r in routes.items():
-        if r["role"] in PRODUCT_ROLES:
-            _check_product_route(name, r, kinds, tensors, where)
-            continue
-        want = {"dtype": "int32" if r["role"] == "starts" else "float32", "shape": r["grid"] + [4]}
-        _expect(tensors[name] == want, where, f"tensors[{name!r}]", f"{want}, as its route says", tensors[name])
-        pool = r["pool"]
-        _expect(pool is None or (kinds.get(pool) == "pool" and tensors[pool]["shape"] == r["pool_shape"]), where,
-                f"routes[{name!r}]['pool']", f"null or a pool of shape {r['pool_shape']}", pool)
-        _expect(all(m < p for m, p in zip(r.get("max", ()), r["pool_shape"])), where, f"routes[{name!r}]['max']",
-                f"below the pool's shape {r['pool_shape']}", r.get("max"))
-
-
-def _check_product_route(name: str, r: dict, kinds: dict, tensors: dict, where: str) -> None:
-    """A product map's starts are int32 (rows, 2), its fractions float32 (rows,); its range is inside
-    its products; its pool, when named, is a pool with that many rows."""
-    starts = r["role"] == "product_starts"
-    want = {"dtype": "int32" if starts else "float32", "shape": r["grid"] + ([2] if starts else [])}
-    _expect(tensors[name] == want, where, f"tensors[{name!r}]", f"{want}, as its route says", tensors[name])
-    pool, rows = r["pool"], r["products"][1]
-    _expect(pool is None or (kinds.get(pool) == "pool" and tensors[pool]["shape"][:1] == [rows]), where,
-            f"routes[{name!r}]['pool']", f"null or a pool of {rows} rows", pool)
-    _expect(all(m < p for m, p in zip(r.get("max", ()), r["products"])), where, f"routes[{name!r}]['max']",
-            f"below its products {r['products']}", r.get("max"))
-
-
-def _expect(ok: bool, where: str, key: str, expected: str, got) -> None:
-    if not ok:
-        raise DeployError(f"{where}: header entry {key} must be {expected}; got {reprlib.repr(got)}. {_FIX}")
 
 
 # ------------------------------------------------------------------------------------ command line

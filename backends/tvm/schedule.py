@@ -23,16 +23,33 @@ every PrimFunc a rule-based schedule read off its blocks, never off op names:
   blocks inlined, outer loops fused and parallelised, the innermost static axis vectorised.
 
 A function that no rule can schedule keeps its legalized form and is reported by ``schedule_func``
-(``rule == "none"``); tests check that this never happens on the registry models.
+(``rule == "none"``); tests check that this never happens on the registry models. The rules are
+built from the block analysis and loop primitives of ``schedule_primitives.py``.
 """
 
 from __future__ import annotations
 
-from .adapter import region_buffer, relax, s_tir, tir, tvm
+from .adapter import relax, s_tir, tir, tvm
 from .kernels import CROP_NAME, PADDED_NAME, PRODUCTS_DIM_ATTR, SPLIT_ATTR, WEIGHT_NAME
+from .schedule_primitives import (
+    MAX_INNER,
+    VECTOR_LANES,
+    child_blocks,
+    contiguous_reads,
+    divisor,
+    inline_chain,
+    is_reduction,
+    kind,
+    num_spatial,
+    parallel,
+    parallel_vectorize,
+    static,
+    try_inline,
+    vector_lanes,
+    vectorize_with_tail,
+    work,
+)
 
-VECTOR_LANES = 8  # float32 lanes of AVX2; 16-wide inner tiles are two registers
-MAX_INNER = 16  # widest vectorised inner tile
 REGISTER_TILE = 64  # accumulator elements per register block (AVX2 has 16 ymm registers)
 RULES = ("tiled", "dot", "rows", "regenerate", "products", "elementwise", "reshape", "none")
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled function again
@@ -99,10 +116,10 @@ def schedule_func(func: tir.PrimFunc) -> tuple[tir.PrimFunc, str]:
 
 def _candidates(func: tir.PrimFunc):
     sch = s_tir.Schedule(func)
-    if any(sch.get(b).name_hint == WEIGHT_NAME for b in _blocks(sch)):
+    if any(sch.get(b).name_hint == WEIGHT_NAME for b in child_blocks(sch)):
         return (_regenerate, _elementwise)
-    kinds = [_kind(sch, b) for b in _blocks(sch)]
-    if set(kinds) == {"elementwise"} and any(_products_dim(sch, b) is not None for b in _blocks(sch)):
+    kinds = [kind(sch, b) for b in child_blocks(sch)]
+    if set(kinds) == {"elementwise"} and any(_products_dim(sch, b) is not None for b in child_blocks(sch)):
         return (_products, _elementwise)
     if kinds.count("dot") == 1 and not ({"tiled", "rows"} & set(kinds)):
         return (_dot, _rows, _elementwise)
@@ -113,91 +130,28 @@ def _candidates(func: tir.PrimFunc):
     return (_elementwise,)
 
 
-# --------------------------------------------------------------------------------- analysis
-
-
-def _blocks(sch):
-    return list(sch.get_child_blocks(sch.get_sblock("root")))
-
-
-def _is_reduction(sch, block) -> bool:
-    return any(iv.iter_type == tir.IterVar.CommReduce for iv in sch.get(block).iter_vars)
-
-
-def _static(extent) -> int | None:
-    return int(extent) if isinstance(extent, tir.IntImm) else None
-
-
-def _num_spatial(sch, block) -> int:
-    return sum(iv.iter_type == tir.IterVar.DataPar for iv in sch.get(block).iter_vars)
-
-
-def _contiguous_reads(stmt, var) -> list:
-    """Input regions (the accumulator excluded) whose innermost index depends on ``var``."""
-    out = region_buffer(stmt.writes[0])
-    return [
-        r for r in stmt.reads
-        if not region_buffer(r).same_as(out) and any(v.same_as(var) for v in tir.analysis.undefined_vars(r.region[-1].min))
-    ]
-
-
-def _kind(sch, block) -> str:
-    """tiled: a reduction with an input read contiguously along its last spatial axis; rows: another
-    reduction; elementwise: no reduction."""
-    stmt = sch.get(block)
-    if not _is_reduction(sch, block):
-        return "elementwise"
-    spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
-    if not spatial or _static(spatial[-1].dom.extent) in (None, 1):
-        return "rows"  # a global reduction (mean over H, W)
-    if _contiguous_reads(stmt, spatial[-1].var):
-        return "tiled"
-    reduce = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.CommReduce]
-    if len(_contiguous_reads(stmt, reduce[-1].var)) >= 2 and (_static(reduce[-1].dom.extent) or 1) % VECTOR_LANES == 0:
-        return "dot"  # x @ w.T: both operands contiguous along the reduction
-    return "rows"
-
-
-def _lanes(n: int | None) -> int:
-    """Vector lanes for an inner axis of ``n``: a multiple of the register width when one divides
-    ``n`` (16, 8), else the whole axis when it is short, else its largest divisor up to ``MAX_INNER``."""
-    if n is None:
-        return 1
-    for lanes in (MAX_INNER, VECTOR_LANES):
-        if n % lanes == 0:
-            return lanes
-    return n if n <= MAX_INNER else _divisor(n, MAX_INNER)
-
-
-def _divisor(n: int | None, limit: int) -> int:
-    """The largest divisor of ``n`` that is at most ``limit`` (1 when ``n`` is symbolic)."""
-    if n is None:
-        return 1
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
 # ------------------------------------------------------------------------------------ rules
 
 
 def _tiled(sch) -> None:
-    blocks = _blocks(sch)
-    anchor = max((b for b in blocks if _kind(sch, b) == "tiled"), key=lambda b: _work(sch, b))
+    blocks = child_blocks(sch)
+    anchor = max((b for b in blocks if kind(sch, b) == "tiled"), key=lambda b: work(sch, b))
     index = [b.same_as(anchor) for b in blocks].index(True)
     producers, consumers = blocks[:index], blocks[index + 1 :]
     for b in producers:
-        _parallel_vectorize(sch, b)  # pad, transposes: their own parallel pass over the input
-    epilogue = _inline_chain(sch, consumers)
+        parallel_vectorize(sch, b)  # pad, transposes: their own parallel pass over the input
+    epilogue = inline_chain(sch, consumers)
 
     loops = sch.get_loops(anchor)
-    n_spatial = _num_spatial(sch, anchor)
+    n_spatial = num_spatial(sch, anchor)
     spatial, reduce = list(loops[:n_spatial]), list(loops[n_spatial:])
-    extents = [_static(sch.get(lp).extent) for lp in spatial]
-    lanes = _lanes(extents[-1])
+    extents = [static(sch.get(lp).extent) for lp in spatial]
+    lanes = vector_lanes(extents[-1])
     xo, xi = sch.split(spatial[-1], [None, lanes])
     t = _register_axis(sch, anchor, extents)
     fo = fi = None
     if t is not None:
-        fo, fi = sch.split(spatial[t], [None, _divisor(extents[t], max(1, REGISTER_TILE // lanes))])
+        fo, fi = sch.split(spatial[t], [None, divisor(extents[t], max(1, REGISTER_TILE // lanes))])
     outer = [fo if i == t else lp for i, lp in enumerate(spatial[:-1])]
     sch.reorder(*outer, xo, *reduce, *([fi] if fi is not None else []), xi)
     # Accumulate the register block in a tile-sized buffer; write it back (with the epilogue) once per tile.
@@ -207,15 +161,15 @@ def _tiled(sch) -> None:
         sch.set_scope(anchor, 0, "local")
     sch.reverse_compute_at(epilogue, xo)
     sch.vectorize(xi)
-    if fi is not None and (_static(sch.get(fi).extent) or 1) > 1:
+    if fi is not None and (static(sch.get(fi).extent) or 1) > 1:
         sch.unroll(fi)
     # With one lane and no register block, the epilogue and the init have no loop of their own below
     # the tile: their innermost loop is a tile loop, which also runs the reduction and must stay serial
     # (vectorising it gave wrong sums: a 31-wide fold at batch 1).
-    inner = lanes > 1 or (fi is not None and (_static(sch.get(fi).extent) or 1) > 1)
+    inner = lanes > 1 or (fi is not None and (static(sch.get(fi).extent) or 1) > 1)
     if inner:
         sch.vectorize(sch.get_loops(epilogue)[-1])
-    _parallel(sch, outer)  # before decompose_reduction: parallel needs the block to be a whole reduction
+    parallel(sch, outer)  # before decompose_reduction: parallel needs the block to be a whole reduction
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
         if inner:
@@ -229,7 +183,7 @@ def _register_axis(sch, block, extents) -> int | None:
     stmt = sch.get(block)
     spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
     used = set()
-    for region in _contiguous_reads(stmt, spatial[-1]):
+    for region in contiguous_reads(stmt, spatial[-1]):
         for r in region.region:
             used |= {v.name for v in tir.analysis.undefined_vars(r.min)}
     free = [i for i in range(len(spatial) - 1) if extents[i] and extents[i] > 1 and spatial[i].name not in used]
@@ -243,9 +197,9 @@ def _regenerate(sch) -> None:
     """The epitome kernel: the padded pool in parallel; the weight split into its blocks, so that its
     reads of the padded pool are affine (block start + offset); parallel over blocks and output rows,
     the rest of a block row (contiguous in the weight and, in rows form, in the padded pool) vectorised."""
-    _parallel_vectorize(sch, sch.get_sblock(PADDED_NAME))
-    if any(sch.get(b).name_hint == CROP_NAME for b in _blocks(sch)):
-        _parallel_vectorize(sch, sch.get_sblock(CROP_NAME))
+    parallel_vectorize(sch, sch.get_sblock(PADDED_NAME))
+    if any(sch.get(b).name_hint == CROP_NAME for b in child_blocks(sch)):
+        parallel_vectorize(sch, sch.get_sblock(CROP_NAME))
     weight = sch.get_sblock(WEIGHT_NAME)
     o_axis, bo, i_axis, bi = (int(v) for v in sch.get(weight).annotations[SPLIT_ATTR])
     loops = sch.get_loops(weight)
@@ -256,8 +210,8 @@ def _regenerate(sch) -> None:
     outer, row = ([j, k, a], [b, *rest]) if i_axis > o_axis else ([j, k, b], [a, *rest])
     sch.reorder(*outer, *row)
     row = sch.fuse(*row) if len(row) > 1 else row[0]
-    _vectorize_with_tail(sch, row)
-    _parallel(sch, outer)
+    vectorize_with_tail(sch, row)
+    parallel(sch, outer)
 
 
 def _products(sch) -> None:
@@ -265,19 +219,19 @@ def _products(sch) -> None:
     into the last block when that has the gather's axes (elementwise ops, a pad; a residual add may
     join two gathers); otherwise (a reshape after it) each gather keeps its own loops, scheduled the
     same way, and the rest is elementwise."""
-    blocks = _blocks(sch)
+    blocks = child_blocks(sch)
     dims = [_products_dim(sch, b) for b in blocks]
     gathers = {(d, len(sch.get_loops(b))) for b, d in zip(blocks, dims) if d is not None}
     fused = dims[-1] is None and len(gathers) == 1 and next(iter(gathers))[1] == len(sch.get_loops(blocks[-1]))
     for b, d in zip(blocks[:-1], dims[:-1]):
         if fused or d is None:
-            _try_inline(sch, b)
-    for b in _blocks(sch):
+            try_inline(sch, b)
+    for b in child_blocks(sch):
         d = _products_dim(sch, b)
         if d is not None or fused:
             _product_rows(sch, b, next(iter(gathers))[0] if d is None else d)
         else:
-            _parallel_vectorize(sch, b)
+            parallel_vectorize(sch, b)
 
 
 def _products_dim(sch, block) -> int | None:
@@ -290,50 +244,34 @@ def _product_rows(sch, block, dim: int) -> None:
     """Parallel over the axes up to ``dim`` (batch, channel); the axes after it (H, W: contiguous, and
     the gather index does not change along them) fused and vectorised in full registers."""
     loops = sch.get_loops(block)
-    if dim >= len(loops) - 1 or any(_static(sch.get(lp).extent) is None for lp in loops[dim + 1:]):
-        _parallel_vectorize(sch, block)  # channels last (linear): vector lanes over channels
+    if dim >= len(loops) - 1 or any(static(sch.get(lp).extent) is None for lp in loops[dim + 1:]):
+        parallel_vectorize(sch, block)  # channels last (linear): vector lanes over channels
         return
     rest = loops[dim + 1:]
     row = sch.fuse(*rest) if len(rest) > 1 else rest[0]
-    _vectorize_with_tail(sch, row)
-    _parallel(sch, loops[: dim + 1])
-
-
-def _vectorize_with_tail(sch, loop) -> None:
-    """Vectorise a static loop in full registers: the largest multiple of MAX_INNER lanes, then the
-    rest as one short vector (a block row of 262 columns is 16 x 16 + 6, not 131 x 2)."""
-    extent = _static(sch.get(loop).extent)
-    if not extent or extent <= 1:
-        return
-    lanes = min(MAX_INNER, extent)
-    main = extent - extent % lanes
-    if main < extent:
-        loop, tail = sch.loop_partition(loop, [main, None])
-        sch.vectorize(tail)
-    if main > lanes:
-        _, loop = sch.split(loop, [None, lanes])
-    sch.vectorize(loop)
+    vectorize_with_tail(sch, row)
+    parallel(sch, loops[: dim + 1])
 
 
 def _dot(sch) -> None:
     """x @ w.T: both operands run along the reduction. Split it into vector lanes and rfactor them, so
     that each lane accumulates its own partial dot product (contiguous loads, one FMA per lane) for a
     register block of outputs; the lanes are summed once per output at the end, with the epilogue."""
-    blocks = _blocks(sch)
-    index = [_kind(sch, b) for b in blocks].index("dot")
+    blocks = child_blocks(sch)
+    index = [kind(sch, b) for b in blocks].index("dot")
     anchor = blocks[index]
     for b in blocks[:index]:
-        _parallel_vectorize(sch, b)
-    epilogue = _inline_chain(sch, blocks[index + 1 :])
-    n_spatial = _num_spatial(sch, anchor)
+        parallel_vectorize(sch, b)
+    epilogue = inline_chain(sch, blocks[index + 1 :])
+    n_spatial = num_spatial(sch, anchor)
     loops = sch.get_loops(anchor)
     reduce = list(loops[n_spatial:])
-    lanes = MAX_INNER if _static(sch.get(reduce[-1]).extent) % MAX_INNER == 0 else VECTOR_LANES
+    lanes = MAX_INNER if static(sch.get(reduce[-1]).extent) % MAX_INNER == 0 else VECTOR_LANES
     ko, ki = sch.split(reduce[-1], [None, lanes])
     rf = sch.rfactor(ki, factor_axis=n_spatial)
     rf_loops = sch.get_loops(rf)  # spatial..., reduce[:-1]..., ko, ki
-    extents = [_static(sch.get(lp).extent) for lp in rf_loops[:n_spatial]]
-    jo, ji = sch.split(rf_loops[n_spatial - 1], [None, _divisor(extents[-1], 4)])
+    extents = [static(sch.get(lp).extent) for lp in rf_loops[:n_spatial]]
+    jo, ji = sch.split(rf_loops[n_spatial - 1], [None, divisor(extents[-1], 4)])
     # The block of w outermost: it stays in L1 while every row of x (the batch) streams past it.
     outer = [jo, *rf_loops[: n_spatial - 1]]
     sch.reorder(*outer, *rf_loops[n_spatial:-1], ji, rf_loops[-1])
@@ -343,81 +281,25 @@ def _dot(sch) -> None:
     sch.reverse_compute_at(anchor, outer[-1])
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, outer[-1])
-    _parallel(sch, outer)
+    parallel(sch, outer)
     sch.decompose_reduction(rf, rf_loops[n_spatial])
 
 
 def _rows(sch) -> None:
-    blocks = _blocks(sch)
+    blocks = child_blocks(sch)
     for b in blocks[:-1]:
-        if not _is_reduction(sch, b):
-            _try_inline(sch, b)
-    for b in _blocks(sch):
-        if _is_reduction(sch, b):
-            _parallel(sch, sch.get_loops(b)[: _num_spatial(sch, b)])
+        if not is_reduction(sch, b):
+            try_inline(sch, b)
+    for b in child_blocks(sch):
+        if is_reduction(sch, b):
+            parallel(sch, sch.get_loops(b)[: num_spatial(sch, b)])
         else:
-            _parallel_vectorize(sch, b)
+            parallel_vectorize(sch, b)
 
 
 def _elementwise(sch) -> None:
-    blocks = _blocks(sch)
+    blocks = child_blocks(sch)
     for b in blocks[:-1]:
-        _try_inline(sch, b)
-    for b in _blocks(sch):
-        _parallel_vectorize(sch, b)
-
-
-# ------------------------------------------------------------------------------- primitives
-
-
-def _work(sch, block) -> int:
-    """Static iteration count of a block's loop nest (symbolic extents count 1)."""
-    n = 1
-    for lp in sch.get_loops(block):
-        n *= _static(sch.get(lp).extent) or 1
-    return n
-
-
-def _inline_chain(sch, consumers):
-    """Inline every consumer but the last into its successor; return the last (or None)."""
-    if not consumers:
-        return None
-    for b in consumers[:-1]:
-        sch.compute_inline(b)
-    return consumers[-1]
-
-
-def _try_inline(sch, block) -> None:
-    try:
-        sch.compute_inline(block)
-    except s_tir.ScheduleError:
-        pass  # a block that cannot be inlined (several consumers, a reduction) keeps its own loops
-
-
-def _parallel(sch, loops) -> None:
-    """Fuse the outer loops and run them in parallel."""
-    loops = list(loops)
-    if not loops:
-        return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    sch.parallel(fused)
-
-
-def _parallel_vectorize(sch, block) -> None:
-    """Parallel outer loops; the innermost loop vectorised when static (split to at most MAX_INNER)."""
-    loops = sch.get_loops(block)
-    if not loops:
-        return
-    inner = loops[-1]
-    extent = _static(sch.get(inner).extent)
-    if extent is not None and extent > 1 and len(loops) > 1:
-        lanes = _divisor(extent, MAX_INNER)
-        if lanes < extent:
-            io, inner = sch.split(inner, [None, lanes])
-            loops = list(loops[:-1]) + [io]
-        else:
-            loops = list(loops[:-1])
-        sch.vectorize(inner)
-        _parallel(sch, loops)
-    else:
-        _parallel(sch, loops)
+        try_inline(sch, b)
+    for b in child_blocks(sch):
+        parallel_vectorize(sch, b)

@@ -3,6 +3,7 @@ into a deployable library and its parameters file.
 
     nesc compile resnet18_cifar -o r18.so --compare-dense   # compress, freeze, build, export; + dense size
     nesc compile r18.nesc -o r18-arm64.so --target aarch64
+    nesc compile mlp -o mlp.so --regenerate per_call     # weights rebuilt in every call: less memory
 
 ``nesc/backends/tvm/runtime.py`` runs the exported files with tvm and numpy only. TVM is an optional
 extra, so its modules are imported when the verb runs, not when the command line starts. Both files
@@ -20,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import fx
 
+from nesc.api import REGENERATE_DEFAULT
 from nesc.api import compile as tvm_compile
 from nesc.api import freeze, load, transform
 from nesc.cli.common import (
@@ -57,6 +59,9 @@ def add_parser(commands, config: argparse.ArgumentParser) -> None:
     compile_.add_argument("--batch", type=int, default=1, help="batch size the library is built for (default 1)")
     compile_.add_argument("--dynamic-batch", action="store_true",
                           help="one library for any batch size (about 2x slower in the VM; no tuning)")
+    compile_.add_argument("--regenerate", choices=("once", "per_call"), default=REGENERATE_DEFAULT,
+                          help="once: weights rebuilt from the pools when the model loads (dense speed); "
+                               f"per_call: in every call (less memory). Default {REGENERATE_DEFAULT}")
     compile_.add_argument("--cache-dir", type=Path, help="tuning database folder (default ~/.cache/nesc/tvm)")
     compile_.add_argument("--init", metavar="CHECKPOINT", type=Path,
                           help="local dense checkpoint (.safetensors or .pt state_dict) to start from")
@@ -71,9 +76,10 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     with stages.progress():
         with stages.stage("load" if is_artifact(args.model) else "compress", args.model):
             frozen, inputs = _frozen(args)
-        with stages.stage("compile", f"for {target.name}" + (f", tuning {args.tune}" if tune else "")):
+        with stages.stage("compile", f"for {target.name}, regenerate {args.regenerate}"
+                          + (f", tuning {args.tune}" if tune else "")):
             compiled = tvm_compile(frozen, inputs, target, tune=tune, cache_dir=args.cache_dir,
-                                   dynamic_batch=args.dynamic_batch)
+                                   dynamic_batch=args.dynamic_batch, regenerate=args.regenerate)
         with stages.stage("export", str(args.out)):
             files = compiled.export_library(args.out, overwrite=args.force)
         if args.compare_dense:
@@ -138,5 +144,6 @@ def _dense_deployed_bytes(args: argparse.Namespace, inputs: tuple, target, tune)
     model = create_model(spec, nes_config(args, spec).seed, args.init)
     with tempfile.TemporaryDirectory() as folder:
         files = tvm_compile(model.eval(), inputs, target, tune=tune, cache_dir=args.cache_dir,
-                            dynamic_batch=args.dynamic_batch).export_library(Path(folder) / "dense.so")
+                            dynamic_batch=args.dynamic_batch, regenerate=args.regenerate).export_library(
+                                Path(folder) / "dense.so")
         return files.total_bytes

@@ -71,6 +71,10 @@ TVM_PADDED_POOL = "nesc_padded_pool"
 TVM_WEIGHT = "nesc_weight"
 TVM_WEIGHT_CROP = "nesc_weight_crop"
 TVM_SPLIT_ATTR = "nesc_split"
+# backends.tvm.kernels: block (and PrimFunc hint) of a product map's gather (passes.reuse), and its
+# block annotation: the axis the gather indexes.
+TVM_GATHER_PRODUCTS = "nesc_gather_products"
+TVM_PRODUCTS_DIM_ATTR = "nesc_products_dim"
 
 
 def pool_name(index: int) -> str:

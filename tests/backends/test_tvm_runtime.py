@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,37 +16,9 @@ from safetensors.numpy import save_file
 import nesc
 from helpers import BACKEND_REL, assert_backend_close, registry_inputs
 from product_cases import products_registry
-from tvm_deploy_cases import compiled_registry, eager, frozen_registry
+from tvm_deploy_cases import RUNTIME_FILE, compiled_registry, eager, frozen_registry, run_torch_free
 
 from nesc.backends.tvm import runtime
-
-RUNTIME_FILE = Path(runtime.__file__)
-
-# Runs in a fresh interpreter: makes torch unimportable (a device without it), loads runtime.py by
-# file path (no nesc package), runs the model and checks parity against the eager output saved by
-# the test. Exit code 0 only if every check passed.
-TORCH_FREE_SCRIPT = textwrap.dedent("""
-    import importlib.util, sys
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ModuleNotFoundError("no torch on this device", name=name)
-    sys.meta_path.insert(0, NoTorch())
-    runtime_file, library, x_file, y_file, rel = sys.argv[1:]
-    spec = importlib.util.spec_from_file_location("nesc_tvm_runtime", runtime_file)
-    rt = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rt)
-    import numpy as np
-    model = rt.load(library)
-    y, want = model(np.load(x_file)), np.load(y_file)
-    assert y.shape == want.shape, (y.shape, want.shape)
-    err, scale = float(np.abs(y - want).max()), float(np.abs(want).max())
-    assert err <= float(rel) * scale, f"max abs error {err} > {rel} x {scale}"
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nesc"))
-    assert not loaded, loaded
-    print("ok", y.shape, err)
-""")
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -67,11 +38,27 @@ def _reference(tmp_path: Path, batch: int) -> tuple[Path, Path, np.ndarray]:
 
 
 def test_runs_in_a_process_without_torch(exported: Path, tmp_path: Path) -> None:
-    x, y, _ = _reference(tmp_path, batch=3)
-    done = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(RUNTIME_FILE), str(exported), str(x), str(y),
-                           str(BACKEND_REL)], capture_output=True, text=True, timeout=300)
+    _, frozen = frozen_registry("cnn1d")
+    inputs = registry_inputs("cnn1d", 3)
+    library = tmp_path / "cnn1d.so"
+    shutil.copy(exported, library)
+    shutil.copy(runtime.params_path(exported), runtime.params_path(library))
+    done = run_torch_free(library, inputs, eager(frozen, inputs), BACKEND_REL, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok (3, 10)")
+
+
+def test_a_copy_of_the_runtime_needs_its_schema_next_to_it(exported: Path, tmp_path: Path) -> None:
+    """On a device: runtime.py and deploy_schema.py side by side run the model; runtime.py alone says
+    which file is missing."""
+    shutil.copy(RUNTIME_FILE, tmp_path / "runtime.py")
+    done = subprocess.run([sys.executable, str(tmp_path / "runtime.py"), str(exported)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "needs deploy_schema.py next to runtime.py" in done.stderr
+    shutil.copy(RUNTIME_FILE.with_name("deploy_schema.py"), tmp_path / "deploy_schema.py")
+    done = subprocess.run([sys.executable, str(tmp_path / "runtime.py"), str(exported)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "output 1x10 float32" in done.stdout, done.stderr[-3000:]
 
 
 # The issue's deployment bar: these registry models, compiled and exported, run torch-free with parity.
@@ -87,11 +74,7 @@ def test_registry_model_deploys_and_runs_without_torch(name: str, tmp_path: Path
     inputs = registry_inputs(name, 1)  # static batch 1: an edge deployment
     library = tmp_path / f"{name}.so"
     nesc.compile(frozen, inputs).export_library(library)
-    np.save(tmp_path / "x.npy", inputs[0].numpy())
-    np.save(tmp_path / "y.npy", eager(frozen, inputs).numpy())
-    done = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(RUNTIME_FILE), str(library),
-                           str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(BACKEND_REL)],
-                          capture_output=True, text=True, timeout=600)
+    done = run_torch_free(library, inputs, eager(frozen, inputs), BACKEND_REL)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok (1, ")
 
@@ -104,11 +87,7 @@ def test_product_map_model_deploys_and_runs_without_torch(name: str, tmp_path: P
     compiled = nesc.compile(frozen, inputs, dynamic_batch=True)
     assert {r["role"] for r in compiled.routes.values()} >= {"product_starts", "product_fracs"}
     compiled.export_library(library)
-    np.save(tmp_path / "x.npy", inputs[0].numpy())
-    np.save(tmp_path / "y.npy", eager(frozen, inputs).numpy())
-    done = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(RUNTIME_FILE), str(library),
-                           str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(BACKEND_REL)],
-                          capture_output=True, text=True, timeout=600)
+    done = run_torch_free(library, inputs, eager(frozen, inputs), BACKEND_REL)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok (3, ")
 
@@ -152,7 +131,7 @@ def test_foreign_safetensors_file_is_refused(exported: Path, tmp_path: Path) -> 
     library = tmp_path / "cnn1d.so"
     shutil.copy(exported, library)
     save_file({"w": np.zeros(3, np.float32)}, str(runtime.params_path(library)))
-    with pytest.raises(runtime.DeployError, match="is not a nesc-tvm v2 parameters file"):
+    with pytest.raises(runtime.DeployError, match="is not a nesc-tvm v3 parameters file"):
         runtime.load(library)
 
 
