@@ -4,15 +4,20 @@ A frozen nesc model computes each weight with ``torch.ops.nesc.regenerate``. Exp
 tool on the way folds that computation into a dense constant, because all of its inputs are
 initializers: the legacy exporter (unless ``do_constant_folding=False``), the dynamo exporter's
 optimizer (``optimize=True`` folds the small layers), onnxsim (unless told that initializers are not
-constants). So the route is, one named step per line of ``export_onnx``:
+constants). onnxruntime should fold it, but in memory, once per session: then the file is small and
+the session runs the dense graph. So the route is, one named step per line of ``export_onnx``:
 
 1. ``lower``: run the rewrite pass each nesc op names in ``LOWERINGS`` on a copy of the model
-   (``decompose_regenerate``: index arithmetic over the pool and the routing map);
+   (``regenerate.DecomposeRegenerateOnnx``: index arithmetic over the pool and the routing map, with
+   few weight-sized intermediates, which is what onnxruntime's folding holds in memory at creation);
 2. ``capture``: ``torch.export`` with a symbolic batch dimension;
 3. ``check_supported``: list *every* op that the exporter's registry (torchlib) can neither translate
    nor decompose in one ``OnnxExportError``, before any translation starts;
 4. ``translate``: ``torch.onnx.export(dynamo=True, optimize=False)``; the TorchScript exporter
    (``dynamo=False``) cannot translate the aten ops the lowering produces (``aten::_to_copy``);
+   then ``resolve_cast_like``: the exporter's ``CastLike`` nodes become ``Cast`` (same values), the
+   one op on the regeneration's path that onnxruntime's constant folder cannot run, so that a default
+   onnxruntime session folds every weight once, at creation, and runs at the dense model's speed;
 5. ``simplify``: onnxsim with ``initializers_as_constants=False``: it folds shape arithmetic and
    ``Range``s but leaves every node that depends on an initializer, so no weight is baked in;
 6. ``check_compressed``: the bytes of every tensor stored in the file (initializers and
@@ -24,8 +29,11 @@ constants). So the route is, one named step per line of ``export_onnx``:
    all (temporary file, fsync, rename; a full disk is an ``OutputError`` and leaves nothing).
 
 Files: this one holds the entry points (``export_onnx``, ``export_dense_onnx``), their argument
-checks and the ``OnnxExport`` report; ``export.py`` the steps (1, 2, 4, 5, 7); ``check.py`` the two
-checks (3, 6), ``OnnxExportError`` and the byte counts. Example inputs go through
+checks and the ``OnnxExport`` report; ``export.py`` the steps (1, 2, 4, 5, 7); ``regenerate.py`` and
+``decompose_products.py`` the lowerings of step 1; ``check.py`` the two checks (3, 6),
+``OnnxExportError`` and the byte counts; ``runtime.py`` ``ort_session``: an
+onnxruntime session that regenerates ``"once"`` (folded at creation: dense speed, dense memory; the
+default) or ``"per_call"`` (pools in memory, every run regenerates). Example inputs go through
 ``nesc.core.inputs``, torch.onnx's internal tables through ``nesc.core.compat``.
 
 Opset 18 (``DEFAULT_OPSET``): the opset torchlib's translations are written for; onnxruntime 1.31 and
@@ -73,16 +81,19 @@ from .export import (  # noqa: E402
     capture,
     constants_as_nodes,
     lower,
+    resolve_cast_like,
     save,
     simplify_model,
     translate,
 )
+from .runtime import REGENERATE, ort_session  # noqa: E402
 
 __all__ = [
     "BATCH", "CONSTANT_ALLOWANCE", "CONSTANT_SLACK_BYTES", "DEFAULT_OPSET", "LOWERINGS", "PLUMBING",
-    "PROTOBUF_LIMIT", "OnnxExport", "OnnxExportError", "capture", "check_compressed", "check_supported",
-    "constants_as_nodes", "export_dense_onnx", "export_onnx", "lower", "module_bytes", "save",
-    "simplify_model", "tensor_bytes", "translate", "unsupported_error",
+    "PROTOBUF_LIMIT", "REGENERATE", "OnnxExport", "OnnxExportError", "capture", "check_compressed",
+    "check_supported", "constants_as_nodes", "export_dense_onnx", "export_onnx", "lower", "module_bytes",
+    "ort_session", "resolve_cast_like", "save", "simplify_model", "tensor_bytes", "translate",
+    "unsupported_error",
 ]
 
 DEFAULT_OPSET = 18
@@ -169,7 +180,7 @@ def _to_onnx(module: nn.Module, inputs, *, simplify: bool, opset: int, dynamic_b
     """Steps 2-5 (the steps are looked up here, in the package, so that one can be swapped for a test)."""
     program = capture(module, inputs, dynamic_batch)
     check_supported(program, opset)
-    model = translate(program, opset)
+    model = resolve_cast_like(translate(program, opset))
     if simplify:
         model = constants_as_nodes(simplify_model(model), keep={t.name for t in model.graph.initializer})
     return model, tuple(sorted({n.op_type for n in model.graph.node}))

@@ -1,11 +1,14 @@
 """The steps of ``export_onnx``, one function each, in the order it runs them.
 
 1. ``lower``: a copy of the model whose nesc ops are rewritten by the pass each names in ``LOWERINGS``
-   (``decompose_regenerate``: index arithmetic over the pool and the routing map;
+   (``regenerate.DecomposeRegenerateOnnx``: index arithmetic over the pool and the routing map, in
+   the form onnxruntime folds with the fewest weight-sized intermediates;
    ``decompose_products.DecomposeGatherProducts``: the product map as gathers and a lerp);
 2. ``capture``: ``torch.export`` with the batch dimension named ``BATCH`` (``nesc.core.inputs``);
 3. (``check.check_supported``);
 4. ``translate``: ``torch.onnx.export(dynamo=True, optimize=False)``;
+4b. ``resolve_cast_like``: every ``CastLike`` whose target type is known becomes a ``Cast``, so that
+   onnxruntime folds the regeneration into dense weights once, when it creates a session;
 5. ``simplify_model``: onnxsim, told that initializers are not constants;
 6. ``constants_as_nodes``: onnxsim's folded shape vectors become ``Constant`` nodes, so that the
    file's initializers are exactly the module's tensors;
@@ -31,6 +34,7 @@ from nesc.passes.infra import NescPass
 
 from .check import OnnxExportError, unsupported_error
 from .decompose_products import DecomposeGatherProducts
+from .regenerate import DecomposeRegenerateOnnx
 
 BATCH = "batch"  # name of the symbolic batch dimension in the exported file
 PROTOBUF_LIMIT = 2**31  # a single-file ONNX model must serialise under 2 GiB
@@ -39,7 +43,7 @@ PROTOBUF_LIMIT = 2**31  # a single-file ONNX model must serialise under 2 GiB
 # nesc.passes.pipeline.PASSES, or a pass of this backend (a NescPass class) for an op only exporters
 # need spelled out. Run in this order on a copy of the model before capture.
 LOWERINGS: dict[object, str | type[NescPass]] = {
-    torch.ops.nesc.regenerate.default: "decompose_regenerate",
+    torch.ops.nesc.regenerate.default: DecomposeRegenerateOnnx,
     torch.ops.nesc.gather_products.default: DecomposeGatherProducts,
 }
 
@@ -106,6 +110,49 @@ def _name_batch(model: onnx.ModelProto) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param == symbol:
                 dim.dim_param = BATCH
+
+
+def resolve_cast_like(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ``CastLike(x, like)`` as ``Cast(x, to=<like's element type>)`` wherever that type is known
+    (graph inputs, initializers, ``Constant`` values, the exporter's ``value_info``, ONNX shape
+    inference); returns ``model``, changed in place. The same values: the type is all ``CastLike``
+    reads of ``like``.
+
+    torchlib spells scalar-to-tensor casts (``where``, ``clamp``, ``lerp``) as ``CastLike``, which
+    onnxruntime's CPU provider runs only as its function body: its constant folder finds no kernel
+    for the node ("Could not find a CPU kernel and hence can't constant fold CastLike"), and every
+    node after it (the whole regeneration: index, gather, interpolation) is recomputed on every
+    run. With plain ``Cast`` it folds each regenerated weight into a dense initializer when the
+    session is created (graph optimization level basic and up, the default), in memory only.
+    """
+    casts = [n for n in model.graph.node if n.op_type == "CastLike" and n.domain in ("", "ai.onnx")]
+    if not casts:
+        return model
+    types = _element_types(model)
+    for node in casts:
+        to = types.get(node.input[1], onnx.TensorProto.UNDEFINED)
+        if to == onnx.TensorProto.UNDEFINED:
+            continue  # unknown here; stays CastLike (correct, only not foldable by onnxruntime)
+        node.op_type = "Cast"
+        del node.input[1:]
+        node.attribute.append(onnx.helper.make_attribute("to", to))
+    return model
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Value name -> ONNX element type, for every value whose type the model states or implies."""
+    graph = model.graph
+    try:  # shape inference fills value_info for what the exporter left out; it needs a < 2 GiB proto
+        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    except Exception:  # noqa: BLE001 - best effort: the stated types below still apply
+        inferred = []
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred, *graph.value_info, *graph.input, *graph.output] if v.type.HasField("tensor_type")}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            types[node.output[0]] = node.attribute[0].t.data_type
+    return types
 
 
 def simplify_model(model: onnx.ModelProto) -> onnx.ModelProto:
