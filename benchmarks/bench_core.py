@@ -519,26 +519,46 @@ def main(argv: list[str] | None = None) -> int:
     facts["flush_denormal"] = not args.keep_denormals
     facts["weight_cache"] = not args.no_cache
     t0 = time.perf_counter()
-    results: list[Result] = []
+
+    def failed(name: str, error: str) -> Result:
+        shape = input_shape(name, settings.test_size)
+        return Result(name, shape, settings.batch_for(shape), error=error)
+
+    def summary(r: Result) -> None:
+        if not console.is_terminal:  # no live bars in a log file: one line per model instead
+            console.print(_summary_line(r))
+
+    results = run_models(names, lambda name, progress: bench_model(name, settings, progress), failed, summary)
+    facts["wall_s"] = time.perf_counter() - t0
+    facts["loadavg_end"] = os.getloadavg()
+
+    return write_results(args.out / args.name, facts, settings, results, markdown(facts, settings, results))
+
+
+def input_shape(name: str, test_size: bool) -> tuple[int, ...]:
+    spec = get_spec(name)
+    return spec.test_input_shape if test_size else spec.input_shape
+
+
+def run_models(names: list[str], bench: Callable[[str, Progress], object], failed: Callable[[str, str], object],
+               after: Callable[[object], None] | None = None) -> list:
+    """``bench(name, progress)`` for every model under one progress display, in order. A model that
+    raises becomes ``failed(name, traceback)`` (a result carrying the error, printed in red): one
+    broken model must not lose the others' numbers. ``after(result)`` runs after each model."""
+    results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         overall = progress.add_task("models", total=len(names))
         for name in names:
             try:
-                results.append(bench_model(name, settings, progress))
-            except Exception:  # noqa: BLE001  one broken model must not lose the others' numbers; the error is reported
-                spec = get_spec(name)
-                shape = spec.test_input_shape if settings.test_size else spec.input_shape
-                r = Result(name, shape, settings.batch_for(shape), error=traceback.format_exc())
-                results.append(r)
-                console.print(f"[red]{name} failed:[/red] {r.error.splitlines()[-1]}")
+                results.append(bench(name, progress))
+            except Exception:  # noqa: BLE001  reported in the result and on the console
+                results.append(failed(name, traceback.format_exc()))
+                console.print(f"[red]{name} failed:[/red] {results[-1].error.splitlines()[-1]}")
             progress.advance(overall)
-            if not console.is_terminal:  # no live bars in a log file: one line per model instead
-                console.print(_summary_line(results[-1]))
-    facts["wall_s"] = time.perf_counter() - t0
-    facts["loadavg_end"] = os.getloadavg()
-
-    return write_results(args.out / args.name, facts, settings, results, markdown(facts, settings, results))
+            if after is not None:
+                after(results[-1])
+    return results
 
 
 def model_names(models: str | None) -> list[str]:

@@ -37,7 +37,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,9 +44,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_core.py
 
 import torch
-from bench_core import NOISY_SPREAD, RESULTS, console, forward, interleaved, machine_facts, model_names, write_results
+from bench_core import (NOISY_SPREAD, RESULTS, console, forward, input_shape, interleaved, machine_facts, model_names,
+                        run_models, write_results)
 from bench_tvm import rel_error
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from torch.utils.flop_counter import FlopCounterMode
 
 import nesc
@@ -378,19 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                                "tvm_runtime_threads": tvm.get_global_func("runtime.NumThreads")()}
     facts["env"] |= {"TVM_NUM_THREADS": os.environ["TVM_NUM_THREADS"]}
     t0 = time.perf_counter()
-    results: list[Result] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        overall = progress.add_task("models", total=len(names_))
-        for name in names_:
-            try:
-                results.append(bench_model(name, settings, progress))
-            except Exception:  # noqa: BLE001  one broken model must not lose the others' numbers; reported
-                spec = get_spec(name)
-                results.append(Result(name, spec.test_input_shape if settings.test_size else spec.input_shape,
-                                      error=traceback.format_exc()))
-                console.print(f"[red]{name} failed:[/red] {results[-1].error.splitlines()[-1]}")
-            progress.advance(overall)
+    results = run_models(names_, lambda name, progress: bench_model(name, settings, progress),
+                         lambda name, error: Result(name, input_shape(name, settings.test_size), error=error))
     facts["wall_s"] = time.perf_counter() - t0
     facts["loadavg_end"] = os.getloadavg()
     return write_results(args.out / args.name, facts, settings, results, markdown(facts, settings, results))

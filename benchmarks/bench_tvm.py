@@ -40,7 +40,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -48,8 +47,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_core.py
 
 import numpy as np
 import torch
-from bench_core import RESULTS, console, interleaved, machine_facts, model_names, write_results
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from bench_core import (RESULTS, input_shape, interleaved, machine_facts, model_names, run_models,
+                        write_results)
+from rich.progress import Progress
 from torch import nn
 
 import nesc
@@ -348,19 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     names = model_names(args.models)
     facts = machine_facts() | {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
                                "tvm_num_threads": os.environ.get("TVM_NUM_THREADS", "TVM default")}
-    results: list[Result] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        overall = progress.add_task("models", total=len(names))
-        for name in names:
-            try:
-                results.append(bench_model(name, settings, progress))
-            except Exception:  # noqa: BLE001  one broken model must not lose the others' numbers; reported
-                spec = get_spec(name)
-                results.append(Result(name, spec.test_input_shape if settings.test_size else spec.input_shape,
-                                      error=traceback.format_exc()))
-                console.print(f"[red]{name} failed:[/red] {results[-1].error.splitlines()[-1]}")
-            progress.advance(overall)
+    results = run_models(names, lambda name, progress: bench_model(name, settings, progress),
+                         lambda name, error: Result(name, input_shape(name, settings.test_size), error=error))
     facts["loadavg_end"] = os.getloadavg()
     return write_results(args.out / args.name, facts, settings, results, markdown(facts, settings, results))
 
