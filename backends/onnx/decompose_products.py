@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
-from nesc.core.errors import PassOrderError
 from nesc.core.modules import GATHER_ARGS, is_gather_products
-from nesc.passes.infra import NescPass, PassResult, broken_promise
+from nesc.passes.infra import PassResult
+
+from .retarget import RetargetNodes
 
 
 def gather_products_aten(products: Tensor, starts: Tensor, fracs: Tensor, bias: Tensor | None, dim: int,
@@ -52,38 +53,15 @@ def gather_products_aten(products: Tensor, starts: Tensor, fracs: Tensor, bias: 
     return out if bias is None else out + bias.view(view)
 
 
-class DecomposeGatherProducts(NescPass):
+class DecomposeGatherProducts(RetargetNodes):
     name = "decompose_gather_products"
-
-    def requires(self, gm: fx.GraphModule) -> None:
-        for node in _gather_nodes(gm):
-            for role in ("starts", "fracs"):
-                arg = node.args[GATHER_ARGS.index(role)]
-                if not isinstance(arg, fx.Node) or arg.op != "get_attr":
-                    raise PassOrderError(
-                        f"{self.name}: node {node.name!r} reads its product map's {role} from {arg!r}, expected a "
-                        f"get_attr of the frozen module's routing map. Run it on the output of nesc.freeze or "
-                        f"nesc.load, which read product maps through get_attr."
-                    )
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        nodes = _gather_nodes(gm)
-        for node in nodes:
-            node.target = gather_products_aten  # same arguments, same meta (its value, its module)
-        if nodes:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, bool(nodes))
-
-    def ensures(self, gm: fx.GraphModule) -> None:
-        if _gather_nodes(gm):
-            raise broken_promise(self.name, "gather_products nodes are left")
+    matches = staticmethod(is_gather_products)
+    target = staticmethod(gather_products_aten)
+    stored = {GATHER_ARGS.index("starts"): "product map's starts", GATHER_ARGS.index("fracs"): "product map's fracs"}
+    what, op = "product maps", "gather_products"
 
 
 def decompose_gather_products(gm: fx.GraphModule) -> PassResult:
     """``DecomposeGatherProducts()(gm)``: the pass as a plain function."""
     return DecomposeGatherProducts()(gm)
 
-
-def _gather_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if is_gather_products(n)]

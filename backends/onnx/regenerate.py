@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from nesc.core.errors import PassOrderError
 from nesc.core.modules import is_regenerate
 from nesc.core.sampling import Geometry
-from nesc.passes.infra import NescPass, PassResult, broken_promise
+from nesc.passes.infra import PassResult
+
+from .retarget import RetargetNodes
 
 
 def regenerate_rows(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, shape, block, layout: str) -> Tensor:
@@ -119,37 +120,15 @@ def _crop(w: Tensor, dim: int, size: int) -> Tensor:
     return w if w.shape[dim] == size else w.narrow(dim, 0, size)  # only where the last block overhangs
 
 
-class DecomposeRegenerateOnnx(NescPass):
+class DecomposeRegenerateOnnx(RetargetNodes):
     name = "decompose_regenerate_onnx"
-
-    def requires(self, gm: fx.GraphModule) -> None:
-        for node in _regenerate_nodes(gm):
-            for arg, role in zip(node.args[:3], ("pool", "starts", "fracs")):
-                if not isinstance(arg, fx.Node) or arg.op != "get_attr":
-                    raise PassOrderError(
-                        f"{self.name}: node {node.name!r} reads its {role} from {arg!r}, expected a get_attr of "
-                        f"the frozen module's tensor. Run it on the output of nesc.freeze or nesc.load, which read "
-                        f"pools and routing maps through get_attr."
-                    )
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        nodes = _regenerate_nodes(gm)
-        for node in nodes:
-            node.target = regenerate_rows  # same arguments, same meta (the weight's name)
-        if nodes:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, bool(nodes))
-
-    def ensures(self, gm: fx.GraphModule) -> None:
-        if _regenerate_nodes(gm):
-            raise broken_promise(self.name, "regenerate nodes are left")
+    matches = staticmethod(is_regenerate)
+    target = staticmethod(regenerate_rows)
+    stored = {0: "pool", 1: "starts", 2: "fracs"}
+    what, op = "pools and routing maps", "regenerate"
 
 
 def decompose_regenerate_onnx(gm: fx.GraphModule) -> PassResult:
     """``DecomposeRegenerateOnnx()(gm)``: the pass as a plain function."""
     return DecomposeRegenerateOnnx()(gm)
 
-
-def _regenerate_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if is_regenerate(n)]
