@@ -70,11 +70,15 @@ def _run_kernel(te_func, pool_shape, geometry: Geometry, scale: float, pool, bas
     W = te_func(P, S, Fr, scale=scale, geometry=geometry)
     func, rule = schedule_func(te.create_prim_func([P, S, Fr, W]))
     assert rule == "regenerate", rule
+    return _compile_and_run(func, [pool.reshape(pool_shape), base, frac], W.shape)
+
+
+def _compile_and_run(func, inputs: list[torch.Tensor], out_shape) -> torch.Tensor:
+    """Build the scheduled prim func ``func`` for the CPU and run it on ``inputs``; its float32 output."""
     lib = tvm.compile(func, target=TARGET)
     dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros([int(d) for d in W.shape], "float32"), dev)
-    args = [pool.reshape(pool_shape).numpy(), base.numpy(), frac.numpy()]
-    lib(*[tvm.runtime.tensor(a, dev) for a in args], out)
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in out_shape], "float32"), dev)
+    lib(*[tvm.runtime.tensor(t.numpy(), dev) for t in inputs], out)
     return torch.from_numpy(out.numpy())
 
 
@@ -431,12 +435,9 @@ def test_gather_products_kernel_matches_the_op_and_gets_its_schedule(name):
     out = gather_products_te(*holders, dim=dim % len(shape), channels=channels, block=block, rows=rows)
     func, rule = schedule_func(te.create_prim_func([*holders, out]))
     assert rule == "products", rule
-    lib = tvm.compile(func, target=TARGET)
-    dev = tvm.cpu()
-    result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], "float32"), dev)
-    lib(*[tvm.runtime.tensor(t.numpy(), dev) for t in tensors], result)
+    result = _compile_and_run(func, tensors, out.shape)
     want = GATHER_PRODUCTS(products, starts, fracs, bias, dim, channels, block, rows)
-    assert_close(torch.from_numpy(result.numpy()), want, CLOSE, name)
+    assert_close(result, want, CLOSE, name)
 
 
 def _flatten_relu(gathered):
@@ -465,13 +466,10 @@ def test_a_gather_fused_with_what_follows_keeps_its_rule(after):
     out = after(gathered)
     func, rule = schedule_func(te.create_prim_func([*holders, out]))
     assert rule == "products", rule
-    lib = tvm.compile(func, target=TARGET)
-    dev = tvm.cpu()
-    result = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], "float32"), dev)
-    lib(*[tvm.runtime.tensor(t.numpy(), dev) for t in tensors], result)
+    result = _compile_and_run(func, tensors, out.shape)
     eager = [GATHER_PRODUCTS(*m, 1, channels, block, rows) for m in maps]
     want = eager[0].flatten(1).relu() if after is _flatten_relu else eager[0] + eager[1]
-    assert_close(torch.from_numpy(result.numpy()), want, CLOSE, after.__name__)
+    assert_close(result, want, CLOSE, after.__name__)
 
 
 class ProductConv(nn.Module):
