@@ -264,6 +264,13 @@ def test_a_consistently_widened_route_is_refused_by_the_library_facts(deployment
     routes[name] |= {"pool": None, "pool_shape": [64, 64, 1, 1], "max": [60, 60, 0, 0]}
     starts = deployment.tensors[name].copy()
     starts[0, 0, 0] = 60
+    _assert_widened_header_refused(deployment, worker, tmp_path, name, starts, routes)
+
+
+def _assert_widened_header_refused(deployment: Deployment, worker: Worker, tmp_path, name: str, starts,
+                                   routes: dict) -> None:
+    """Deploy ``starts`` under a header whose ``routes`` were widened consistently to allow them: the
+    header alone checks out, but the library refuses it (its compiled facts differ)."""
     data = reseal(fz.replace_tensors(deployment.data, {name: starts}, deployment.header | {"routes": json.dumps(
         routes)}))
     library = tmp_path / "model.so"
@@ -381,15 +388,7 @@ def test_a_consistently_widened_product_map_is_refused_by_the_library_facts(
     routes[name] |= {"pool": None, "products": [64, 64], "max": [63, 63]}
     starts = products_deployment.tensors[name].copy()
     starts[0] = 63
-    data = reseal(fz.replace_tensors(products_deployment.data, {name: starts},
-                                     products_deployment.header | {"routes": json.dumps(routes)}))
-    library = tmp_path / "model.so"
-    shutil.copy(products_deployment.library, library)
-    runtime.params_path(library).write_bytes(data)
-    runtime.read_params(library)  # the header alone is consistent...
-    report = products_worker.load(library)  # ...but not what the library was built with
-    assert report["outcome"] == "deploy_error" and "routes differ from what model.so was built with" in report[
-        "message"], report
+    _assert_widened_header_refused(products_deployment, products_worker, tmp_path, name, starts, routes)
 
 
 @pytest.mark.parametrize("edit, match", [
