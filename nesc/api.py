@@ -65,9 +65,13 @@ def fit_to_model(gm: fx.GraphModule, model: nn.Module, match_spread: bool = Fals
     return gm.meta[names.FIT_ERRORS]
 
 
-def freeze(gm: fx.GraphModule) -> fx.GraphModule:
+def freeze(gm: fx.GraphModule, *, fold_batchnorm: bool = False) -> fx.GraphModule:
     """Return a frozen copy: learned indices become routing maps; the copy is in eval mode and stores
-    only pools, routing maps and what stayed dense. Its outputs equal ``gm.eval()``'s."""
+    only pools, routing maps and what stayed dense. Its outputs equal ``gm.eval()``'s bit for bit.
+
+    ``fold_batchnorm=True`` also turns every batch norm into a per-channel scale and shift
+    (``passes.fold_batchnorm``): two tensors instead of four, smaller files for deployment, outputs
+    equal up to float rounding; the batch norms no longer use batch statistics in training mode."""
     wide = sorted({m.width for m in gm.modules() if isinstance(m, EpitomeSampler) and m.width > 1})
     if wide:
         warnings.warn(NescWarning(
@@ -77,7 +81,8 @@ def freeze(gm: fx.GraphModule) -> fx.GraphModule:
             f"fine-tune)"), stacklevel=2)
     frozen = copy.deepcopy(gm).eval()
     frozen.meta = copy.copy(gm.meta)
-    return pipeline.run(frozen, pipeline.FREEZE)
+    steps = pipeline.FREEZE + (pipeline.FOLD_BATCHNORM if fold_batchnorm else [])
+    return pipeline.run(frozen, steps)
 
 
 def summary(gm: fx.GraphModule, print_table: bool = True) -> Report:

@@ -275,6 +275,8 @@ def _describe(gm, node, x, name, state, weight_op: WeightOp, transposed, order, 
             (O, I), layout, op = (w_shape, "linear", "matmul") if stored_out_in else (w_shape[::-1], "linear_t", "matmul")
         if family == "linear" and transposed:
             return None  # F.linear(x, W.t()): rare; leave dense rather than guess a layout
+    if attr.target.rpartition(".")[2] in (names.FOLDED_SCALE, names.FOLDED_SHIFT):
+        return "batch norm (folded: scale, shift)"  # passes.fold_batchnorm
         shape4 = (O, I, 1, 1)
         channel_dim = -1
     _, I, kh, kw = shape4

@@ -20,6 +20,7 @@ from nesc.core.registry import Registry
 from .decompose_regenerate import DecomposeRegenerate
 from .epitomize import Epitomize
 from .find_weights import FindWeights
+from .fold_batchnorm import FoldBatchNorm
 from .freeze import Freeze
 from .functionalize import Functionalize
 from .infra import NescPass
@@ -27,7 +28,7 @@ from .plan_pools import PlanPools
 from .reuse import Reuse
 
 PASSES: Registry[type[NescPass]] = Registry("pass")
-for _cls in (Functionalize, FindWeights, PlanPools, Epitomize, Freeze, Reuse, DecomposeRegenerate):
+for _cls in (Functionalize, FindWeights, PlanPools, Epitomize, Freeze, Reuse, FoldBatchNorm, DecomposeRegenerate):
     PASSES.add(_cls.name, _cls)
 # decompose_regenerate is in no pipeline here: the ONNX exporter runs it on a copy of a frozen model.
 
@@ -44,6 +45,12 @@ FREEZE: list[str] = [
     "find_weights",  # refresh the meta for the frozen form, which reuse reads
     "reuse",  # fold input channels wherever the routing map makes it exact
     "find_weights",  # refresh again: folded ops have fewer input channels
+]
+
+# nesc.freeze(gm, fold_batchnorm=True) appends these: after reuse, which leaves batch norms alone.
+FOLD_BATCHNORM: list[str] = [
+    "fold_batchnorm",  # needs the shapes the last find_weights propagated
+    "find_weights",  # refresh: the batch norms' parameters are now the folded scale and shift
 ]
 
 

@@ -76,6 +76,10 @@ def add_parser(commands, config: argparse.ArgumentParser, training: argparse.Arg
     compress.add_argument("--out", metavar="PATH", type=Path,
                           help=f"where to write the artifact (default: ./MODEL{ARTIFACT_SUFFIX})")
     compress.add_argument("--force", action="store_true", help=FORCE_HELP)
+    compress.add_argument("--fold-batchnorm", action="store_true",
+                          help="store every batch norm as a per-channel scale and shift (two tensors instead of "
+                               "four: a smaller artifact; outputs equal up to float rounding, and the batch norms "
+                               "no longer use batch statistics if the loaded model is trained)")
     compress.add_argument("--distill", action="store_true", default=None,
                           help="with --dataset: distil the compressed model from the dense one")
     compress.add_argument("--teacher", type=Path, metavar="CHECKPOINT",
@@ -118,7 +122,7 @@ def _run_fitted(args: argparse.Namespace, out: Console, err: Console) -> int:
             model = create_model(spec, config.seed, args.init)
         gm = transform(model, inputs, config, on_stage=stages.stage)  # capture, plan, fit pools
         with stages.stage("freeze"):
-            frozen = freeze(gm)
+            frozen = freeze(gm, fold_batchnorm=args.fold_batchnorm)
         with stages.stage("save", str(path)):
             save(frozen, path, overwrite=args.force)
     report = build_report(frozen)
@@ -162,7 +166,7 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
     gm = transform(dense, (ds.x_train[:2],), nes)  # pools fitted to the dense weights
     err.print(f"training the compressed model -> {folder / 'nesc'}")
     result = fit(gm, ds, config, out_dir=folder / "nesc", teacher=teacher, **fit_options(args))
-    frozen = freeze(gm)
+    frozen = freeze(gm, fold_batchnorm=args.fold_batchnorm)
     frozen_loss, frozen_acc = evaluate(frozen, ds, config.resolved_device())
     save(frozen.cpu(), path, overwrite=args.force)
     width = f" at width {args.width:g}" if args.width is not None else ""

@@ -54,6 +54,9 @@ SAMPLERS = "nesc_samplers"
 ROUTES = "nesc_routes"
 # nesc.capture: mode-aware batch-norm / dropout modules are named f"{MODE_PREFIX}_{index}".
 MODE_PREFIX = "nesc_mode"
+# passes.fold_batchnorm: a folded batch norm's per-channel scale and shift, on the module that held it.
+FOLDED_SCALE = "folded_scale"
+FOLDED_SHIFT = "folded_shift"
 
 # ------------------------------------------------------------------ artifact header (nesc.save)
 

@@ -155,6 +155,19 @@ def test_force_replaces_an_existing_artifact(capsys, tmp_path) -> None:
     assert nesc.load(target)(*get_spec("cnn1d").example_inputs(1)).shape == (1, 10)
 
 
+def test_fold_batchnorm_writes_a_smaller_artifact_without_batch_norms(capsys, tmp_path) -> None:
+    paths = {flag: tmp_path / f"m{len(flag)}.nesc" for flag in ((), ("--fold-batchnorm",))}
+    for flag, path in paths.items():
+        code, _, err = _run(capsys, "compress", "cnn1d", "--out", str(path), *flag)
+        assert code == 0, err
+    plain, folded = (nesc.load(p) for p in paths.values())
+    assert paths[("--fold-batchnorm",)].stat().st_size < paths[()].stat().st_size
+    assert any(k.endswith("running_var") for k in plain.state_dict())
+    assert not any(k.endswith("running_var") for k in folded.state_dict())
+    x = get_spec("cnn1d").example_inputs(3)
+    torch.testing.assert_close(folded(*x), plain(*x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("flag", [["--strict-resume"], ["--no-resume"], ["--run-dir", "r"]])
 def test_resume_flags_without_dataset_are_refused(capsys, flag) -> None:
     code, _, err = _run(capsys, "compress", "cnn1d", *flag)
