@@ -55,7 +55,8 @@ def fit_pools(gm: fx.GraphModule, dense: Mapping[str, Tensor], iters: int = 30,
     errors = {}
     for pool_name, samplers in samplers_by_pool(gm).items():
         pool = gm.get_parameter(pool_name)
-        targets = [dense[s.weight_name].detach().to(torch.float64) for s in samplers]
+        # In the sampled layout: a 5-D conv3d weight is sampled as a 4-D view (passes.epitomize reshapes it).
+        targets = [dense[s.weight_name].detach().to(torch.float64).reshape(s.geometry.param_shape) for s in samplers]
         # The routing freeze would keep (eval-mode starts, learner offsets averaged): constants here,
         # only the pool is solved for.
         routes = [(s, *s.routing()) for s in samplers]

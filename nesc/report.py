@@ -120,6 +120,9 @@ def build_report(gm: fx.GraphModule) -> Report:
     reasons = gm.meta.get(names.DENSE_REASONS, {})
     folds, products = _folds(gm), _products(gm)
     rows, seen = [], set()
+    madd: dict[str, int] = defaultdict(int)  # a weight read by several ops (tied, sliced): all their work
+    for info in infos:
+        madd[info.weight_name] += info.madd
     for info in infos:
         if info.weight_name in seen:
             continue  # a tied weight used by several ops: one row
@@ -127,7 +130,7 @@ def build_report(gm: fx.GraphModule) -> Report:
         g: Geometry | None = geometry_of.get(info.weight_name)
         if g is None:
             rows.append(LayerRow(info.weight_name, info.op, g_shape(info), info.state, "", (), 0, info.numel,
-                                 info.numel, info.madd, 0, reasons.get(info.weight_name, "dense")))
+                                 info.numel, madd[info.weight_name], 0, reasons.get(info.weight_name, "dense")))
             continue
         pool = pool_of[info.weight_name]
         share = math.prod(g.pool) / len(members[pool])
@@ -145,7 +148,7 @@ def build_report(gm: fx.GraphModule) -> Report:
         params = info.numel * channels // info.shape[1] * outputs // info.shape[0]
         rows.append(LayerRow(info.weight_name, info.op, g_shape(info), info.state, pool, g.pool,
                              len(members[pool]) - 1, params, routing + routes + share,
-                             info.madd, len(g.corners) * g.numel, "; ".join(notes), adds + lerps))
+                             madd[info.weight_name], len(g.corners) * g.numel, "; ".join(notes), adds + lerps))
     other: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for p in gm.meta.get(names.DENSE_PARAMS, []):
         other[p.reason][0] += 1

@@ -46,7 +46,8 @@ _ATEN = """
     unflatten unsqueeze upsample_bilinear2d upsample_nearest2d var view view_as where zeros zeros_like
     _native_batch_norm_legit_no_training _softmax _log_softmax _to_copy _unsafe_view _assert_tensor_metadata
     _assert_scalar adaptive_avg_pool1d adaptive_avg_pool2d adaptive_max_pool1d adaptive_max_pool2d __and__
-    __or__ __xor__ __lshift__ __rshift__ einsum
+    __or__ __xor__ __lshift__ __rshift__ einsum reshape_as _weight_norm _weight_norm_interface norm_except_dim
+    linalg_vector_norm
 """
 # In-place variants export keeps (nn.ReLU(inplace=True), ...); see ``schema.check_mutations``.
 INPLACE_OPS = frozenset(f"aten::{n}" for n in """

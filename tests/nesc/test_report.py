@@ -158,3 +158,30 @@ def test_registry_model_report_totals(tmp_path) -> None:
     assert len(report.rows) == 21  # 20 convs (incl. 3 downsample) + fc
     assert report.rows[0].reason and report.rows[-1].reason  # first conv and classifier kept dense
     assert abs(report.ratio - 4) <= BUDGET_RTOL * 4
+
+
+class _TiedAttention(torch.nn.Module):
+    """A tied embedding + head and a cross-attention whose packed projection two ops read as slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 32)
+        self.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+        self.head = torch.nn.Linear(32, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids, memory):
+        return self.head(self.attn(self.embed(ids), memory, memory, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("stage", ["captured", "frozen"])
+def test_a_weight_read_by_several_ops_reports_the_multiply_adds_of_all_of_them(stage: str) -> None:
+    # Per example, by hand: the head (5 positions x 32 x 40), q (5 x 32 x 32), k and v (7 x 64 x 32).
+    torch.manual_seed(0)
+    model, x = _TiedAttention().eval(), (torch.randint(0, 40, (2, 5)), torch.randn(2, 7, 32))
+    gm = nesc.capture(model, x) if stage == "captured" else nesc.freeze(nesc.transform(model, x, ratio=2, **COMPRESS_ALL))
+    rows = _rows(nesc.summary(gm, print_table=False))
+    assert rows["embed.weight"].madd == 5 * 32 * 40  # the lookup is free; the tied head is not
+    assert rows["attn.in_proj_weight"].madd == 5 * 32 * 32 + 7 * 64 * 32  # q from the query; k, v from the memory
+    assert rows["attn.out_proj.weight"].madd == 5 * 32 * 32
+    assert set(rows) == {"embed.weight", "attn.in_proj_weight", "attn.out_proj.weight"}

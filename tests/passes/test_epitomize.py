@@ -279,6 +279,9 @@ def test_tied_weights_are_sampled_once() -> None:
     gm = nesc.transform(model, x, ratio=2, **COMPRESS_ALL)
     samplers = {s.weight_name for _, s in sampler_nodes(gm)}
     assert samplers == {"enc.weight", "head.weight"}, "the tied weight must stay one weight"
+    # ... and one sampled weight node that both consumers read (regenerated once per forward).
+    (enc,) = [n for n, s in sampler_nodes(gm) if s.weight_name == "enc.weight"]
+    assert len(enc.users) == 2, list(enc.users)
     assert sorted(gm.meta["nesc_fit_errors"]) == ["enc.weight", "head.weight"]
     assert not {"enc.weight", "dec.weight"} & {n for n, _ in gm.named_parameters(remove_duplicate=False)}
     twin = dense_twin(gm, model)

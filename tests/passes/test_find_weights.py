@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import nesc
 from helpers import (
@@ -206,11 +207,197 @@ def test_transform_samples_a_transposed_matmul_weight() -> None:
     assert_close(run(gm, x), run(dense_twin(gm, model), x), CLOSE, "x @ sampled(w).t()")
 
 
-def test_transposed_convolution_is_not_a_sampled_weight() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 4, 3))
-    gm = _analyse(model, (torch.randn(1, 3, 8, 8),))
-    assert [i.weight_name for i in weight_infos(gm)] == ["0.weight"]
-    assert "1.weight" in {d.name for d in gm.meta[names.DENSE_PARAMS]}
+def _flop_madd_per_example(model: nn.Module, inputs: tuple) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops() // 2 // inputs[0].shape[0]  # a multiply-add is two flops
+
+
+class OneOp(nn.Module):
+    """One weight-bearing op against a parameter; ``force_export`` makes symbolic_trace fail."""
+
+    def __init__(self, fn, weight_shape: tuple[int, ...], force_export: bool) -> None:
+        super().__init__()
+        self.fn, self.force_export = fn, force_export
+        self.w = nn.Parameter(torch.randn(weight_shape) * 0.1)
+
+    def forward(self, x):
+        if self.force_export:
+            B, *_ = x.shape
+        return self.fn(x, self.w)
+
+
+# form -> (op, weight shape, input shape, op kind, layout, (O, I, kh, kw) view): every overload of the
+# conv / transposed conv / linear / matmul / einsum / embedding families against a parameter.
+OVERLOADS = {
+    "conv2d_same": (lambda x, w: F.conv2d(x, w, padding="same"), (8, 3, 3, 3), (2, 3, 6, 6), "conv2d", "conv2d", (8, 3, 3, 3)),
+    "conv2d_valid": (lambda x, w: F.conv2d(x, w, padding="valid"), (8, 3, 3, 3), (2, 3, 6, 6), "conv2d", "conv2d", (8, 3, 3, 3)),
+    "conv1d_same": (lambda x, w: F.conv1d(x, w, padding="same"), (8, 4, 3), (2, 4, 10), "conv1d", "conv1d", (8, 4, 1, 3)),
+    "conv3d": (lambda x, w: F.conv3d(x, w, padding=1), (8, 3, 3, 3, 3), (2, 3, 4, 4, 4), "conv3d", "conv2d", (8, 3, 9, 3)),
+    "conv3d_same": (lambda x, w: F.conv3d(x, w, padding="same"), (8, 3, 3, 3, 3), (2, 3, 4, 4, 4), "conv3d", "conv2d",
+                    (8, 3, 9, 3)),
+    "conv_transpose1d": (lambda x, w: F.conv_transpose1d(x, w, stride=2), (4, 8, 3), (2, 4, 10), "conv_transpose1d",
+                         "conv1d", (4, 8, 1, 3)),
+    "conv_transpose2d": (lambda x, w: F.conv_transpose2d(x, w, padding=1), (4, 8, 3, 3), (2, 4, 5, 5), "conv_transpose2d",
+                         "conv2d", (4, 8, 3, 3)),
+    "conv_transpose3d": (lambda x, w: F.conv_transpose3d(x, w), (4, 8, 2, 2, 2), (2, 4, 3, 3, 3), "conv_transpose3d",
+                         "conv2d", (4, 8, 4, 2)),
+    "linear": (lambda x, w: F.linear(x, w), (12, 16), (2, 16), "linear", "linear", (12, 16, 1, 1)),
+    "linear_of_transpose": (lambda x, w: F.linear(x, w.t()), (16, 12), (2, 16), "linear", "linear", (16, 12, 1, 1)),
+    "bmm": (lambda x, w: torch.bmm(x, w), (2, 16, 12), (2, 5, 16), "matmul", "linear", (32, 12, 1, 1)),
+    "einsum": (lambda x, w: torch.einsum("bi,io->bo", x, w), (16, 12), (2, 16), "einsum", "linear", (16, 12, 1, 1)),
+    "einsum_list": (lambda x, w: torch.einsum("bsi,oi->bso", [x, w]), (12, 16), (2, 5, 16), "einsum", "linear",
+                    (12, 16, 1, 1)),
+    "embedding": (lambda x, w: F.embedding(x, w), (50, 8), (2, 5), "embedding", "linear", (50, 8, 1, 1)),
+}
+
+
+def _overload_inputs(form: str) -> tuple:
+    shape = OVERLOADS[form][2]
+    return (torch.randint(0, 50, shape),) if form == "embedding" else (torch.randn(shape),)
+
+
+@pytest.mark.parametrize("force_export", [False, True], ids=["symbolic_trace", "export"])
+@pytest.mark.parametrize("form", list(OVERLOADS))
+def test_every_overload_is_found_with_the_multiply_adds_flop_counter_counts(form: str, force_export: bool) -> None:
+    torch.manual_seed(0)
+    fn, w_shape, _, op, layout, shape = OVERLOADS[form]
+    model, x = OneOp(fn, w_shape, force_export), _overload_inputs(form)
+    gm = _analyse(model, x)
+    assert gm.meta[names.CAPTURE] == ("export" if force_export else "symbolic_trace")
+    (info,) = weight_infos(gm)
+    assert (info.weight_name, info.op, info.layout, info.shape) == ("w", op, layout, shape)
+    assert info.numel == model.w.numel()
+    assert info.madd == _flop_madd_per_example(model, x), form
+    assert gm.meta[names.DENSE_PARAMS] == []
+
+
+def test_export_forms_of_the_overloads_are_the_aten_overloads_torch_records() -> None:
+    aten = torch.ops.aten
+    seen = set()
+    for form in OVERLOADS:
+        gm = _analyse(OneOp(OVERLOADS[form][0], OVERLOADS[form][1], True), _overload_inputs(form))
+        seen |= {n.target for n in gm.graph.nodes if names.WEIGHT in n.meta}
+    expected = {aten.conv2d.padding, aten.conv1d.padding, aten.conv3d.default, aten.conv3d.padding,
+                aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
+                aten.linear.default, aten.bmm.default, aten.einsum.default, aten.embedding.default}
+    assert expected <= seen, expected - seen
+
+
+def test_transposed_convolution_modules_are_sampled_weights() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 4, 3, stride=2), nn.Conv2d(4, 2, 1))
+    x = (torch.randn(2, 3, 8, 8),)
+    gm = _analyse(model, x)
+    infos = {i.weight_name: i for i in weight_infos(gm)}
+    assert infos["1.weight"].op == "conv_transpose2d" and infos["1.weight"].shape == (8, 4, 3, 3)
+    assert sum(i.madd for i in infos.values()) == _flop_madd_per_example(model, x)
+
+
+# ------------------------------------------------------------------ weights computed from parameters
+
+
+class StdConv(nn.Module):
+    """Weight standardisation as BiT writes it: batch norm over each output filter of the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 8, 3, 3))
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, 16, -1), None, None, training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), padding=1)
+
+
+def _weight_norm_conv() -> nn.Module:
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 16, 3, padding=1)))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x, memory):
+        return self.attn(x, memory, memory)[0]
+
+
+# model, inputs -> {parameter: (op kinds of the ops that read it, computed?)}, parameters left dense
+COMPUTED = {
+    "weight_standardisation": (StdConv, (torch.randn(2, 8, 6, 6),), {"weight": ({"conv2d"}, True)}, set()),
+    "weight_norm": (_weight_norm_conv, (torch.randn(2, 8, 10),),
+                    {"0.parametrizations.weight.original1": ({"conv1d"}, True)},
+                    {"0.parametrizations.weight.original0", "0.bias"}),
+    "mha_cross": (CrossAttention, (torch.randn(2, 5, 16), torch.randn(2, 7, 16)),
+                  {"attn.in_proj_weight": ({"linear"}, True), "attn.out_proj.weight": ({"linear"}, False)},
+                  {"attn.in_proj_bias", "attn.out_proj.bias"}),
+    "encoder_layer": (lambda: nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                      (torch.randn(2, 5, 16),),
+                      {"self_attn.in_proj_weight": ({"linear"}, False), "self_attn.out_proj.weight": ({"linear"}, False),
+                       "linear1.weight": ({"linear"}, False), "linear2.weight": ({"linear"}, False)},
+                      {"self_attn.in_proj_bias", "self_attn.out_proj.bias", "linear1.bias", "linear2.bias",
+                       "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"}),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPUTED))
+def test_a_weight_computed_from_a_parameter_is_that_parameter(case: str) -> None:
+    torch.manual_seed(0)
+    build, x, expected, dense = COMPUTED[case]
+    gm = _analyse(build().eval(), x)
+    found: dict[str, tuple[set, bool]] = {}
+    for i in weight_infos(gm):
+        ops, computed = found.get(i.weight_name, (set(), False))
+        found[i.weight_name] = (ops | {i.op}, computed or bool(i.computed))
+    assert found == expected
+    assert {d.name for d in gm.meta[names.DENSE_PARAMS]} == dense
+
+
+def test_cross_attention_reads_two_slices_of_the_packed_projection() -> None:
+    gm = _analyse(CrossAttention().eval(), COMPUTED["mha_cross"][1])
+    infos = [i for i in weight_infos(gm) if i.weight_name == "attn.in_proj_weight"]
+    assert len(infos) == 2 and {i.shape for i in infos} == {(48, 16, 1, 1)}  # the whole (3E, E) parameter
+    assert all("split" in i.computed for i in infos)
+    # q from 5 query positions (E x E), k and v from 7 memory positions (2E x E) per example
+    assert sorted(i.madd for i in infos) == sorted([5 * 16 * 16, 7 * 32 * 16])
+
+
+class SumOfWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, x):
+        return F.linear(x, self.a + self.b)
+
+
+def test_a_weight_computed_from_two_equal_parameters_is_left_dense_rather_than_guessed() -> None:
+    gm = _analyse(SumOfWeights(), (torch.randn(2, 16),))
+    assert weight_infos(gm) == []
+    assert {(d.name, d.reason) for d in gm.meta[names.DENSE_PARAMS]} == {("a", "input of add"), ("b", "input of add")}
+
+
+class TiedEmbedding(nn.Module):
+    def __init__(self, force_export: bool = False) -> None:
+        super().__init__()
+        self.force_export = force_export
+        self.embed = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        if self.force_export:
+            B, *_ = ids.shape
+        return self.head(torch.tanh(self.embed(ids)))
+
+
+@pytest.mark.parametrize("force_export", [False, True], ids=["symbolic_trace", "export"])
+def test_a_tied_embedding_and_head_are_one_weight_read_by_two_ops(force_export: bool) -> None:
+    gm = _analyse(TiedEmbedding(force_export), (torch.randint(0, 50, (2, 5)),))
+    assert gm.meta[names.CAPTURE] == ("export" if force_export else "symbolic_trace")
+    infos = weight_infos(gm)
+    assert [(i.weight_name, i.op) for i in infos] == [("embed.weight", "embedding"), ("embed.weight", "linear")]
+    assert {i.shape for i in infos} == {(50, 16, 1, 1)} and infos[0].madd == 0
+    assert gm.meta[names.DENSE_PARAMS] == []
 
 
 def test_needs_the_capture_input_specs() -> None:

@@ -95,6 +95,45 @@ def test_grouped_convs_are_left_alone_with_their_reason() -> None:
     assert grouped, decisions
 
 
+class WeightForms(torch.nn.Module):
+    """A padding="same" conv (folds like any conv), a weight computed after its sampler, a transposed
+    conv, a tied embedding + head (read by two ops) and an einsum: the last four are kept, each with
+    its reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = torch.nn.Conv2d(48, 32, 3, padding="same")
+        self.std = torch.nn.Parameter(torch.randn(32, 32, 1, 1))
+        self.up = torch.nn.ConvTranspose2d(32, 32, 2, stride=2)
+        self.embed = torch.nn.Embedding(40, 32)
+        self.head = torch.nn.Linear(32, 40, bias=False)
+        self.head.weight = self.embed.weight
+        self.mix = torch.nn.Parameter(torch.randn(32, 32) * 0.2)
+
+    def forward(self, x, ids):
+        h = self.same(x)
+        h = torch.nn.functional.conv2d(h, self.std - self.std.mean((1, 2, 3), keepdim=True))
+        h = self.up(h).mean((2, 3))  # (B, 32)
+        h = torch.einsum("bi,io->bo", h + self.embed(ids).mean(1), self.mix)
+        return self.head(h)
+
+
+def test_weight_forms_fold_where_exact_and_say_why_they_are_kept() -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(2, 48, 6, 6), torch.randint(0, 40, (2, 5)))
+    gm = nesc.transform(WeightForms().eval(), x, NESConfig(ratio=2, min_params=0, keep_first=False,
+                                                           keep_classifier=False, reuse=True, init="random"))
+    frozen = nesc.freeze(gm)
+    decisions = frozen.meta[names.REUSE]
+    assert decisions["same.weight"].startswith("folded"), decisions
+    assert decisions["std"] == "kept: the weight reaches the op through another op"
+    assert decisions["up.weight"] == "kept: conv_transpose2d is not a conv, linear or matmul"
+    assert decisions["embed.weight"] == "kept: the weight is read by several ops"  # the lookup and the head
+    assert decisions["mix"] == "kept: einsum is not a conv, linear or matmul"
+    assert_close(frozen(*x), _frozen_without_reuse(gm)(*x), CLOSE, "folded vs unfolded frozen model")
+    assert_close(frozen(*x), gm.eval()(*x), CLOSE, "folded frozen vs trained model in eval mode")
+
+
 def test_folding_holds_for_any_pool_values() -> None:
     # The condition is structural (the routing map), so fine-tuned pools keep the folded graph exact.
     _, gm = _transformed("cnn1d", reuse=True)
