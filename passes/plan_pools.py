@@ -9,6 +9,10 @@ kind and kernel size; ``per_stage`` one per input resolution (so 3x3, 1x1 and de
 stage share); ``global`` one pool for all. A pool serves layers of different types: its spatial size
 is the largest kernel among its members, and channel axes wrap.
 
+Sizing lives in ``plan_sizes`` (pools + routing maps to the budget) and its block-grid search in
+``plan_grid`` (shapes whose routing stays small where an even split would let it dominate); an
+unreachable budget is an error that says how far the model can go and what stays dense, and why.
+
 Requires: find_weights (``gm.meta[names.DENSE_PARAMS]``). Ensures: ``gm.meta[names.PLAN]`` (a
 ``PoolPlan``) whose pools are named by ``names.pool_name``; the graph is untouched. Raises
 ``PlanError`` when the budget cannot be met, naming what to change.
@@ -34,13 +38,9 @@ from nesc.core.sampling import Geometry
 
 from .find_weights import WeightInfo, weight_infos
 from .infra import NescPass, PassResult, broken_promise, require_meta
+from .plan_sizes import BUDGET_TOLERANCE, GROUPED, Budget, Group, check_window, geometry, size_pools
 
-# The plan must land within this fraction of the requested budget.
-GROUPED = ("conv2d_dw", "conv2d_group")  # ops whose channels passes.reuse cannot fold or share
-BUDGET_TOLERANCE = 0.02
-# pool_extent lengthens a pool only while its routing stays below this share of its parameters (a
-# longer pool has fewer channels, so more and smaller blocks).
-EXTENT_MAX_ROUTING = 0.25
+NOT_SAMPLED = "no conv/linear/matmul nesc samples reads it"
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,11 @@ def _plan(gm: fx.GraphModule, config: NESConfig) -> PoolPlan:
     compress, dense, notes = _select(gm, infos, config, target, dense_total)
     groups = _group(compress, config)
     fixed = dense_total - sum(i.numel for i, _ in compress)
-    shapes = _size(groups, target, fixed, _asked(config, dense_total, target))
+    sampled = {i.weight_name for i, _ in compress}
+    parts = tuple((n, p.numel(), dense.get(n, NOT_SAMPLED)) for n, p in gm.named_parameters()
+                  if n not in own and n not in sampled)
+    budget = Budget(target, fixed, dense_total, _asked(config, dense_total, target), parts, config.policy)
+    shapes = size_pools(groups, budget)
     plan = _build(groups, shapes, dense, dense_total, target, fixed)
     plan.notes = notes + [f"pool for {g.label} kept kernel-sized despite pool_extent={g.extent}: {g.note}"
                           for g in groups if g.note]
@@ -218,41 +222,11 @@ def _group_key(info: WeightInfo, layer_config: LayerConfig | None, policy: str) 
     return "global", "global"
 
 
-@dataclass
-class _Group:
-    key: str
-    label: str
-    members: list[tuple[WeightInfo, LayerConfig | None]]
-    fixed_shape: tuple[int, int, int, int] | None = None
-    fixed_numel: int | None = None  # size set by a per-layer ratio
-    extent: int = 0  # extra pool cells along every spatial axis whose kernel is wider than 1
-    note: str = ""  # why the pool is kernel-sized although an extent was asked for
-    reuse: bool | str = False  # NESConfig.reuse: folded (and shared) layers store less routing once frozen
-
-    @property
-    def weight_numel(self) -> int:
-        return sum(i.numel for i, _ in self.members)
-
-    @property
-    def kernel(self) -> tuple[int, int]:
-        return max(i.shape[2] for i, _ in self.members), max(i.shape[3] for i, _ in self.members)
-
-    @property
-    def window(self) -> tuple[int, int]:
-        """The pool's spatial size: the largest kernel, plus ``extent`` along each axis wider than 1
-        (WSNet's condensed filter: windows at different spatial starts overlap and share)."""
-        return tuple(k + self.extent if k > 1 else k for k in self.kernel)
-
-    @property
-    def max_in(self) -> int:
-        return max(i.shape[1] for i, _ in self.members)
-
-
-def _group(compress, config: NESConfig) -> list[_Group]:
-    groups: dict[str, _Group] = {}
+def _group(compress, config: NESConfig) -> list[Group]:
+    groups: dict[str, Group] = {}
     for info, layer_config in compress:
         key, label = _group_key(info, layer_config, config.policy)
-        g = groups.setdefault(key, _Group(key, label, [], extent=config.pool_extent, reuse=config.reuse))
+        g = groups.setdefault(key, Group(key, label, [], extent=config.pool_extent, reuse=config.reuse))
         g.members.append((info, layer_config))
         if layer_config is not None and layer_config.pool_shape is not None:
             g.fixed_shape = layer_config.pool_shape
@@ -260,110 +234,8 @@ def _group(compress, config: NESConfig) -> list[_Group]:
             g.fixed_numel = max(1, round(info.numel / layer_config.ratio))
     for g in groups.values():
         if g.fixed_shape is not None:
-            _check_window(g, g.fixed_shape)
+            check_window(g, g.fixed_shape)
     return list(groups.values())
-
-
-def _shape_for(g: _Group, numel: float) -> tuple[int, int, int, int]:
-    """A pool shape of about ``numel`` elements: spatial = ``g.window`` (the kernel itself when the
-    budget cannot afford the extent); the channel budget is split between Op and Ip so both shrink
-    by about sqrt of the group's channel ratio."""
-    Kh, Kw = g.kernel
-    if g.window != g.kernel:
-        longer = _channel_split(g, numel, g.window)
-        if numel < math.prod(g.window):
-            g.note = "the budget cannot afford one window of the longer pool"
-        elif _routing(g, longer) > EXTENT_MAX_ROUTING * numel:
-            g.note = (f"the longer pool {longer} would need {_routing(g, longer):,} routing scalars for its "
-                      f"{math.prod(longer):,} parameters")
-        else:
-            g.note = ""
-            return longer
-    if numel < Kh * Kw:
-        raise PlanError(
-            f"the pool for {g.label} ({', '.join(i.weight_name for i, _ in g.members[:3])}"
-            f"{', ...' if len(g.members) > 3 else ''}) would hold {numel:.0f} parameters, less than one "
-            f"{Kh}x{Kw} kernel window ({Kh * Kw}); lower the ratio, raise the budget, or keep these "
-            f"layers dense (override -> None)")
-    return _channel_split(g, numel, (Kh, Kw))
-
-
-def _channel_split(g: _Group, numel: float, window: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(Op, Ip, *window) of about ``numel`` elements, Op and Ip shrunk by ~sqrt of the channel ratio."""
-    kh, kw = g.kernel
-    size = math.prod(window)
-    r = max(g.weight_numel * size / (kh * kw * numel), 1.0)
-    Ip = min(g.max_in, max(1, round(g.max_in / math.sqrt(r))))
-    Op = max(1, round(numel / (Ip * size)))
-    return Op, Ip, *window
-
-
-def _check_window(g: _Group, shape: tuple[int, int, int, int]) -> None:
-    Kh, Kw = g.kernel
-    if shape[2] < Kh or shape[3] < Kw:
-        raise PlanError(
-            f"pool_shape {shape} for {g.label} is smaller than one kernel window: its members need "
-            f"at least {Kh}x{Kw} spatially; use pool_shape=(Op, Ip, {Kh}, {Kw}) or larger"
-        )
-
-
-def _geometry(info: WeightInfo, pool_shape) -> Geometry:
-    """Blocks as wide as the pool allows, then evened out: as many blocks as pool-wide ones would
-    need, but equal in size, so the last block does not overhang the weight (wasted regeneration)."""
-    O, I = info.shape[:2]
-    nbo, nbi = -(-O // min(O, pool_shape[0])), -(-I // min(I, pool_shape[1]))
-    return Geometry(info.shape, tuple(pool_shape), (-(-O // nbo), -(-I // nbi)), info.layout)
-
-
-def _routing(g: _Group, shape) -> int:
-    return sum(_geometry(i, shape).frozen_routing(bool(g.reuse) and i.op not in GROUPED,
-                                                   g.reuse == "outputs" and i.op not in GROUPED)
-               for i, _ in g.members)
-
-
-def _size(groups: list[_Group], target: int, fixed: int, asked: str) -> dict[str, tuple]:
-    """Pool shapes meeting ``target`` = fixed + pools + routing, as closely as integer shapes allow;
-    ``asked`` (see ``_asked``) is what the messages quote."""
-    shapes: dict[str, tuple] = {}
-    free = []
-    for g in groups:
-        if g.fixed_shape is not None:
-            shapes[g.key] = g.fixed_shape
-        elif g.fixed_numel is not None:
-            shapes[g.key] = _shape_for(g, g.fixed_numel)
-        else:
-            free.append(g)
-    if not free:
-        return shapes
-    free_weights = sum(g.weight_numel for g in free)
-    routing = 0
-    for _ in range(3):  # routing depends on the shapes; a few rounds settle it
-        taken = sum(math.prod(shapes[g.key]) + _routing(g, shapes[g.key]) for g in groups if g.key in shapes and g not in free)
-        avail = target - fixed - taken - routing
-        if avail <= 0:
-            raise PlanError(
-                f"{asked} is already spent by what stays dense ({fixed:,}), fixed pools ({taken:,}) and "
-                f"routing maps ({routing:,}): nothing is left for the pools; lower the ratio (raise the "
-                f"budget), or compress more layers (min_params, keep_first=False, keep_classifier=False, "
-                f"or overrides)"
-            )
-        for g in free:
-            shapes[g.key] = _shape_for(g, avail * g.weight_numel / free_weights)
-        routing = sum(_routing(g, shapes[g.key]) for g in free)
-    # Integer shapes miss the target a little: move the largest pools' Op one step at a time.
-    for _ in range(64):
-        planned = fixed + sum(math.prod(shapes[g.key]) + _routing(g, shapes[g.key]) for g in groups)
-        err = target - planned
-        if abs(err) <= 0.002 * target:
-            break
-        g = max(free, key=lambda g: math.prod(shapes[g.key]))
-        Op, Ip, Kh, Kw = shapes[g.key]
-        step = round(err / (Ip * Kh * Kw)) or (1 if err > 0 else -1)
-        new = (max(1, Op + step), Ip, Kh, Kw)
-        if new == shapes[g.key]:
-            break
-        shapes[g.key] = new
-    return shapes
 
 
 def _build(groups, shapes, dense, dense_total, target, fixed) -> PoolPlan:
@@ -375,8 +247,7 @@ def _build(groups, shapes, dense, dense_total, target, fixed) -> PoolPlan:
         pools[name] = PoolSpec(name, g.label, shape, tuple(i.weight_name for i, _ in g.members))
         graph.add_node(("pool", name), shape=shape, label=g.label)
         for info, _ in g.members:
-            geometry = _geometry(info, shape)
-            layers[info.weight_name] = (name, geometry)
+            layers[info.weight_name] = (name, geometry(info, shape))
             graph.add_node(("layer", info.weight_name), op=info.op, shape=info.shape)
             graph.add_edge(("layer", info.weight_name), ("pool", name))
     for name in dense:
@@ -393,8 +264,9 @@ def _check_budget(plan: PoolPlan, config: NESConfig) -> None:
         return  # nothing to compress: the report says why for every layer
     miss = (plan.planned - plan.target) / plan.target
     if abs(miss) > BUDGET_TOLERANCE:
+        pools, routing = sum(p.numel for p in plan.pools.values()), plan.routing_scalars()
         raise PlanError(
-            f"the plan stores {plan.planned:,} parameters but the budget is {plan.target:,} "
-            f"({miss:+.1%}, tolerance {BUDGET_TOLERANCE:.0%}); pools cannot be shaped to fit "
-            f"({len(plan.pools)} pools with fixed sizes or at their minimum of one kernel window). "
-            f"Adjust the ratio or the per-layer overrides (ratio / pool_shape).")
+            f"the plan stores {plan.planned:,} parameters but the budget is {plan.target:,} ({miss:+.1%}, "
+            f"tolerance {BUDGET_TOLERANCE:.0%}): {plan.planned - pools - routing:,} stay dense, {pools:,} are pool "
+            f"elements ({len(plan.pools)} pools) and {routing:,} routing scalars; integer pool shapes (and fixed "
+            f"pool_shape / per-layer ratios) cannot land closer. Adjust the ratio or the per-layer overrides.")

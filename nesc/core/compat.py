@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 
 import torch
 import torch.utils._pytree as _pytree  # public replacement: none yet (torch.utils.pytree is planned)
@@ -60,6 +61,31 @@ def treespec_dumps(spec) -> str:
 def treespec_loads(text: str):
     """Public replacement: ``torch.utils.pytree.treespec_loads``."""
     return _pytree.treespec_loads(text)
+
+
+def treespec_node(spec) -> tuple[str | None, str | None, list]:
+    """One node of a TreeSpec as ``treespec_dumps`` writes it: (serialized type name, context as JSON
+    text, child specs); a leaf is (None, None, []). A namedtuple class registered without a serialized
+    name is written under ``module.qualname`` (the name a loader may know it by) instead of failing.
+    Raises TypeError for a type pytree cannot serialise. Public replacement: none (``_treespec_to_json``)."""
+    if spec.is_leaf():
+        return None, None, []
+    entry = _pytree.SUPPORTED_SERIALIZED_TYPES.get(spec.type)
+    if entry is None or entry.serialized_type_name == _pytree.NO_SERIALIZED_TYPE_NAME_FOUND:
+        raise TypeError(f"{spec.type} is registered with pytree without a serialized_type_name")
+    if entry.serialized_type_name == "collections.namedtuple" and spec.context not in _pytree.SUPPORTED_SERIALIZED_TYPES:
+        context = json.dumps(f"{spec.context.__module__}.{spec.context.__qualname__}")
+    elif entry.to_dumpable_context is None:
+        context = json.dumps(spec.context)
+    else:
+        context = entry.to_dumpable_context(spec.context)
+    return entry.serialized_type_name, context, list(spec.children())
+
+
+def pytree_type_registered(serialized_name: str) -> bool:
+    """A type is registered with pytree under ``serialized_name`` in this process (its library was
+    imported). Looks the name up only: imports nothing. Public replacement: none."""
+    return serialized_name in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE and serialized_name != _pytree.NO_SERIALIZED_TYPE_NAME_FOUND
 
 
 # ---------------------------------------------------------------------------------- fx codegen

@@ -4,9 +4,10 @@ Why not ``torch.save``: a pickle runs code when it is loaded and ties the file t
 wrote it. A nesc artifact is plain data, so a file from anyone can be opened safely: tensors and
 the zlib-compressed JSON documents that describe the graph in the safetensors body, the format and a
 digest in its header; the documents are decoded through a schema
-(``schema``): every name that ends up in generated Python code (node names, attribute paths,
-argument names) is an identifier or a path of ``[A-Za-z0-9_-]`` atoms, and call targets resolve only
-to the allow-list of pure ops (``ops``). See ``loader`` for every check, in order.
+(``schema``): every name that ends up in generated Python code (node names, argument names) is an
+identifier and every attribute path one fx writes safely, tensor names are any name torch accepts and
+never overwrite the module's own attributes, and call targets resolve only to the allow-list of pure
+ops (``ops``). See ``loader`` for every check, in order.
 
 A graph captured by ``symbolic_trace`` calls modules (``nn.BatchNorm2d``, ...) whose constructor
 arguments cannot be recovered generically, so ``save`` first re-exports the model with
@@ -42,9 +43,11 @@ tensors (see ``container`` for the sizes that decided the change).
 
 Decisions:
 
-* Call signature: the exported graph's pytree codegen is kept (input and output ``TreeSpec`` via
-  ``treespec_dumps``), so the loaded module takes the same arguments and returns the same nested
-  outputs (a dict stays a dict) as the saved one.
+* Call signature: the exported graph's pytree codegen is kept (input and output ``TreeSpec`` in
+  ``treespec_dumps``'s JSON, ``trees``), so the loaded module takes the same arguments and returns the
+  same nested outputs (a dict stays a dict) as the saved one. A library type (a ``transformers``
+  ``ModelOutput``) is restored where its module is imported before ``load``; elsewhere it comes back
+  as a plain dict or tuple of the same structure, with a warning: ``load`` imports nothing a file names.
 * ``_guards_fn`` is dropped: it is a Python callable ``torch.export`` attaches to check input
   shapes against the export-time constraints; it is code, not data, and cannot be written without
   pickle. Nothing is lost numerically: the graph keeps the batch symbolic (``aten.sym_size`` nodes)

@@ -5,11 +5,12 @@ An artifact's ``graph`` header entry is ``{"nodes": [...], "codegen": {...}}``. 
 list) stay as they are, every other value becomes a one-key object ``{"$tag": payload}`` (``$node``,
 ``$tuple``, ``$dict``, ``$float`` for inf/nan, ``$slice``, ``$ellipsis``, ``$device``, ``$dtype``,
 ``$layout``, ``$memory_format``). ``codegen`` is ``{"kind": "flat"}`` or the pytree signature of an
-exported graph (``orig_args``, and the input and output tree specs as ``treespec_dumps`` text).
+exported graph (``orig_args``, and the input and output tree specs, ``trees``: a type the loading
+process does not know comes back as a plain dict or tuple, with a warning).
 
 Decoding is where a file from anyone meets code generation, so it is a schema check as much as a
-decoder: every name that ends up in generated Python (node names, attribute paths, argument names)
-must be an identifier, only the node kinds nesc writes are accepted, and call targets resolve only to
+decoder: every name that ends up in generated Python (node names, argument names) must be an
+identifier and every attribute path one fx writes safely (``schema.check_code_path``), only the node kinds nesc writes are accepted, and call targets resolve only to
 torch op overloads and an explicit allow-list of arithmetic functions (``PY_FUNCTIONS``). A malformed
 file raises ``Invalid``, which the loader turns into an ``ArtifactError`` naming the file.
 
@@ -27,7 +28,7 @@ from torch import fx
 from nesc.core import compat, names
 from nesc.core.errors import ArtifactError
 
-from . import ops, schema
+from . import ops, schema, trees
 from .schema import Invalid
 
 # Node meta that survives a save: which weight a regenerate node samples, the module path of every
@@ -151,7 +152,7 @@ def _encode_codegen(graph: fx.Graph) -> dict:
         return {"kind": "flat"}
     orig_args, in_spec, out_spec = info
     try:
-        specs = {k: compat.treespec_dumps(s) if s is not None else None for k, s in
+        specs = {k: trees.encode_spec(s) if s is not None else None for k, s in
                  (("in_spec", in_spec), ("out_spec", out_spec))}
     except Exception as e:  # noqa: BLE001 - pytree raises several types for unregistered nodes
         raise ArtifactError(
@@ -262,6 +263,8 @@ def _check_node(i: int, entry, table: dict) -> None:
         schema.check_name(target, f"node {name}: placeholder target")
     if op == "get_attr" and target not in table:
         raise Invalid(f"node {name}: get_attr of {target!r}, which is not a stored tensor")
+    if op == "get_attr":
+        schema.check_code_path(target, f"node {name}: get_attr target")
 
 
 def decode(v, env: dict[str, fx.Node]):
@@ -318,7 +321,9 @@ def _decode_codegen(doc, path: str) -> fx.graph.CodeGen:
         raise Invalid(f"codegen orig_args {orig_args!r} name an argument twice")
     specs = [schema.check_type(doc.get(k), str, f"codegen {k}") for k in ("in_spec", "out_spec")]
     try:
-        specs = [compat.treespec_loads(text) for text in specs]
+        specs = [trees.decode_spec(text, what, path) for text, what in zip(specs, ("inputs", "outputs"))]
+    except Invalid:
+        raise
     except Exception as e:  # noqa: BLE001 - pytree raises several types (and RecursionError on deep JSON)
         raise ArtifactError(
             f"{path}: the model's input/output structure cannot be rebuilt ({type(e).__name__}: {e}). If it uses "

@@ -3,10 +3,14 @@ documents, and the facts the graph's tensors must agree with.
 
 torch.fx turns a graph into Python source and runs it, so everything from a file that reaches that
 source is checked here first: node names, placeholder and keyword-argument names must be identifiers
-(not keywords, not ``self``); attribute paths are dotted atoms of letters, digits, ``_`` and ``-``
-(torchvision's ``block1-0`` is legal: fx writes it as ``getattr(m, "block1-0")``; a quote, a
-backslash or a line break in a name could end that string, so those never pass). Every other value
-reaches the source through ``repr`` (strings, numbers) or as an object (ops, dtypes), never as text.
+(not keywords, not ``self``). Tensor names are data: the tensor table accepts every name torch
+accepts (dotted paths of non-empty atoms; ``block1-0``, ``a b``, ``1``), and ``tensors.install_tensors``
+registers them through ``nn.Module``'s own checks, so a name that clashes with an attribute of the
+module (``graph``, ``forward``, ``training``, ``__class__``) is refused, never overwritten. The paths
+that get_attr nodes read reach the source: fx writes an identifier atom as ``m.atom`` and any other
+as ``getattr(m, "atom")``, so there an atom must be a non-keyword identifier, or printable text
+without a quote or a backslash (which could end that string). Every other value reaches the source
+through ``repr`` (strings, numbers) or as an object (ops, dtypes), never as text.
 
 After the module is assembled, ``check_routes`` proves every routing map fits its pool (dtype, shape,
 every start inside the pool, every fraction in [0, 1]) so no kernel can index out of bounds, and
@@ -31,7 +35,6 @@ from nesc.core.sampling import LAYOUTS, Geometry
 
 MAX_DEPTH = 32  # nesting of values and documents: exported graphs use 3-4
 MAX_INPUT_ELEMENTS = 1 << 31  # per recorded input spec (checked under fake tensors, never allocated)
-_ATOM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 _RESERVED = {"self"}
 _TABLE_KEYS = {"kind": str, "requires_grad": bool, "persistent": bool, "stride": list, "alias_of": str}
 _KINDS = ("parameter", "buffer", "constant")
@@ -55,13 +58,30 @@ def check_name(name, what: str = "name") -> str:
 
 
 def safe_atom(a) -> bool:
-    """An attribute name fx may write into source: an identifier, or letters/digits/_/- (getattr form)."""
-    return isinstance(a, str) and _ATOM.fullmatch(a) is not None and not keyword.iskeyword(a)
+    """An attribute name fx may write into source: a non-keyword identifier (``m.a``), or printable text
+    without a quote or backslash (``getattr(m, "a")``: nothing in it can end the string)."""
+    if not (isinstance(a, str) and a):
+        return False
+    if a.isidentifier():
+        return not keyword.iskeyword(a)
+    return a.isprintable() and '"' not in a and "\\" not in a
 
 
 def check_path(path, what: str = "tensor path") -> str:
-    if not (isinstance(path, str) and path and all(safe_atom(a) for a in path.split("."))):
-        raise Invalid(f"{what} {path!r} is not a dotted path of names made of letters, digits, '_' and '-'")
+    """A name torch accepts for a parameter, buffer or submodule path: dotted, no atom empty. Data only:
+    where a path reaches generated code, ``check_code_path`` applies as well."""
+    if not (isinstance(path, str) and path and all(path.split("."))):
+        raise Invalid(f"{what} {path!r} is not a dotted path of non-empty names")
+    return path
+
+
+def check_code_path(path, what: str = "attribute path") -> str:
+    """A path fx writes into the generated forward (a get_attr target): every atom ``safe_atom``."""
+    check_path(path, what)
+    bad = [a for a in path.split(".") if not safe_atom(a)]
+    if bad:
+        raise Invalid(f"{what} {path!r} cannot be written into the module's code: {bad[0]!r} is a Python keyword, "
+                      f"or holds a quote, a backslash or a non-printable character")
     return path
 
 

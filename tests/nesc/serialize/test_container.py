@@ -194,7 +194,7 @@ def _first(layout, **changes):
     (lambda lay: _first(lay, dtype=["float32"]), "is not one safetensors stores"),
     (lambda lay: _first(lay, shape=[-1]), "is not a list of at most"),
     (lambda lay: _first(lay, shape=[1] * 17), "is not a list of at most"),
-    (lambda lay: _first(lay, name='a"),__import__("os").system("id"),("'), "not a dotted path"),
+    (lambda lay: _first(lay, name="conv..bias"), "not a dotted path"),
     (lambda lay: [lay[0], lay[0], *lay[1:]], "twice"),
     (lambda lay: [lay[0][:2], *lay[1:]], "is not [name, dtype, shape]"),
     (lambda lay: {"a": 1}, "the layout must be list"),

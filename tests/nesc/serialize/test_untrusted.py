@@ -1,7 +1,8 @@
 """Artifacts as an attacker writes them: code in names and keyword arguments, file-touching ops,
 in-place writes into inputs and weights, deep JSON, edited tensors with a recomputed digest. Each is
-refused with the project's ``ArtifactError`` and without any side effect; a legal PyTorch name that is
-not an identifier (torchvision's ``block1-0``) still saves and loads."""
+refused with the project's ``ArtifactError`` and without any side effect; any name PyTorch accepts
+(torchvision's ``block1-0``, ``a b``) saves and loads, a name where code would read it must be one fx
+writes safely, and no name may replace an attribute of the rebuilt module."""
 
 from __future__ import annotations
 
@@ -66,12 +67,68 @@ def test_code_in_names_and_paths_is_refused(regenerate_file, tmp_path, field, va
     assert expected in load_error(tmp_path / "crafted.nesc")
 
 
-def test_a_tensor_path_that_would_end_a_string_in_generated_code_is_refused(regenerate_file, tmp_path) -> None:
-    evil = 'conv.a"),__import__("os").system("id"),("'
-    rewrite(regenerate_file, tmp_path / "path.nesc",
-            metadata=lambda m: {**m, "tensors": m["tensors"].replace('"conv.bias"', json.dumps(evil))},
-            tensors=lambda t: {(evil if k == "conv.bias" else k): v for k, v in t.items()})
-    assert "not a dotted path" in load_error(tmp_path / "path.nesc")
+def _renamed(src, dst, old: str, new: str, *, in_graph: bool) -> None:
+    """Copy of ``src`` whose tensor ``old`` is called ``new`` in the tensor table and the stored tensors
+    (and, ``in_graph``, in the get_attr nodes that read it), the digest recomputed."""
+    def meta(m):
+        table = json.loads(m["tensors"])
+        table[new] = table.pop(old)
+        graph = m["graph"]
+        if in_graph:
+            doc = json.loads(graph)
+            for node in doc["nodes"]:
+                if node["op"] == "get_attr" and node["target"] == old:
+                    node["target"] = new
+            graph = json.dumps(doc)
+        return {**m, "tensors": json.dumps(table), "graph": graph}
+
+    rewrite(src, dst, metadata=meta, tensors=lambda t: {(new if k == old else k): v for k, v in t.items()})
+
+
+@pytest.mark.parametrize("evil", ['conv.a"),__import__("builtins").' + MARKER + '=1,("', "conv.for", "conv.a\\",
+                                  "conv.a\nb"])
+def test_a_tensor_path_that_would_end_a_string_in_generated_code_is_refused(regenerate_file, tmp_path, evil) -> None:
+    _renamed(regenerate_file, tmp_path / "path.nesc", "conv.bias", evil, in_graph=True)
+    assert "cannot be written into the module's code" in load_error(tmp_path / "path.nesc")
+    assert not hasattr(__import__("builtins"), MARKER)
+
+
+def test_any_name_torch_accepts_is_data_where_no_code_reads_it(regenerate_file, tmp_path) -> None:
+    """A tensor the graph does not read may have any name torch accepts, quotes and keywords included:
+    it is registered through nn.Module, never written into code."""
+    evil = 'a"),__import__("builtins").' + MARKER + '=1,("'
+
+    def meta(m):
+        table = json.loads(m["tensors"])
+        table[f"extra.{evil}"] = table["extra.for"] = {"kind": "buffer"}
+        return {**m, "tensors": json.dumps(table)}
+
+    rewrite(regenerate_file, tmp_path / "data.nesc", metadata=meta,
+            tensors=lambda t: {**t, f"extra.{evil}": torch.ones(2), "extra.for": torch.zeros(3)})
+    loaded = load(tmp_path / "data.nesc")
+    assert torch.equal(loaded.get_buffer(f"extra.{evil}"), torch.ones(2))
+    assert torch.equal(loaded.get_buffer("extra.for"), torch.zeros(3))
+    assert not hasattr(__import__("builtins"), MARKER)
+
+
+# Attributes of the rebuilt GraphModule (and of every nn.Module) that a tensor name must never replace.
+INTERNALS = ["graph", "code", "forward", "meta", "training", "_code", "_graph", "__class__", "__dict__",
+             "_parameters", "_modules", "recompile", "conv.forward", "conv.training", "bn.__class__",
+             "conv.bias.data", "fc.weight.T"]
+
+
+@pytest.mark.parametrize("name", INTERNALS)
+def test_a_tensor_named_like_a_module_internal_is_refused_not_installed(regenerate_file, tmp_path, name) -> None:
+    def meta(m):
+        table = json.loads(m["tensors"])
+        table[name] = {"kind": "constant"}
+        return {**m, "tensors": json.dumps(table)}
+
+    rewrite(regenerate_file, tmp_path / "clash.nesc", metadata=meta, tensors=lambda t: {**t, name: torch.zeros(1)})
+    msg = load_error(tmp_path / "clash.nesc")
+    assert "clashes with a module attribute" in msg or "runs through a non-module" in msg, msg
+    # the class the loader builds is untouched: a fresh file still loads and runs
+    assert isinstance(load(regenerate_file)(torch.randn(2, 3, 8, 8)), torch.Tensor)
 
 
 def test_ops_that_touch_files_are_refused_before_anything_runs(regenerate_file, tmp_path, audit) -> None:
@@ -152,13 +209,17 @@ class Torchvisionish(nn.Module):
         return self.features(x).mean((2, 3))
 
 
-def test_legal_module_names_that_are_not_identifiers_save_and_load(tmp_path) -> None:
-    gm = traced(Torchvisionish())
+@pytest.mark.parametrize("child", ["block2-1", "a b", "1", "ü", "a'b", "x+y", "match"])
+def test_legal_module_names_that_are_not_identifiers_save_and_load(tmp_path, child) -> None:
+    model = Torchvisionish()
+    model.features.add_module(child, nn.Conv2d(4, 4, 1))
+    gm = traced(model)
     save(gm, tmp_path / "tv.nesc")
     loaded = load(tmp_path / "tv.nesc")
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), gm.eval()(x))
-    assert "features.block1-0.weight" in dict(loaded.named_parameters())
+    assert {"features.block1-0.weight", f"features.{child}.weight"} <= set(dict(loaded.named_parameters()))
+    assert loaded.state_dict().keys() == gm.state_dict().keys()
 
 
 def test_the_digest_covers_the_header(regenerate_file) -> None:
@@ -198,3 +259,18 @@ def test_an_edited_product_map_is_refused(products_file, tmp_path, edit, expecte
 
     rewrite(products_file, tmp_path / "edited.nesc", tensors=edited)
     assert expected in load_error(tmp_path / "edited.nesc")
+
+
+def test_torchvision_regnet_compresses_saves_and_loads(tmp_path) -> None:
+    """torchvision's RegNet names its blocks ``block1-0``; its 2.14 build runs under .ci/torch214."""
+    regnet = pytest.importorskip("torchvision.models.regnet")
+    import nesc
+
+    torch.manual_seed(0)
+    params = regnet.BlockParams.from_init_params(depth=3, w_0=8, w_a=8.0, w_m=2.0, group_width=8)
+    model, x = regnet.RegNet(params, num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    frozen = nesc.freeze(nesc.transform(model, (x,), ratio=2, min_params=0, init="random"))
+    save(frozen, tmp_path / "regnet.nesc")
+    loaded = load(tmp_path / "regnet.nesc")
+    assert any("block1-0" in n for n in loaded.state_dict())
+    torch.testing.assert_close(loaded(x), frozen(x), rtol=1e-5, atol=1e-5)
