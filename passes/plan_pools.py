@@ -104,15 +104,17 @@ def plan_pools(gm: fx.GraphModule, config: NESConfig) -> PassResult:
 
 
 def _plan(gm: fx.GraphModule, config: NESConfig) -> PoolPlan:
-    infos = _first_per_weight(weight_infos(gm))
+    every = weight_infos(gm)
+    infos = _first_per_weight(every)
     own = tensor_roles(gm)  # a second run on a transformed graph: its pools are not the dense model's
     dense_total = sum(p.numel() for n, p in gm.named_parameters() if n not in own)
     target = _target(config, dense_total)
-    compress, dense, notes = _select(gm, infos, config, target, dense_total)
+    compress, dense, notes = _select(gm, infos, config, target, dense_total, _classifier(every))
     groups = _group(compress, config)
     fixed = dense_total - sum(i.numel for i, _ in compress)
     sampled = {i.weight_name for i, _ in compress}
-    parts = tuple((n, p.numel(), dense.get(n, NOT_SAMPLED)) for n, p in gm.named_parameters()
+    why = {p.name: p.reason for p in gm.meta[names.DENSE_PARAMS]}  # find_weights: biases, norms, max_norm tables
+    parts = tuple((n, p.numel(), dense.get(n) or why.get(n, NOT_SAMPLED)) for n, p in gm.named_parameters()
                   if n not in own and n not in sampled)
     budget = Budget(target, fixed, dense_total, _asked(config, dense_total, target), parts, config.policy)
     shapes = size_pools(groups, budget)
@@ -163,13 +165,20 @@ def _first_per_weight(infos: list[WeightInfo]) -> list[WeightInfo]:
     return list(seen.values())
 
 
-def _select(gm, infos: list[WeightInfo], config: NESConfig, target: int, dense_total: int):
+def _classifier(infos: list[WeightInfo]) -> str | None:
+    """The weight the last weight-bearing op reads, over every read: a tied output head (GPT-2's
+    ``lm_head`` reading the token embedding) makes the embedding the classifier, not the last weight
+    read first."""
+    return max(infos, key=lambda i: i.order).weight_name if infos else None
+
+
+def _select(gm, infos: list[WeightInfo], config: NESConfig, target: int, dense_total: int,
+            classifier: str | None):
     """Split weights into (info, LayerConfig | None) to compress and {name: reason} to keep dense;
     plus notes on preferences the budget overrode."""
     types = gm.meta.get(names.MODULE_TYPES, {})
     candidates = [Candidate(i.weight_name, i.module_name, types.get(i.module_name)) for i in infos]
     rules = resolve_overrides(config.overrides, candidates, types)
-    last = max((i.order for i in infos), default=-1)
     first_conv = next((i.order for i in infos if i.op.startswith("conv")), None)
     compress, dense, preferred = [], {}, []
     for info in infos:
@@ -183,7 +192,7 @@ def _select(gm, infos: list[WeightInfo], config: NESConfig, target: int, dense_t
                 compress.append((info, layer_config))
         elif info.numel < config.min_params:
             dense[info.weight_name] = f"small: {info.numel} < min_params={config.min_params}"
-        elif config.keep_classifier and info.order == last:
+        elif config.keep_classifier and info.weight_name == classifier:
             preferred.append((info, "classifier (keep_classifier=True)"))
         elif config.keep_first and info.order == first_conv:
             preferred.append((info, "first conv (keep_first=True)"))

@@ -183,6 +183,29 @@ def test_first_conv_and_classifier_stay_dense_by_default_with_reasons() -> None:
     assert {"stem.conv.weight", "fc.weight"} <= set(released.layers)
 
 
+def test_a_tied_output_head_makes_its_embedding_the_classifier() -> None:
+    """The last op reads the token embedding (a tied lm_head): keep_classifier keeps that weight, not the
+    last weight read for the first time (the layer before the head)."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(32, 64)
+            self.up = nn.Linear(64, 256)
+            self.down = nn.Linear(256, 64)
+            self.head = nn.Linear(64, 32, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.down(torch.tanh(self.up(self.embed(ids)))))
+
+    gm = functionalize(nesc.capture(TiedLM(), (torch.randint(0, 32, (2, 6)),))).graph_module
+    find_weights(gm)
+    plan = _plan(gm, ratio=1.5, min_params=0, keep_first=False)
+    assert "classifier" in plan.dense["embed.weight"], plan.dense
+    assert {"up.weight", "down.weight"} <= set(plan.layers)
+
+
 def test_a_classifier_too_large_to_keep_is_compressed_with_a_note() -> None:
     plan = _plan(analysed_registry("mobilenetv2"), ratio=4)
     assert "classifier.1.weight" in plan.layers
@@ -468,5 +491,24 @@ def test_a_budget_below_what_stays_dense_names_the_biggest_dense_parameters() ->
     msg = str(info.value)
     dense = num_params(gm) - sum(i.numel for i in weight_infos(gm))
     assert f"{dense:,} of the {num_params(gm):,} parameters stay dense" in msg, msg
-    assert "positions (2,048: no conv/linear/matmul nesc samples reads it)" in msg  # the largest, first
+    assert "positions (2,048: input of add)" in msg  # the largest, first, with find_weights' reason
     assert "nothing is left for the pools" in msg and "At most" in msg
+
+
+def test_the_unreachable_budget_error_quotes_why_each_part_stays_dense() -> None:
+    """The reasons find_weights gives (here: an embedding with max_norm, which renormalises its table in
+    place, stays a module), not a generic one, and the best reachable ratio."""
+
+    class Renormalised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(1000, 64, max_norm=1.0)
+            self.proj = nn.Linear(64, 64)
+
+        def forward(self, ids):
+            return self.proj(self.embed(ids))
+
+    with pytest.raises(PlanError, match=r"At most 1\.06x is reachable.*embed\.weight \(64,000: inside Embedding "
+                                        r"modules with max_norm"):
+        nesc.transform(Renormalised(), (torch.randint(0, 1000, (2, 5)),), ratio=4, min_params=0,
+                       keep_classifier=False)
