@@ -9,6 +9,7 @@ The package reads as layers; a module imports only from the layers below it (che
 import-linter contracts in ``pyproject.toml``):
 
     cli/                      the ``nesc`` command, one module per verb
+    search/                   plan search (ESNAC, embedding descent, random, uniform)
     train, baselines          training with exact resume; the equal-size baselines
     api                       the public verbs (this package re-exports them)
     backends/                 TVM (``nesc.compile``) and ONNX (``nesc.export_onnx``)   [folder backends/]
@@ -42,6 +43,7 @@ from nesc.core.errors import (
     PlanError,
 )
 from nesc.report import stored_bytes, stored_params
+from nesc.search import search  # the function: it shadows the package name (see nesc/search/__init__.py)
 
 try:
     __version__ = version("nesc")
@@ -56,3 +58,4 @@ __all__ = [
 ]
 __all__ += ["compile"]
 __all__ += ["export_onnx"]
+__all__ += ["search"]

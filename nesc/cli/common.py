@@ -1,8 +1,8 @@
 """What the verbs of the ``nesc`` command line share, and nothing else.
 
-Consoles and error printing; ``Stages`` (a spinner on a terminal, and how long each stage took); the
-two parent parsers (the NESConfig flags, the training flags) and what turns the training ones into a
-``TrainConfig`` (``config.py`` turns the others into a ``NESConfig``); registry-model lookup with a
+Consoles and error printing; ``Stages`` (a spinner on a terminal, and how long each stage took); what
+turns the training flags (``flags.py`` declares every flag) into a ``TrainConfig`` (``config.py``
+turns the NESConfig ones into a ``NESConfig``); registry-model lookup with a
 did-you-mean, and the width-multiplier check; example inputs from ``--input-size``; output-path and
 run-folder checks (before any work: nothing is replaced silently, see ``nesc.core.files``); and the
 printing helpers several verbs use. Every verb module imports this one (and ``config.py``, which
@@ -29,20 +29,20 @@ from rich.text import Text
 from torch import fx, nn
 
 from nesc.core import names
-from nesc.core.config import DEFAULT_RATIO, POLICIES, REUSE_LEVELS, NESConfig
 from nesc.core.errors import InputError, OutputError
 from nesc.core.files import check_output
-from nesc.data import Dataset, list_datasets, load_dataset
+from nesc.data import Dataset, load_dataset
 from nesc.fitting import load_checkpoint
 from nesc.models import ModelSpec, get_spec, list_models
-from nesc.train import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig, TrainResult
+from nesc.train import TrainConfig, TrainResult
 
 ARTIFACT_SUFFIX = ".nesc"
 USAGE_ERROR = 2  # the code argparse uses for usage errors; nesc's own errors share it
 INTERRUPTED = 130
-# Width for output that goes to a pipe or a file: there is no terminal to fit, and a fixed width keeps
-# the tables unwrapped and the output identical from run to run. $COLUMNS still wins.
-PIPE_WIDTH = 160
+# Width for output that goes to a pipe or a file: there is no terminal to fit, so no line is ever
+# wrapped (a table row is one line, a layer name is never broken; grep and cut see whole rows), and
+# the output is identical from run to run. $COLUMNS still wins.
+PIPE_WIDTH = 100_000
 FLOAT32_BYTES = 4
 DEFAULT_RUN_DIR = Path("runs")
 # TrainConfig fields the command line sets; each flag's destination is the field's name.
@@ -50,15 +50,17 @@ TRAIN_FIELDS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr"
                 "weight_decay": "--weight-decay", "schedule": "--schedule", "seed": "--seed", "limit": "--limit",
                 "bn_recalibration": "--bn-recalibration", "device": "--device", "sampling_width": "--sampling-width",
                 "starts_lr": "--starts-lr"}
-FORCE_HELP = "replace the output file if it exists (never a link, a folder or a device)"
+FORCE_HELP = "replace the output file if it exists (never a link, a folder or a device; default: refuse)"
 
 
 # ------------------------------------------------------------------------------ consoles and stages
 
 
-def console(stderr: bool) -> Console:
+def console(stderr: bool, quiet: bool = False) -> Console:
+    """stdout or stderr; ``quiet`` prints nothing (``--json`` silences the human output, ``--quiet`` the
+    progress)."""
     # No markup: paths, layer names and config reprs are printed as they are, brackets included.
-    con = Console(stderr=stderr, highlight=False, markup=False)
+    con = Console(stderr=stderr, highlight=False, markup=False, quiet=quiet)
     if not con.is_terminal and "COLUMNS" not in os.environ:
         con.width = PIPE_WIDTH
     return con
@@ -84,7 +86,7 @@ class Stages:
         self._bar = Progress(SpinnerColumn(finished_text=Text("done", style="green")),
                              TextColumn("{task.description}", markup=False),
                              TimeElapsedColumn(), console=con,
-                             disable=not con.is_terminal)
+                             disable=con.quiet or not con.is_terminal)
 
     @contextmanager
     def progress(self) -> Iterator[None]:
@@ -106,69 +108,10 @@ class Stages:
         return line + (f"; total {sum(self.seconds.values()):.1f}s" if total else "")
 
 
-# -------------------------------------------------------------------------------- parent parsers
-
-
-def config_flags() -> argparse.ArgumentParser:
-    """The NESConfig flags (summary, compress, compile, export). Defaults are None so that we can tell
-    what the user set; ``config.nes_config`` turns them into a NESConfig, which validates every value."""
-    group = argparse.ArgumentParser(add_help=False)
-    budget = group.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=float, metavar="R",
-                        help=f"store 1/R of the dense parameters (R >= 1; default {DEFAULT_RATIO:g})")
-    budget.add_argument("--params", type=int, metavar="N", help="parameter budget for the whole model")
-    budget.add_argument("--params-of", metavar="MODEL[@WIDTH]",
-                        help="parameter budget: the dense size of registry model MODEL (at width multiplier "
-                             "WIDTH if given); e.g. --width 2 --params-of cnn1d: a 2x-wide cnn1d at cnn1d's size")
-    group.add_argument("--policy", choices=POLICIES, help="which layers share a pool (default per_layer)")
-    group.add_argument("--min-params", type=int, metavar="N",
-                       help=f"weights with fewer elements stay dense (default {NESConfig.min_params})")
-    group.add_argument("--learner", action="store_true", default=None,
-                       help="start-index offsets predicted from the batch-mean input features (the paper's learner)")
-    group.add_argument("--reuse", nargs="?", const="inputs", choices=REUSE_LEVELS, default=None,
-                       help="train routing that freeze turns into fewer multiply-adds: 'inputs' (the default "
-                            "when the flag is given) folds input channels; 'outputs' also computes each layer "
-                            "with its pool's rows and copies the products to the outputs")
-    group.add_argument("--pool-extent", type=int, metavar="N",
-                       help="pools N cells longer than the kernel along space/time, so blocks sample along it too")
-    group.add_argument("--input-size", type=int, nargs="+", metavar="D",
-                       help="example input shape without the batch dimension, e.g. 3 64 64 "
-                            "(default: the model's registered shape)")
-    return group
-
-
-def training_flags() -> argparse.ArgumentParser:
-    """Flags shared by ``train`` and ``compress``: the dataset and TrainConfig. Defaults are None so that
-    ``compress`` without ``--dataset`` can refuse training flags instead of ignoring them."""
-    group = argparse.ArgumentParser(add_help=False)
-    group.add_argument("--dataset", choices=list_datasets(), help="train on this dataset")
-    group.add_argument("--data-dir", type=Path, metavar="DIR", help="folder with the dataset's files (Fashion-MNIST)")
-    group.add_argument("--epochs", type=int, metavar="N", help=f"epochs (default {TrainConfig.epochs})")
-    group.add_argument("--batch-size", type=int, metavar="N", help=f"default {TrainConfig.batch_size}")
-    group.add_argument("--lr", type=float, help=f"learning rate (default {TrainConfig.lr})")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {TrainConfig.optimizer}")
-    group.add_argument("--weight-decay", type=float, metavar="WD", help=f"default {TrainConfig.weight_decay}")
-    group.add_argument("--schedule", choices=SCHEDULES, help=f"default {TrainConfig.schedule}")
-    group.add_argument("--seed", type=int, help="data order and dropout (default 0)")
-    group.add_argument("--limit", type=int, metavar="N", help="train on a class-balanced subset of N samples")
-    group.add_argument("--bn-recalibration", type=int, metavar="N",
-                       help="recompute batch-norm statistics over N train batches before each evaluation")
-    group.add_argument("--device", choices=DEVICES, help="default auto (cuda when available)")
-    group.add_argument("--sampling-width", type=float, metavar="W",
-                       help="sampling kernel W cells wide at the start, annealed to 1 over the first half (default 1)")
-    group.add_argument("--starts-lr", type=float, metavar="LR", help="learning rate of the start indices (default --lr)")
-    group.add_argument("--width", type=float, metavar="W", help="width multiplier, for models that have one")
-    group.add_argument("--run-dir", type=Path, metavar="DIR",
-                       help=f"logs and checkpoints (default {DEFAULT_RUN_DIR}/MODEL-DATASET); a rerun resumes")
-    resume = group.add_mutually_exclusive_group()
-    resume.add_argument("--no-resume", action="store_true", help="start over even if --run-dir holds a checkpoint")
-    resume.add_argument("--strict-resume", action="store_true",
-                        help="fail, rather than start over, when --run-dir's checkpoint is damaged or from other settings")
-    return group
-
-
 def train_config(args: argparse.Namespace) -> TrainConfig:
     changes = {field: getattr(args, field) for field in TRAIN_FIELDS if getattr(args, field) is not None}
+    if getattr(args, "quiet", False):
+        changes["progress"] = False  # --quiet: no training bars either
     return TrainConfig(**changes)
 
 

@@ -7,7 +7,7 @@ into a deployable library and its parameters file.
 
 ``nesc/backends/tvm/runtime.py`` runs the exported files with tvm and numpy only. TVM is an optional
 extra, so its modules are imported when the verb runs, not when the command line starts. Both files
-(``-o`` and the parameters file next to it) are checked before any work; existing ones are replaced
+(``-o/--out`` and the parameters file next to it) are checked before any work; existing ones are replaced
 only with ``--force``.
 """
 
@@ -25,9 +25,7 @@ from nesc.api import REGENERATE_DEFAULT
 from nesc.api import compile as tvm_compile
 from nesc.api import freeze, load, transform
 from nesc.cli.common import (
-    ARTIFACT_SUFFIX,
     FLOAT32_BYTES,
-    FORCE_HELP,
     Stages,
     check_out,
     create_model,
@@ -39,49 +37,54 @@ from nesc.cli.common import (
     print_heading,
 )
 from nesc.cli.config import nes_config
+from nesc.cli.flags import BACKEND_GROUP, add_config_flags, add_init, add_input_size, add_output_flags, model_group
+from nesc.cli.output import emit_json
 from nesc.core import names
 from nesc.core.errors import InputError
 from nesc.core.inputs import from_specs
 from nesc.report import build_report
 
 
-def add_parser(commands, config: argparse.ArgumentParser) -> None:
+def add_parser(commands) -> None:
     compile_ = commands.add_parser(
-        "compile", parents=[config], help="build a model with TVM into a deployable .so (+ .params.safetensors)",
+        "compile", help="build a model with TVM into a deployable .so (+ .params.safetensors)",
         description="Compress a registry model (or load a saved .nesc artifact), build it with Apache TVM "
                     "and export the library and its parameters file; runtime.py runs them with tvm and numpy.")
-    compile_.add_argument("model", metavar="MODEL_OR_ARTIFACT",
-                          help=f"a registry model name or a {ARTIFACT_SUFFIX} artifact path")
-    compile_.add_argument("-o", "--out", metavar="PATH", type=Path, required=True, help="the library to write (.so)")
-    compile_.add_argument("--force", action="store_true", help=FORCE_HELP + "; the parameters file next to it too")
-    compile_.add_argument("--target", default="llvm", help="llvm (this CPU, default), aarch64 (cross) or cuda")
-    compile_.add_argument("--tune", metavar="N|Ss", help="MetaSchedule budget: N trials or S seconds ('120s')")
-    compile_.add_argument("--batch", type=int, default=1, help="batch size the library is built for (default 1)")
-    compile_.add_argument("--dynamic-batch", action="store_true",
-                          help="one library for any batch size (about 2x slower in the VM; no tuning)")
-    compile_.add_argument("--regenerate", choices=("once", "per_call"), default=REGENERATE_DEFAULT,
-                          help="once: weights rebuilt from the pools when the model loads (dense speed); "
-                               f"per_call: in every call (less memory). Default {REGENERATE_DEFAULT}")
-    compile_.add_argument("--cache-dir", type=Path, help="tuning database folder (default ~/.cache/nesc/tvm)")
-    compile_.add_argument("--init", metavar="CHECKPOINT", type=Path,
-                          help="local dense checkpoint (.safetensors or .pt state_dict) to start from")
-    compile_.add_argument("--compare-dense", action="store_true",
-                          help="also build the dense registry model the same way and print its deployed size")
+    model = model_group(compile_, artifact=True)
+    add_init(model)
+    add_input_size(model)
+    add_config_flags(compile_)
+    backend = compile_.add_argument_group(BACKEND_GROUP)
+    backend.add_argument("--target", default="llvm", help="llvm (this CPU), aarch64 (cross) or cuda (default llvm)")
+    backend.add_argument("--tune", metavar="N|Ss", help="MetaSchedule budget: N trials or S seconds ('120s'; "
+                                                        "default: no tuning)")
+    backend.add_argument("--batch", type=int, default=1, help="batch size the library is built for (default 1)")
+    backend.add_argument("--dynamic-batch", action="store_true",
+                         help="one library for any batch size (about 2x slower in the VM; no tuning; default off)")
+    backend.add_argument("--regenerate", choices=("once", "per_call"), default=REGENERATE_DEFAULT,
+                         help="once: weights rebuilt from the pools when the model loads (dense speed); "
+                              f"per_call: in every call (less memory; default {REGENERATE_DEFAULT})")
+    backend.add_argument("--cache-dir", type=Path, help="tuning database folder (default ~/.cache/nesc/tvm)")
+    backend.add_argument("--compare-dense", action="store_true",
+                         help="also build the dense registry model the same way and print its deployed size "
+                              "(default off)")
+    add_output_flags(compile_, "the library to write (.so; its parameters file goes next to it, and --force "
+                               "replaces both)", None)
     compile_.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     target, tune = _check(args)
-    stages = Stages(err)
+    stages = Stages(err, {"fit": "fit pools"})
     with stages.progress():
-        with stages.stage("load" if is_artifact(args.model) else "compress", args.model):
-            frozen, inputs = _frozen(args)
+        frozen, inputs = _frozen(args, stages)
         with stages.stage("compile", f"for {target.name}, regenerate {args.regenerate}"
-                          + (f", tuning {args.tune}" if tune else "")):
+                          + (f", tuning {args.tune} (MetaSchedule)" if tune else "")):
             compiled = tvm_compile(frozen, inputs, target, tune=tune, cache_dir=args.cache_dir,
                                    dynamic_batch=args.dynamic_batch, regenerate=args.regenerate)
         with stages.stage("export", str(args.out)):
             files = compiled.export_library(args.out, overwrite=args.force)
+        dense_bytes = None
         if args.compare_dense:
             with stages.stage("dense", "compile and export the dense model the same way"):
                 dense_bytes = _dense_deployed_bytes(args, inputs, target, tune)
@@ -102,6 +105,12 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
         out.print(f"tuning: {len(t.tuned)} kernels tuned ({t.trials} trials, {t.seconds:.0f}s), {len(t.reused)} "
                   f"from the cache, {len(t.small)} too small to tune; database {t.database}")
     out.print(stages.times())
+    if args.json:
+        emit_json({"model": args.model, "target": target.name, "input_shape": list(inputs[0].shape),
+                   "library": files.library, "library_bytes": files.library_bytes, "params": files.params,
+                   "params_bytes": files.params_bytes, "param_bytes_by_kind": compiled.bytes_by_kind(),
+                   "dense_float32_bytes": dense, "dense_deployed_bytes": dense_bytes,
+                   "tuning": compiled.tuning, "report": report.to_dict(), "seconds": stages.seconds})
     return 0
 
 
@@ -111,31 +120,37 @@ def _check(args: argparse.Namespace):
     from nesc.backends.tvm.targets import get_target
     from nesc.backends.tvm.tune import as_tune_config
 
+    if args.out is None:
+        raise InputError("nesc compile needs -o/--out PATH: the library to write (.so)")
     if args.batch < 1:
         raise InputError(f"--batch must be >= 1; got {args.batch}")
     if args.dynamic_batch and args.tune:
         raise InputError("--dynamic-batch and --tune exclude each other: tuning needs a static batch (--batch B)")
     target, tune = get_target(args.target), as_tune_config(args.tune)
     if args.out.suffix != ".so":
-        raise InputError(f"-o {str(args.out)!r} must end in .so (a shared library)")
+        raise InputError(f"-o/--out {str(args.out)!r} must end in .so (a shared library)")
     if args.compare_dense and is_artifact(args.model):
         raise InputError(f"--compare-dense needs a registry model name, not the artifact {args.model!r}: "
                          f"an artifact holds no dense weights to build")
-    check_out(args, args.out, "-o")
-    check_out(args, params_path(args.out), "-o's parameters file")
+    check_out(args, args.out, "-o/--out")
+    check_out(args, params_path(args.out), "-o/--out's parameters file")
     return target, tune
 
 
-def _frozen(args: argparse.Namespace) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """(frozen model, example inputs at --batch) from a saved artifact or a freshly compressed registry model."""
+def _frozen(args: argparse.Namespace, stages: Stages) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """(frozen model, example inputs at --batch) from a saved artifact or a freshly compressed registry model
+    (transform's stages shown one by one)."""
     if is_artifact(args.model):
-        frozen = load(args.model)
+        with stages.stage("load", args.model):
+            frozen = load(args.model)
         return frozen, from_specs(frozen.meta[names.INPUT_SPECS], batch=args.batch, seed=0)
     spec = model_spec(args.model)
     config = nes_config(args, spec)
     inputs = tuple(x.expand(args.batch, *x.shape[1:]).contiguous() for x in example_inputs(spec, args.input_size))
     model = create_model(spec, config.seed, args.init)
-    return freeze(transform(model, inputs, config)), inputs
+    gm = transform(model, inputs, config, on_stage=stages.stage)
+    with stages.stage("freeze"):
+        return freeze(gm), inputs
 
 
 def _dense_deployed_bytes(args: argparse.Namespace, inputs: tuple, target, tune) -> int:

@@ -10,7 +10,7 @@ factory's initial ones) and each stage is timed: capture, plan and fit through `
 first (or ``--init CHECKPOINT`` evaluated), the pools are fitted to it, the compressed model is trained
 (distilled from the dense one with ``--distill``, or from ``--teacher CHECKPOINT``), frozen and saved,
 and the summary shows both accuracies. Logs and per-epoch checkpoints go under ``--run-dir``; running
-the same command again resumes. ``--out`` and ``--run-dir`` are checked before any work; an existing
+the same command again resumes. ``-o/--out`` and ``--run-dir`` are checked before any work; an existing
 artifact is replaced only with ``--force``.
 """
 
@@ -28,7 +28,6 @@ from nesc.api import freeze, save, transform
 from nesc.cli.common import (
     ARTIFACT_SUFFIX,
     FLOAT32_BYTES,
-    FORCE_HELP,
     TRAIN_FIELDS,
     Stages,
     build_model,
@@ -48,6 +47,9 @@ from nesc.cli.common import (
     train_config,
 )
 from nesc.cli.config import budget, describe, nes_config
+from nesc.cli.flags import add_config_flags, add_init, add_input_size, add_output_flags, add_training_flags, model_group
+from nesc.cli.output import emit_json
+from nesc.cli.search import plan_config
 from nesc.core import names
 from nesc.core.errors import InputError
 from nesc.data import Dataset, list_datasets
@@ -56,7 +58,6 @@ from nesc.models import ModelSpec
 from nesc.report import Report, build_report
 from nesc.train import TrainConfig, TrainResult, evaluate, fit, model_size
 
-DEFAULT_MODEL = "resnet18_cifar"
 # What transform's stages are called in the spinner and the timings.
 STAGE_LABELS = {"fit": "fit pools"}
 # Flags that only mean something when training, besides TrainConfig's, by destination.
@@ -64,26 +65,28 @@ OTHER_TRAIN_FLAGS = {"data_dir": "--data-dir", "width": "--width", "run_dir": "-
                      "teacher": "--teacher", "no_resume": "--no-resume", "strict_resume": "--strict-resume"}
 
 
-def add_parser(commands, config: argparse.ArgumentParser, training: argparse.ArgumentParser) -> None:
+def add_parser(commands) -> None:
     compress = commands.add_parser(
-        "compress", parents=[config, training], help="transform, fit, freeze and save a model as a .nesc artifact",
+        "compress", help="transform, fit, freeze and save a model as a .nesc artifact",
         description="Build a registry model (optionally from a local dense checkpoint), fit its epitome "
                     "pools to the dense weights, freeze the routing maps and save one .nesc artifact.")
-    compress.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL,
-                          help=f"a registry model name (default: {DEFAULT_MODEL})")
-    compress.add_argument("--init", metavar="CHECKPOINT", type=Path,
-                          help="local dense checkpoint (.safetensors or .pt state_dict) to start from")
-    compress.add_argument("--out", metavar="PATH", type=Path,
-                          help=f"where to write the artifact (default: ./MODEL{ARTIFACT_SUFFIX})")
-    compress.add_argument("--force", action="store_true", help=FORCE_HELP)
-    compress.add_argument("--fold-batchnorm", action="store_true",
-                          help="store every batch norm as a per-channel scale and shift (two tensors instead of "
-                               "four: a smaller artifact; outputs equal up to float rounding, and the batch norms "
-                               "no longer use batch statistics if the loaded model is trained)")
-    compress.add_argument("--distill", action="store_true", default=None,
-                          help="with --dataset: distil the compressed model from the dense one")
-    compress.add_argument("--teacher", type=Path, metavar="CHECKPOINT",
-                          help="with --dataset: distil from this dense checkpoint of the same model")
+    model = model_group(compress, artifact=False)
+    add_init(model)
+    add_input_size(model)
+    plan = add_config_flags(compress)
+    plan.add_argument("--plan", type=Path, metavar="PLAN",
+                      help="a plan from nesc search (RUN_DIR/best.json): per-layer ratios, dense layers, shared "
+                           "pools, width and budget (instead of --ratio/--params/--policy/--min-params; default none)")
+    plan.add_argument("--fold-batchnorm", action="store_true",
+                      help="store every batch norm as a per-channel scale and shift (two tensors instead of "
+                           "four: a smaller artifact; outputs equal up to float rounding, and the batch norms "
+                           "no longer use batch statistics if the loaded model is trained; default off)")
+    training = add_training_flags(compress)
+    training.add_argument("--distill", action="store_true", default=None,
+                          help="with --dataset: distil the compressed model from the dense one (default off)")
+    training.add_argument("--teacher", type=Path, metavar="CHECKPOINT",
+                          help="with --dataset: distil from this dense checkpoint of the same model (default none)")
+    add_output_flags(compress, "where to write the artifact", f"./MODEL{ARTIFACT_SUFFIX}")
     compress.set_defaults(run=run)
 
 
@@ -105,7 +108,7 @@ def _check_training_flags_unused(args: argparse.Namespace) -> None:
 
 def _artifact_path(args: argparse.Namespace, spec: ModelSpec) -> Path:
     path = args.out if args.out is not None else Path(f"{spec.name}{ARTIFACT_SUFFIX}")
-    return check_out(args, path, "--out")
+    return check_out(args, path, "-o/--out")
 
 
 # ------------------------------------------------------------------ fitted to the dense weights
@@ -113,7 +116,7 @@ def _artifact_path(args: argparse.Namespace, spec: ModelSpec) -> Path:
 
 def _run_fitted(args: argparse.Namespace, out: Console, err: Console) -> int:
     spec = model_spec(args.model)
-    config = nes_config(args, spec)
+    config = plan_config(args, spec, trained=False) if args.plan else nes_config(args, spec)
     inputs = example_inputs(spec, args.input_size)
     path = _artifact_path(args, spec)
     stages = Stages(err, STAGE_LABELS)
@@ -136,7 +139,14 @@ def _run_fitted(args: argparse.Namespace, out: Console, err: Console) -> int:
                        style="dim"))
     _print_sizes(out, path, report)
     out.print(stages.times(total=True))
+    if args.json:
+        emit_json({"model": spec.name, "artifact": path, **_sizes(path, report), "config": describe(config, args.params_of),
+                   "report": report.to_dict(), "fit_errors": gm.meta[names.FIT_ERRORS], "seconds": stages.seconds})
     return 0
+
+
+def _sizes(path: Path, report: Report) -> dict[str, int]:
+    return {"file_bytes": path.stat().st_size, "dense_float32_bytes": report.dense_params * FLOAT32_BYTES}
 
 
 def _print_sizes(out: Console, path: Path, report: Report) -> None:
@@ -156,7 +166,8 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
     path = _artifact_path(args, spec)
     folder = run_dir(args, spec)
     ds = load_data(args, spec)
-    nes = nes_config(args, spec, ds.spec.num_classes)  # --params-of counts a model with the dataset's classes
+    nes = (plan_config(args, spec, trained=True) if args.plan  # --plan sets args.width: before the models are built
+           else nes_config(args, spec, ds.spec.num_classes))  # --params-of counts a model with the dataset's classes
     dense, dense_result = _dense(args, spec, ds, config, err)
     teacher = None
     if args.teacher is not None:
@@ -164,7 +175,7 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
     elif args.distill:
         teacher = dense
     gm = transform(dense, (ds.x_train[:2],), nes)  # pools fitted to the dense weights
-    err.print(f"training the compressed model -> {folder / 'nesc'}")
+    err.print(Text(f"training the compressed model -> {folder / 'nesc'}"))
     result = fit(gm, ds, config, out_dir=folder / "nesc", teacher=teacher, **fit_options(args))
     frozen = freeze(gm, fold_batchnorm=args.fold_batchnorm)
     frozen_loss, frozen_acc = evaluate(frozen, ds, config.resolved_device())
@@ -175,11 +186,16 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(report)
     print_fit_errors(out, gm.meta.get(names.FIT_ERRORS, {}))
     params, nbytes, madd = model_size(frozen, ds)
-    frozen_result = TrainResult(frozen_acc, frozen_loss, params, nbytes, madd, result.seconds, result.epochs)
+    frozen_result = TrainResult(frozen_acc, frozen_loss, params, nbytes, madd, result.seconds, result.epochs,
+                                result.history)  # the curves of the training before freeze
     print_results(out, f"{spec.name}{width} on {ds.spec.name}", {"dense": dense_result, "nesc (frozen)": frozen_result})
     gain = frozen_acc - dense_result.test_acc
     out.print(f"ratio: {report.ratio:.2f}x; artifact: {path} ({path.stat().st_size:,} bytes); "
               f"accuracy {frozen_acc:.2%} vs dense {dense_result.test_acc:.2%} ({gain:+.2%})")
+    if args.json:
+        emit_json({"model": spec.name, "dataset": ds.spec.name, "width": args.width, "artifact": path,
+                   **_sizes(path, report), "config": describe(nes, args.params_of), "report": report.to_dict(),
+                   "dense": dense_result, "nesc": frozen_result, "run_dir": folder})
     return 0
 
 

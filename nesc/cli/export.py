@@ -1,17 +1,17 @@
-"""``nesc export --onnx``: one compressed ONNX file that stores the pools and routing maps and
+"""``nesc export -o FILE.onnx``: one compressed ONNX file that stores the pools and routing maps and
 regenerates the weights with Gather + interpolation nodes.
 
-    nesc export r18.nesc --onnx r18.onnx                  # an artifact: input shape from the artifact
-    nesc export resnet18_cifar --ratio 4 --onnx r18.onnx  # compressed on the fly; its dense ONNX to compare
+    nesc export r18.nesc -o r18.onnx                  # an artifact: input shape from the artifact
+    nesc export resnet18_cifar --ratio 4 -o r18.onnx  # compressed on the fly; its dense ONNX to compare
 
-The onnx backend is an optional extra, so it is imported when the verb runs. ``--onnx`` is checked
-before any work; an existing file is replaced only with ``--force``.
+The onnx backend is an optional extra, so it is imported when the verb runs. ``-o/--out`` is checked
+before any work; an existing file is replaced only with ``--force``. ``--onnx PATH``, the old spelling,
+still works (with a deprecation note).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -20,9 +20,7 @@ from torch import fx
 
 from nesc.api import export_onnx, freeze, load, transform
 from nesc.cli.common import (
-    ARTIFACT_SUFFIX,
     FLOAT32_BYTES,
-    FORCE_HELP,
     Stages,
     check_out,
     create_model,
@@ -33,25 +31,37 @@ from nesc.cli.common import (
     print_heading,
 )
 from nesc.cli.config import describe, given_config_flags, nes_config
+from nesc.cli.flags import (
+    BACKEND_GROUP,
+    add_config_flags,
+    add_deprecated_alias,
+    add_input_size,
+    add_output_flags,
+    model_group,
+)
+from nesc.cli.output import emit_json
 from nesc.core import names
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.inputs import from_specs
 from nesc.report import build_report
 
 
-def add_parser(commands, config: argparse.ArgumentParser) -> None:
+def add_parser(commands) -> None:
     export = commands.add_parser(
-        "export", parents=[config], help="export a .nesc artifact or a registry model to compressed ONNX",
+        "export", help="export a .nesc artifact or a registry model to compressed ONNX",
         description="Write one ONNX file that stores the epitome pools and routing maps and regenerates the "
                     "weights with Gather + interpolation nodes (simplified with onnxsim, without folding "
                     "them back). MODEL is a saved .nesc artifact (input shape from the artifact, or "
                     "--input-size) or a registry model name, compressed on the fly with the config flags; "
                     "a registry model's dense ONNX is exported the same way to compare sizes.")
-    export.add_argument("model", metavar="MODEL", help=f"a {ARTIFACT_SUFFIX} artifact path or a registry model name")
-    export.add_argument("--onnx", metavar="OUT", type=Path, required=True, help="where to write the .onnx file")
-    export.add_argument("--force", action="store_true", help=FORCE_HELP)
-    export.add_argument("--no-simplify", action="store_true", help="skip onnxsim (the raw exporter output)")
-    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default 18, the lowest supported)")
+    add_input_size(model_group(export, artifact=True))
+    add_config_flags(export)
+    backend = export.add_argument_group(BACKEND_GROUP)
+    backend.add_argument("--no-simplify", action="store_true",
+                         help="skip onnxsim (the raw exporter output; default: simplified)")
+    backend.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default 18, the lowest supported)")
+    output = add_output_flags(export, "where to write the .onnx file", None)
+    add_deprecated_alias(output, "--onnx", "-o/--out", dest="out")
     export.set_defaults(run=run)
 
 
@@ -59,17 +69,21 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     from nesc.backends.onnx import DEFAULT_OPSET
 
     opset = DEFAULT_OPSET if args.opset is None else args.opset
-    check_out(args, args.onnx, "--onnx")
+    if args.out is None:
+        raise InputError("nesc export needs -o/--out PATH: where to write the .onnx file")
+    check_out(args, args.out, "-o/--out")
     stages = Stages(err)
     with stages.progress():
         frozen, inputs, dense, label = _source(args, stages)
-        with stages.stage("export", f"{args.onnx} (opset {opset}{', dense too' if dense is not None else ''})"):
-            report = export_onnx(frozen, inputs, args.onnx, simplify=not args.no_simplify, opset=opset, dense=dense,
+        with stages.stage("export", f"{args.out} (opset {opset}{', dense too' if dense is not None else ''})"):
+            report = export_onnx(frozen, inputs, args.out, simplify=not args.no_simplify, opset=opset, dense=dense,
                                  overwrite=args.force)
     print_heading(out, label, f"-> {report.path}, input {format_shape(inputs[0].shape[1:])} with a symbolic batch")
     out.print(_size_table(report, frozen))
     out.print(f"ops: {', '.join(report.ops)}")
     out.print(stages.times())
+    if args.json:
+        emit_json({"model": label, "onnx": report, "report": build_report(frozen).to_dict(), "seconds": stages.seconds})
     return 0
 
 
@@ -79,9 +93,10 @@ def _source(args: argparse.Namespace, stages: Stages):
         spec = model_spec(args.model)
         config = nes_config(args, spec)
         inputs = tuple(torch.cat([x, x]) for x in example_inputs(spec, args.input_size))  # batch 2
-        with stages.stage("compress", f"{spec.name}, {describe(config, args.params_of)}"):
-            dense = create_model(spec, config.seed).eval()
-            frozen = freeze(transform(dense, inputs, config))
+        dense = create_model(spec, config.seed).eval()
+        gm = transform(dense, inputs, config, on_stage=stages.stage)
+        with stages.stage("freeze", f"{spec.name}, {describe(config, args.params_of)}"):
+            frozen = freeze(gm)
         return frozen, inputs, dense, spec.name
     given = given_config_flags(args)
     if given:

@@ -16,6 +16,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from nesc.cli.common import build_model, fit_options, load_data, model_spec, print_results, run_dir, train_config
+from nesc.cli.flags import OUTPUT_GROUP, add_report_flags, add_training_flags, model_group
 from nesc.core.errors import InputError
 from nesc.core.files import atomic_write, check_output
 from nesc.data import list_datasets
@@ -24,12 +25,14 @@ from nesc.train import fit
 WEIGHTS = "model.safetensors"  # in the run folder
 
 
-def add_parser(commands, training: argparse.ArgumentParser) -> None:
+def add_parser(commands) -> None:
     train = commands.add_parser(
-        "train", parents=[training], help="train a dense registry model on a dataset",
+        "train", help="train a dense registry model on a dataset",
         description="Train a registry model on a dataset: progress bars, per-epoch metrics (JSON + CSV), a "
                     "checkpoint every epoch (a rerun resumes), then the weights as safetensors and a report.")
-    train.add_argument("model", metavar="MODEL", help="a registry model name (`nesc models`)")
+    model_group(train, artifact=False)
+    add_training_flags(train)
+    add_report_flags(train.add_argument_group(OUTPUT_GROUP), json=False)
     train.set_defaults(run=run)
 
 

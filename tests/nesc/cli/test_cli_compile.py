@@ -20,7 +20,7 @@ from cli_cases import run as _run
 
 
 def _no_work(*args, **kwargs):
-    raise AssertionError("the work started before -o was refused")
+    raise AssertionError("the work started before -o/--out was refused")
 
 
 @pytest.fixture()
@@ -41,7 +41,7 @@ def test_an_existing_library_needs_force(capsys, tmp_path: Path, no_work) -> Non
     library = tmp_path / "m.so"
     library.write_bytes(b"an older build")
     _assert_refused(*_run(capsys, "compile", "mlp", "-o", str(library)),
-                    f"-o {str(library)!r} already exists", "--force")
+                    f"-o/--out {str(library)!r} already exists", "--force")
     assert library.read_bytes() == b"an older build"
 
 
@@ -49,7 +49,7 @@ def test_an_existing_parameters_file_needs_force_too(capsys, tmp_path: Path, no_
     library = tmp_path / "m.so"
     params_path(library).write_bytes(b"older parameters")
     _assert_refused(*_run(capsys, "compile", "mlp", "-o", str(library)),
-                    "-o's parameters file", str(params_path(library)), "already exists", "--force")
+                    "-o/--out's parameters file", str(params_path(library)), "already exists", "--force")
 
 
 @pytest.mark.parametrize("kind, words", [("symlink", "symbolic link"), ("fifo", "not a regular file"),
@@ -89,3 +89,31 @@ def test_force_reaches_export_library_as_overwrite(capsys, tmp_path: Path, monke
     code, _, err = _run(capsys, "compile", "cnn1d", "-o", str(library), "--force")
     assert code == USAGE_ERROR and "stop here" in err
     assert seen == [False, True, True]
+
+
+def test_json_is_one_document_with_the_files_and_their_sizes(capsys, tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from nesc.backends.tvm.export import ExportedFiles
+
+    class Compiled:  # what tvm_compile returns, without building: the JSON is what this test checks
+        tuning, param_bytes = None, 6
+
+        def export_library(self, path, *, overwrite=False):
+            path.write_bytes(b"lib")
+            params_path(path).write_bytes(b"params")
+            return ExportedFiles(path, params_path(path))
+
+        def bytes_by_kind(self):
+            return {"pool": 6}
+
+    monkeypatch.setattr(compile_verb, "tvm_compile", lambda *args, **kwargs: Compiled())
+    library = tmp_path / "m.so"
+    code, out, err = _run(capsys, "compile", "cnn1d", "-o", str(library), "--json", "--quiet")
+    assert code == 0 and err == "", err
+    doc = json.loads(out)
+    assert (doc["library"], doc["library_bytes"]) == (str(library), 3)
+    assert (doc["params"], doc["params_bytes"]) == (str(params_path(library)), 6)
+    assert doc["param_bytes_by_kind"] == {"pool": 6} and doc["tuning"] is None
+    assert doc["dense_float32_bytes"] == 4 * doc["report"]["dense_params"]
+    assert set(doc["seconds"]) >= {"capture", "plan", "fit pools", "freeze", "compile", "export"}

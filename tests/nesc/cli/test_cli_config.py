@@ -85,7 +85,7 @@ def _budget_reaching_transform(monkeypatch: pytest.MonkeyPatch, verb_module) -> 
     ("summary", summary_verb, []),
     ("compress", compress_verb, ["--out", "OUT/m.nesc"]),
     ("compile", compile_verb, ["-o", "OUT/m.so"]),
-    ("export", export_verb, ["--onnx", "OUT/m.onnx"]),
+    ("export", export_verb, ["-o", "OUT/m.onnx"]),
 ])
 def test_every_verb_with_the_budget_flags_takes_params_of(capsys, tmp_path, monkeypatch, verb, module, extra) -> None:
     if verb == "compile":

@@ -1,6 +1,6 @@
-"""``nesc export --onnx`` (``nesc/cli/export.py``): from a saved artifact (input shape from the artifact)
+"""``nesc export -o FILE.onnx`` (``nesc/cli/export.py``): from a saved artifact (input shape from the artifact)
 and from a registry model compressed on the fly (dense ONNX exported next to it); errors exit 2 without
-a traceback; ``--onnx`` is checked before any work and an existing file is replaced only with ``--force``."""
+a traceback; ``-o/--out`` is checked before any work and an existing file is replaced only with ``--force``."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _assert_clean_error(code: int, err: str, *fragments: str) -> None:
 
 def test_export_an_artifact_with_its_saved_input_shape(capsys, artifact: Path, tmp_path: Path) -> None:
     out_path = tmp_path / "cnn1d.onnx"
-    code, out, err = _run(capsys, "export", str(artifact), "--onnx", str(out_path))
+    code, out, err = _run(capsys, "export", str(artifact), "-o", str(out_path))
     assert code == 0, err
     assert out_path.is_file() and not list(tmp_path.glob("*.data"))
     assert "compressed (pools + routing maps)" in out and "dense float32 weights (not exported)" in out
@@ -52,7 +52,7 @@ def test_export_an_artifact_with_its_saved_input_shape(capsys, artifact: Path, t
 
 def test_export_a_registry_model_compressed_on_the_fly_next_to_its_dense_file(capsys, tmp_path: Path) -> None:
     out_path = tmp_path / "mlp.onnx"
-    code, out, err = _run(capsys, "export", "mlp", "--ratio", "4", "--onnx", str(out_path), "--opset", "18")
+    code, out, err = _run(capsys, "export", "mlp", "--ratio", "4", "-o", str(out_path), "--opset", "18")
     assert code == 0, err
     assert "dense, exported the same way" in out
     ratio = float(out.split("dense, exported the same way")[1].split("x")[0].split()[-1])
@@ -62,8 +62,8 @@ def test_export_a_registry_model_compressed_on_the_fly_next_to_its_dense_file(ca
 
 def test_no_simplify_writes_the_raw_export(capsys, artifact: Path, tmp_path: Path) -> None:
     simplified, raw = tmp_path / "s.onnx", tmp_path / "r.onnx"
-    assert _run(capsys, "export", str(artifact), "--onnx", str(simplified))[0] == 0
-    assert _run(capsys, "export", str(artifact), "--onnx", str(raw), "--no-simplify")[0] == 0
+    assert _run(capsys, "export", str(artifact), "-o", str(simplified))[0] == 0
+    assert _run(capsys, "export", str(artifact), "-o", str(raw), "--no-simplify")[0] == 0
     assert len(onnx.load(str(raw)).graph.node) > len(onnx.load(str(simplified)).graph.node)
 
 
@@ -75,12 +75,12 @@ def test_no_simplify_writes_the_raw_export(capsys, artifact: Path, tmp_path: Pat
     ],
 )
 def test_bad_flags_on_an_artifact_exit_2_with_one_message(capsys, artifact, tmp_path, extra, fragments) -> None:
-    code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "x.onnx"), *extra)
+    code, _, err = _run(capsys, "export", str(artifact), "-o", str(tmp_path / "x.onnx"), *extra)
     _assert_clean_error(code, err, *fragments)
 
 
 def test_an_output_folder_that_does_not_exist_is_an_error(capsys, artifact, tmp_path) -> None:
-    code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "nope" / "x.onnx"))
+    code, _, err = _run(capsys, "export", str(artifact), "-o", str(tmp_path / "nope" / "x.onnx"))
     _assert_clean_error(code, err, "does not exist")
 
 
@@ -94,20 +94,20 @@ def test_input_size_must_fit_the_artifact(capsys, artifact, tmp_path, monkeypatc
         return gm
 
     monkeypatch.setattr(export_verb, "load", without_specs)  # the verb imports load from nesc.api
-    code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "x.onnx"))
+    code, _, err = _run(capsys, "export", str(artifact), "-o", str(tmp_path / "x.onnx"))
     _assert_clean_error(code, err, "records no input shape", "--input-size")
 
 
 def test_onnx_out_is_required(capsys, artifact) -> None:
     code, _, err = _run(capsys, "export", str(artifact))
-    assert code == USAGE_ERROR and "--onnx" in err
+    assert code == USAGE_ERROR and "-o/--out" in err
 
 
 # ------------------------------------------------------------------- nothing is replaced silently
 
 
 def _no_work(*args, **kwargs):
-    raise AssertionError("the work started before --onnx was refused")
+    raise AssertionError("the work started before -o/--out was refused")
 
 
 @pytest.mark.parametrize("kind, words", [
@@ -131,15 +131,15 @@ def test_an_unsafe_onnx_path_is_refused_before_any_work(capsys, artifact, tmp_pa
     elif kind == "directory":
         path.mkdir()
     for model in (str(artifact), "mlp"):
-        code, _, err = _run(capsys, "export", model, "--onnx", str(path))
-        _assert_clean_error(code, err, f"--onnx {str(path)!r}", words)
+        code, _, err = _run(capsys, "export", model, "-o", str(path))
+        _assert_clean_error(code, err, f"-o/--out {str(path)!r}", words)
     assert old.read_bytes() == b"keep"
 
 
 def test_force_replaces_an_existing_onnx_file(capsys, artifact, tmp_path) -> None:
     out_path = tmp_path / "cnn1d.onnx"
     out_path.write_bytes(b"an older export")
-    code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(out_path), "--force")
+    code, _, err = _run(capsys, "export", str(artifact), "-o", str(out_path), "--force")
     assert code == 0, err
     assert onnx.load(str(out_path)).graph.node and not list(tmp_path.glob("*.partial"))
 
@@ -153,6 +153,25 @@ def test_force_reaches_export_onnx_as_overwrite(capsys, artifact, tmp_path, monk
 
     monkeypatch.setattr(export_verb, "export_onnx", fake_export)
     for flags in ([], ["--force"]):
-        code, _, err = _run(capsys, "export", str(artifact), "--onnx", str(tmp_path / "x.onnx"), *flags)
+        code, _, err = _run(capsys, "export", str(artifact), "-o", str(tmp_path / "x.onnx"), *flags)
         assert code == USAGE_ERROR and "stop here" in err
     assert seen == [False, True]
+
+
+def test_json_is_one_document_with_the_file_and_its_sizes(capsys, artifact: Path, tmp_path: Path) -> None:
+    import json
+
+    out_path = tmp_path / "cnn1d.onnx"
+    code, out, err = _run(capsys, "export", str(artifact), "-o", str(out_path), "--json", "--quiet")
+    assert code == 0 and err == "", err
+    doc = json.loads(out)
+    assert doc["onnx"]["path"] == str(out_path) and doc["onnx"]["file_bytes"] == out_path.stat().st_size
+    assert "Gather" in doc["onnx"]["ops"] and doc["onnx"]["dense_file_bytes"] is None
+    assert doc["report"]["stored_params"] == nesc.stored_params(nesc.load(artifact))
+
+
+def test_the_old_onnx_flag_still_works(capsys, artifact: Path, tmp_path: Path) -> None:
+    out_path = tmp_path / "old.onnx"
+    code, out, err = _run(capsys, "export", str(artifact), "--onnx", str(out_path))
+    assert code == 0 and out_path.is_file()
+    assert err.startswith("nesc: --onnx is deprecated; use -o/--out")
