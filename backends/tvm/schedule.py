@@ -11,7 +11,18 @@ every PrimFunc a rule-based schedule read off its blocks, never off op names:
   reduction loops between the tile loops and the register block, accumulate in a small local
   buffer, decompose the reduction, parallelise the outer loops, vectorise the inner axis, unroll the
   register block, and compute the elementwise epilogue (bias, batch-norm scale/shift, activation,
-  residual add) on the tile while it is in cache.
+  residual add) on the tile while it is in cache. Two layout moves read off the reads: an output
+  whose last two axes an input reads whole and unshifted (a 1x1 conv) vectorises them as one axis
+  (7 x 7 is 49 lanes' worth, not 7), and a producer read with a stride along the vector axis (the
+  padded input of a stride-2 conv, depthwise or not) writes its last axis split into phases,
+  ``w -> (w % s, w // s)``, so that the conv's reads become contiguous (``deinterleave``).
+* ``gemm`` — ``x @ w.T`` (both operands contiguous along the reduction) with at least
+  ``GEMM_MIN_ROWS`` static rows of x (tokens of a transformer, batch x positions): x copied
+  transposed in a small pass, then tiled as ``tiled`` does with the vector lanes along x's rows and a
+  register block of w's rows (one broadcast scalar each), the accumulator transposed to match. No
+  weight is copied or re-laid out (weights are parameters, read as they are stored).
+* ``dot`` — the same with few rows (a linear layer at batch 1 or 8): vector lanes along the reduction,
+  each accumulating a partial dot product, summed once per output.
 * ``rows`` — a reduction along the contiguous axis (softmax, layer norm, global mean): parallel rows,
   serial reduction.
 * ``products`` — the product map's gather (``kernels.gather_products_te``) and the elementwise ops fused
@@ -29,13 +40,14 @@ built from the block analysis and loop primitives of ``schedule_primitives.py``.
 
 from __future__ import annotations
 
-from .adapter import relax, s_tir, tir, tvm
+from .adapter import region_buffer, relax, s_tir, tir, tvm
 from .kernels import CROP_NAME, PADDED_NAME, PRODUCTS_DIM_ATTR, SPLIT_ATTR, WEIGHT_NAME
 from .schedule_primitives import (
     MAX_INNER,
     VECTOR_LANES,
     child_blocks,
     contiguous_reads,
+    deinterleave,
     divisor,
     inline_chain,
     is_reduction,
@@ -43,6 +55,7 @@ from .schedule_primitives import (
     num_spatial,
     parallel,
     parallel_vectorize,
+    rows_contiguous,
     static,
     try_inline,
     vector_lanes,
@@ -50,8 +63,10 @@ from .schedule_primitives import (
     work,
 )
 
+GEMM_MIN_ROWS = 16  # rows of x that make ``gemm``'s vector lanes along them pay (fewer: ``dot``)
+GEMM_REGISTER_ROWS = 8  # outputs per register block in ``gemm`` (rows of w, one broadcast each)
 REGISTER_TILE = 64  # accumulator elements per register block (AVX2 has 16 ymm registers)
-RULES = ("tiled", "dot", "rows", "regenerate", "products", "elementwise", "reshape", "none")
+RULES = ("tiled", "gemm", "dot", "rows", "regenerate", "products", "elementwise", "reshape", "none")
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled function again
 
 
@@ -122,7 +137,7 @@ def _candidates(func: tir.PrimFunc):
     if set(kinds) == {"elementwise"} and any(_products_dim(sch, b) is not None for b in child_blocks(sch)):
         return (_products, _elementwise)
     if kinds.count("dot") == 1 and not ({"tiled", "rows"} & set(kinds)):
-        return (_dot, _rows, _elementwise)
+        return (_gemm, _dot, _rows, _elementwise)
     if "tiled" in kinds:
         return (_tiled, _rows, _elementwise)
     if "rows" in kinds or "dot" in kinds:
@@ -139,6 +154,7 @@ def _tiled(sch) -> None:
     index = [b.same_as(anchor) for b in blocks].index(True)
     producers, consumers = blocks[:index], blocks[index + 1 :]
     for b in producers:
+        deinterleave(sch, b, anchor)
         parallel_vectorize(sch, b)  # pad, transposes: their own parallel pass over the input
     epilogue = inline_chain(sch, consumers)
 
@@ -146,9 +162,13 @@ def _tiled(sch) -> None:
     n_spatial = num_spatial(sch, anchor)
     spatial, reduce = list(loops[:n_spatial]), list(loops[n_spatial:])
     extents = [static(sch.get(lp).extent) for lp in spatial]
+    t = _register_axis(sch, anchor, extents)
+    if (t is None or t < n_spatial - 2) and rows_contiguous(sch.get(anchor)):
+        # a 1x1 conv: H and W of the output run along memory as one axis (14 x 14 is 196 lanes' worth)
+        spatial = [*spatial[:-2], sch.fuse(spatial[-2], spatial[-1])]
+        extents = [*extents[:-2], extents[-2] * extents[-1]]
     lanes = vector_lanes(extents[-1])
     xo, xi = sch.split(spatial[-1], [None, lanes])
-    t = _register_axis(sch, anchor, extents)
     fo = fi = None
     if t is not None:
         fo, fi = sch.split(spatial[t], [None, divisor(extents[t], max(1, REGISTER_TILE // lanes))])
@@ -251,6 +271,55 @@ def _product_rows(sch, block, dim: int) -> None:
     row = sch.fuse(*rest) if len(rest) > 1 else rest[0]
     vectorize_with_tail(sch, row)
     parallel(sch, loops[: dim + 1])
+
+
+def _gemm(sch) -> None:
+    """x @ w.T with many rows of x: copy x transposed (rows along memory: a small pass over the input),
+    then tile as ``tiled`` does, vector lanes along the rows of x and a register block of the outputs
+    of w's rows, each a broadcast scalar of w. Every lane accumulates a whole output: no horizontal sum
+    per output, as ``dot``'s lanes need. Raises (and ``dot`` takes over) when x has too few rows."""
+    blocks = child_blocks(sch)
+    index = [kind(sch, b) for b in blocks].index("dot")
+    anchor = blocks[index]
+    n_spatial = num_spatial(sch, anchor)
+    stmt = sch.get(anchor)
+    spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
+    rows = static(spatial[-2].dom.extent) if n_spatial >= 2 else None
+    if rows is None or rows < GEMM_MIN_ROWS:
+        raise ValueError("gemm: x has too few rows for vector lanes along them")
+    row_var = spatial[-2].var
+    x = [r for r in contiguous_reads(stmt, stmt.iter_vars[-1].var)
+         if any(v.same_as(row_var) for v in tir.analysis.undefined_vars(r.region[-2].min))]
+    if len(x) != 1:
+        raise ValueError("gemm: no single operand runs along the rows")
+    x_index = [i for i, r in enumerate(stmt.reads) if r.same_as(x[0])][0]
+    for b in blocks[:index]:
+        parallel_vectorize(sch, b)
+    epilogue = inline_chain(sch, blocks[index + 1 :])
+    copy = sch.cache_read(anchor, x_index, "global")
+    rank = len(region_buffer(x[0]).shape)
+    sch.transform_layout(copy, ("write", 0), lambda *ax: (*ax[: rank - 2], ax[rank - 1], ax[rank - 2]))
+    loops = sch.get_loops(anchor)
+    lanes = vector_lanes(rows)
+    outer_loops, (i_loop, j_loop), reduce = loops[: n_spatial - 2], loops[n_spatial - 2 : n_spatial], loops[n_spatial:]
+    io, ii = sch.split(i_loop, [None, lanes])
+    cols = static(sch.get(j_loop).extent)
+    jo, ji = sch.split(j_loop, [None, divisor(cols, GEMM_REGISTER_ROWS)])
+    sch.reorder(*outer_loops, io, jo, *reduce, ji, ii)
+    if epilogue is None:
+        epilogue = sch.cache_write(anchor, 0, "local")
+    else:
+        sch.set_scope(anchor, 0, "local")
+    # the accumulator transposed too, so that its vector lanes are contiguous registers
+    swap = lambda *ax: (*ax[:-2], ax[-1], ax[-2])  # noqa: E731
+    sch.transform_layout(anchor, ("write", 0), swap)
+    sch.reverse_compute_at(epilogue, jo)
+    sch.vectorize(ii)
+    sch.unroll(ji)
+    parallel_vectorize(sch, copy)
+    parallel(sch, [*outer_loops, io])
+    init = sch.decompose_reduction(anchor, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _dot(sch) -> None:

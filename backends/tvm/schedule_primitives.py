@@ -4,13 +4,15 @@ Analysis reads a block off its iteration variables and read regions, never off o
 sorts a block into what the rules schedule (a tiled reduction, a dot product, a row reduction, an
 elementwise op), ``vector_lanes`` and ``divisor`` pick split factors. The primitives are the few
 moves every rule makes: inline a chain of consumers, fuse and parallelise outer loops, vectorise an
-inner loop (in full registers, with a short tail). A primitive that cannot apply raises TVM's
-schedule error, and the rule that called it gives way to the next, simpler rule.
+inner loop (in full registers, with a short tail). Two layout moves for the tiled rule:
+``rows_contiguous`` (may the output's last two axes be vectorised as one) and ``deinterleave`` (a
+producer read with a stride along the vector axis rewritten in column phases). A primitive that
+cannot apply raises TVM's schedule error, and the rule that called it gives way to the next, simpler rule.
 """
 
 from __future__ import annotations
 
-from .adapter import region_buffer, s_tir, tir
+from .adapter import arith, region_buffer, s_tir, tir
 
 VECTOR_LANES = 8  # float32 lanes of AVX2; 16-wide inner tiles are two registers
 MAX_INNER = 16  # widest vectorised inner tile
@@ -116,13 +118,18 @@ def parallel(sch, loops) -> None:
 
 
 def parallel_vectorize(sch, block) -> None:
-    """Parallel outer loops; the innermost loop vectorised when static (split to at most MAX_INNER)."""
+    """Parallel outer loops; the innermost loop vectorised when static (split to at most MAX_INNER,
+    or in full registers with a short tail when no multiple of the register width divides it)."""
     loops = sch.get_loops(block)
     if not loops:
         return
     inner = loops[-1]
     extent = static(sch.get(inner).extent)
-    if extent is not None and extent > 1 and len(loops) > 1:
+    if extent is not None and extent > MAX_INNER and extent % VECTOR_LANES and len(loops) > 1:
+        # a row of 58 (a padded 56) as 3 x 16 + 10 lanes, not 29 x 2
+        parallel(sch, loops[:-1])
+        vectorize_with_tail(sch, inner)
+    elif extent is not None and extent > 1 and len(loops) > 1:
         lanes = divisor(extent, MAX_INNER)
         if lanes < extent:
             io, inner = sch.split(inner, [None, lanes])
@@ -149,3 +156,51 @@ def vectorize_with_tail(sch, loop) -> None:
     if main > lanes:
         _, loop = sch.split(loop, [None, lanes])
     sch.vectorize(loop)
+
+
+def deinterleave(sch, producer, anchor) -> None:
+    """A strided read along the vector axis (a stride-2 conv reads every other column of its padded
+    input) made contiguous: the producer writes its last axis split into phases, ``w -> (w % s, w // s)``,
+    so the anchor's read ``s * x + k`` becomes ``[k % s, x + k // s]``: unit stride along ``x``."""
+    stmt, out = sch.get(anchor), region_buffer(sch.get(producer).writes[0])
+    spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
+    if not spatial:
+        return
+    last = spatial[-1].var
+    strides = set()
+    for r in stmt.reads:
+        if region_buffer(r).same_as(out):
+            linear = arith.detect_linear_equation(r.region[-1].min, [last])
+            strides.add(static(linear[0]) if len(linear) == 2 else None)
+    width = static(out.shape[-1])
+    if len(strides) != 1 or (stride := strides.pop()) is None or stride <= 1 or not width or width % stride:
+        return
+    phases = lambda *ax: (*ax[:-1], ax[-1] % stride, ax[-1] // stride)  # noqa: E731
+    sch.transform_layout(producer, ("write", 0), phases)
+    try:  # the producer's loops in the new order too: contiguous writes
+        sch.transform_block_layout(producer, tir.IndexMap.from_func(phases, ndim=len(out.shape)))
+    except (RuntimeError, ValueError):
+        pass
+
+
+def rows_contiguous(stmt) -> bool:
+    """Whether the output's last two axes can be one: every input read along the last axis indexes its
+    last two dimensions by exactly the output's last two axes, over the whole of them (a 1x1 conv with
+    stride 1 and no padding), and all those extents are static."""
+    spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
+    if len(spatial) < 3 or any(static(iv.dom.extent) is None for iv in spatial[-2:]):
+        return False
+    reads = contiguous_reads(stmt, spatial[-1].var)
+    if not reads:
+        return False
+    for r in reads:
+        region, shape = r.region, region_buffer(r).shape
+        if len(region) < 2:
+            return False
+        for dim, iv in zip((-2, -1), spatial[-2:]):
+            rng = region[dim]
+            if not (isinstance(rng.min, tir.Var) and rng.min.same_as(iv.var)) or static(rng.extent) != 1:
+                return False
+            if static(shape[dim]) != static(iv.dom.extent):
+                return False
+    return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -403,6 +404,55 @@ def test_convolutions_get_the_tiled_schedule_not_a_fallback(batch: int):
 
 # (products shape with None at the channel axis, dim, channels, block, rows, groups, bias)
 PRODUCT_GEOMETRIES = {
+class StaticConvs(nn.Module):
+    """What the static-batch conv rules read off the blocks: a stride-2 conv and a stride-2 depthwise
+    conv (their padded input deinterleaved into column phases) and a 1x1 conv (H and W as one vector axis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 24, 1)
+
+    def forward(self, x):
+        return self.pw(F.relu6(self.dw(F.relu6(self.stem(x)))))  # (B, 24, 7, 7)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_static_batch_rules_and_parity(batch: int):
+    torch.manual_seed(0)
+    convs, tokens = StaticConvs().eval(), nn.Sequential(nn.LayerNorm(24), nn.Linear(24, 40)).eval()
+    for model, x, rule in ((convs, torch.randn(batch, 3, 28, 28), "tiled"), (tokens, torch.randn(batch, 20, 24), "gemm")):
+        low = lower(model, (x,), dynamic_batch=False)
+        mod, rules = schedule_module(fuse(low.mod, TARGET))
+        anchors = {k: v for k, v in rules.items() if "conv" in k or "matmul" in k}
+        assert anchors and set(anchors.values()) == {rule}, rules
+        with torch.no_grad():
+            assert_backend_close(compile_lowered(low)(x), model(x), f"{type(model).__name__} batch {batch}")
+    # the two strided convs read their padded input split into column phases (one more axis)
+    low = lower(convs, (torch.randn(batch, 3, 28, 28),), dynamic_batch=False)
+    pads = [re.findall(r"pad_temp = T.sblock_alloc_buffer\(\((.*?\))\)", f.script())
+            for k, f in schedule_module(fuse(low.mod, TARGET))[0].functions_items() if "conv" in k.name_hint]
+    assert sorted(p[0].count("T.int64") for p in pads if p) == [4, 5, 5], pads  # the 1x1 conv: a plain copy
+
+
+def test_gemm_gives_way_to_dot_for_few_rows():
+    # x @ w.T with 2 rows: no vector lanes along them; the dot-product rule takes it
+    X, W = te.placeholder((2, 64), name="x"), te.placeholder((32, 64), name="w")
+    k = te.reduce_axis((0, 64), "k")
+    Y = te.compute((2, 32), lambda i, j: te.sum(X[i, k] * W[j, k], axis=k), name="y")
+    func, rule = schedule_func(te.create_prim_func([X, W, Y]))
+    assert rule == "dot"
+    x, w = torch.randn(2, 64), torch.randn(32, 64)
+    assert_backend_close(_compile_and_run(func, [x, w], (2, 32)).numpy(), x @ w.T, "dot")
+    X, W = te.placeholder((40, 64), name="x"), te.placeholder((32, 64), name="w")
+    Y = te.compute((40, 32), lambda i, j: te.sum(X[i, k] * W[j, k], axis=k), name="y")
+    func, rule = schedule_func(te.create_prim_func([X, W, Y]))
+    assert rule == "gemm"
+    x = torch.randn(40, 64)
+    assert_backend_close(_compile_and_run(func, [x, w], (40, 32)).numpy(), x @ w.T, "gemm")
+
+
     "conv2d_two_groups": ((2, None, 3, 5), 1, 10, 4, 3, 2, False),  # 10 = 4 + 4 + 2: the last row overhangs
     "conv1d_bias": ((2, None, 7), 1, 9, 3, 5, 1, True),
     "linear": ((3, None), -1, 20, 6, 7, 3, True),  # channels last: the gather runs along memory
