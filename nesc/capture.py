@@ -12,12 +12,18 @@ so ``train()``/``eval()`` switch them as in the user's model. symbolic_trace has
 a smaller form — ``F.dropout(x, p, self.training)`` records the flag as a constant — and gets the same
 rewrite.
 
+Keyword inputs (a Hugging Face model's ``attention_mask=``, ``labels=``) are captured as the forward
+signature names them; the graph takes every example input, in forward's order, and returns what the
+model returns. The export path keeps the batch and, for integer inputs, the sequence length symbolic
+(``nesc.core.inputs.export_dims``), and writes its views as reshapes (``views_as_reshapes``).
+
 The user's model is never modified: capture works on a deep copy.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import traceback
 
 import torch
@@ -55,64 +61,169 @@ class ExportedBatchNorm(nn.Module):
         )
 
 
-def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    """Return a new GraphModule equivalent to ``model`` on inputs like ``example_inputs``.
+def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> fx.GraphModule:
+    """Return a new GraphModule equivalent to ``model`` on inputs like ``example_inputs`` (positional)
+    and ``example_kwargs`` (keyword: ``attention_mask=``, ``labels=``, ...).
 
-    Writes ``gm.meta[names.CAPTURE]`` (which path succeeded), ``gm.meta[names.INPUT_SPECS]`` and
-    ``gm.meta[names.MODULE_TYPES]`` (name -> class of every module of the user's model).
+    The GraphModule takes the same inputs under the same names (by position or keyword), every one of
+    them, in the order of ``model.forward``'s parameters; on the export path any batch size and, for
+    integer inputs (token ids, masks), any sequence length the model allows (``inputs.export_dims``),
+    and it returns what the model returns (a Hugging Face ``ModelOutput``). ``config`` and
+    ``main_input_name`` of a Hugging Face model are kept as attributes (``HF_ATTRIBUTES``).
+    Writes ``gm.meta[names.CAPTURE]`` (which path succeeded), ``gm.meta[names.INPUT_SPECS]`` (every
+    input, in that order) and ``gm.meta[names.MODULE_TYPES]`` (name -> class of every module of the
+    user's model).
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"nesc captures torch.nn.Module instances, got {type(model).__name__}")
     model = copy.deepcopy(model)
     was_training = model.training
-    example_inputs = _check_inputs(model, example_inputs)
+    example_inputs, example_kwargs = _check_inputs(model, example_inputs, example_kwargs)
+    flat = example_inputs + tuple(example_kwargs.values())  # the order the captured graph takes them in
     module_types = {name: type(m) for name, m in model.named_modules()}
     try:
-        gm, how = torch.fx.symbolic_trace(model), "symbolic_trace"
+        absent = _absent_defaults(model, example_inputs, example_kwargs)
+        gm, how = _drop_inputs(_symbolic_trace(model, absent), model, absent or {}), "symbolic_trace"
         make_mode_aware(gm, captured_training=was_training, model=model)  # F.dropout(x, p, self.training)
         with torch.no_grad():  # a trace can succeed and still fail on these inputs
-            _ = gm.eval()(*example_inputs)
+            _ = gm.eval()(*flat)
     except Exception as trace_error:  # noqa: BLE001 - any tracing failure sends us to export
-        gm, how = _export(model, example_inputs, trace_error), "export"
+        gm, how = _export(model, example_inputs, example_kwargs, trace_error), "export"
     gm.train(was_training)
+    keep_interface(model, gm)
     gm.meta[names.CAPTURE] = how
-    gm.meta[names.INPUT_SPECS] = inputs.specs_of(example_inputs)
+    gm.meta[names.INPUT_SPECS] = inputs.specs_of(flat)
     gm.meta[names.MODULE_TYPES] = module_types
     return gm
 
 
-def _check_inputs(model: nn.Module, example_inputs) -> tuple:
-    example_inputs = inputs.as_tensors(example_inputs, f"nesc.capture({type(model).__name__})")
+# What a Hugging Face model exposes beside forward that its users (transformers.Trainer) read.
+HF_ATTRIBUTES = ("config", "main_input_name")
+
+
+def keep_interface(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` the ``HF_ATTRIBUTES`` ``src`` has (passes and freeze build new GraphModules)."""
+    for attr in HF_ATTRIBUTES:
+        value = getattr(src, attr, None)
+        if value is not None and not callable(value):
+            setattr(dst, attr, value)
+    return dst
+
+
+def _absent_defaults(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """With keyword inputs, symbolic_trace is told the defaults of the parameters not given
+    (``concrete_args``), so that ``if mask is None`` takes the branch the model takes; None without."""
+    if not kwargs:
+        return None
+    params = list(inspect.signature(model.forward).parameters.values())[len(args):]
+    return {p.name: p.default for p in params if p.name not in kwargs and p.default is not inspect.Parameter.empty}
+
+
+# torch.nn modules symbolic_trace keeps as leaves but whose weights nesc samples, so capture traces
+# into them: their forward reads the weight with a functional op (F.embedding, F.conv3d,
+# F.conv_transposeNd) or computes it (parametrizations: weight norm); attention and transformer
+# layers make symbolic_trace fail on their shape checks, so such a model goes to torch.export, which
+# traces through them (the packed in_proj_weight read by one linear, or sliced per projection).
+# nn.Conv1d/Conv2d/Linear stay leaves: passes.functionalize inlines them.
+_TRACED_THROUGH = (
+    nn.Embedding, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MultiheadAttention,
+    nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
+            return True  # max_norm renormalises the table in place; sparse gradients need the parameter
+        parametrized = type(m).__module__.startswith("torch.nn.utils.parametriz")  # the module and its parametrizations
+        if isinstance(m, _TRACED_THROUGH) or parametrized:
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def _drop_inputs(gm: fx.GraphModule, model: nn.Module, absent: dict) -> fx.GraphModule:
+    """Remove the placeholders of ``absent`` (concrete) arguments and the checks symbolic_trace puts on
+    them, so that the graph takes exactly the given inputs, in forward's order. Placeholders follow
+    forward's parameters in order (their names may have been made unique: ``scale_1``)."""
+    if not absent:
+        return gm
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = list(inspect.signature(model.forward).parameters)
+    for node in [n for n, name in zip(placeholders, params) if name in absent]:
+        for user in list(node.users):
+            if user.op == "call_function" and not user.users:  # symbolic_trace's _assert_is_none
+                gm.graph.erase_node(user)
+        if not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _symbolic_trace(model: nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with ``_TRACED_THROUGH`` modules traced into."""
+    tracer = _Tracer()
+    graph = tracer.trace(model, concrete_args)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _check_inputs(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple, dict]:
+    where = f"nesc.capture({type(model).__name__})"
+    example_inputs = inputs.as_tensors(example_inputs, where)
+    example_kwargs = inputs.in_signature_order(model.forward, inputs.as_kwargs(example_kwargs, where))
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()  # eval: a check must not update batch-norm statistics
-            _ = model(*example_inputs)
+            _ = model(*example_inputs, **example_kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
+        given = inputs.describe(example_inputs + tuple(example_kwargs.values()))
         raise InputError(
-            f"{type(model).__name__} does not run on the example inputs ({inputs.describe(example_inputs)}): "
+            f"{type(model).__name__} does not run on the example inputs ({given}): "
             f"{type(e).__name__}: {e}. Pass inputs of the shape and dtype its forward expects, e.g. "
             f"(torch.randn(1, 3, 224, 224),) for an image model."
         ) from e
     finally:
         model.train(was_training)
-    return example_inputs
+    return example_inputs, example_kwargs
 
 
-def _export(model: nn.Module, example_inputs: tuple, trace_error: Exception) -> fx.GraphModule:
+def _export(model: nn.Module, example_inputs: tuple, example_kwargs: dict, trace_error: Exception) -> fx.GraphModule:
     was_training = model.training
     model.eval()  # export specialises BN/dropout to one mode; eval has no buffer mutation in the graph
     try:
         batched = inputs.export_batch(example_inputs)
-        ep = torch.export.export(model, batched, dynamic_shapes=inputs.batch_dims(batched))
+        kwargs = dict(zip(example_kwargs, inputs.export_batch(tuple(example_kwargs.values()))))
+        dims = inputs.export_dims(model.forward, batched, kwargs)
+        ep = torch.export.export(model, batched, kwargs, dynamic_shapes=dims)
     except Exception as export_error:  # noqa: BLE001 - re-raised with both reasons
         raise CaptureError(_explain(model, trace_error, export_error)) from export_error
     finally:
         model.train(was_training)
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph)  # a plain GraphModule: train()/eval() work
+    views_as_reshapes(gm)
     make_mode_aware(gm, captured_training=False, model=model)
     return gm
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> bool:
+    """Rewrite every ``aten.view`` of an exported graph into ``aten.reshape`` (same values: the graph
+    is functional). A view is valid only for the strides its input had when the model was exported;
+    a later trace (a backend's decompositions) may give that input other strides: the CPU
+    decomposition of ``scaled_dot_product_attention`` returns a layout other than the fused kernel's,
+    and ``attn.transpose(1, 2).view(B, S, -1)`` of Hugging Face attention stops being a view
+    ("Cannot view a tensor with shape ... and strides ..."). ``reshape`` views where it can and copies
+    where it must. Returns whether any node changed."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.view.default:
+            node.target = aten.reshape.default
+            changed = True
+    if changed:
+        gm.recompile()
+    return changed
 
 
 # Ops whose training flag a captured graph holds as a constant, and the index of that flag: aten forms
@@ -260,4 +371,4 @@ def _failing_module(model: nn.Module, error: Exception) -> str | None:
     return found
 
 
-__all__ = ["capture", "ExportedBatchNorm", "ModeDropout"]
+__all__ = ["capture", "ExportedBatchNorm", "ModeDropout", "keep_interface", "views_as_reshapes"]

@@ -79,6 +79,7 @@ from .export import (  # noqa: E402
     LOWERINGS,
     PROTOBUF_LIMIT,
     capture,
+    has_attention,
     constants_as_nodes,
     lower,
     resolve_cast_like,
@@ -180,7 +181,15 @@ def _to_onnx(module: nn.Module, inputs, *, simplify: bool, opset: int, dynamic_b
     """Steps 2-5 (the steps are looked up here, in the package, so that one can be swapped for a test)."""
     program = capture(module, inputs, dynamic_batch)
     check_supported(program, opset)
-    model = resolve_cast_like(translate(program, opset))
+    try:
+        translated = translate(program, opset)
+    except OnnxExportError:
+        if not has_attention(program):
+            raise
+        # The exporter's decomposition of the fused attention fails on some graphs (full T5): its math
+        # kernel instead (exact where the fused op's translation would have been; see export._attention_math).
+        translated = translate(capture(module, inputs, dynamic_batch, attention_math=True), opset)
+    model = resolve_cast_like(translated)
     if simplify:
         model = constants_as_nodes(simplify_model(model), keep={t.name for t in model.graph.initializer})
     return model, tuple(sorted({n.op_type for n in model.graph.node}))

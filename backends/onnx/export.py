@@ -26,6 +26,7 @@ import onnx
 import torch
 from torch import Tensor, fx, nn
 
+from nesc.capture import views_as_reshapes
 from nesc.core import files, names
 from nesc.core.errors import InputError
 from nesc.core.inputs import batch_dims
@@ -64,13 +65,18 @@ def lower(module: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def capture(module: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -> torch.export.ExportedProgram:
+def capture(module: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool,
+            attention_math: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` of ``module``; with ``dynamic_batch`` dimension 0 of every input is ``BATCH``
     (the inputs come through ``nesc.core.inputs.export_batch``: no batch of 1)."""
     dims = batch_dims(inputs, dim=torch.export.Dim(BATCH)) if dynamic_batch else None
     try:
         with torch.no_grad():
-            return torch.export.export(module, inputs, dynamic_shapes=dims, strict=False)
+            program = torch.export.export(module, inputs, dynamic_shapes=dims, strict=False)
+            if attention_math and has_attention(program):
+                views_as_reshapes(program.graph_module)  # valid for the fused kernel's layout only
+                program = program.run_decompositions({SDPA: _attention_math})
+        return program
     except Exception as e:
         hint = (" If the model fixes its batch size (a reshape to a constant batch), pass dynamic_batch=False."
                 if dynamic_batch else "")
@@ -78,6 +84,26 @@ def capture(module: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) 
             f"export_onnx: torch.export could not capture {type(module).__name__} on inputs {_shapes(inputs)}: "
             f"{type(e).__name__}: {str(e).strip().splitlines()[0]}.{hint}"
         ) from e
+
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def has_attention(program: torch.export.ExportedProgram) -> bool:
+    return any(n.target is SDPA for n in program.graph.nodes)
+
+
+def _attention_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``scaled_dot_product_attention`` as its math kernel (matmuls and a softmax), decomposed before
+    the exporter's own decompositions; used only where the exporter fails on the fused op (full T5):
+    on causal decoders (GPT-2, Llama) the translated math kernel disagrees with the model (0.04-0.5
+    relative), while the exporter's own translation of the fused op is exact. Those give the fused attention a fake output layout other than
+    the kernel's, and a reshape of its output that export recorded as a view (Hugging Face's
+    ``attn.transpose(1, 2).reshape(B, S, -1)``; a ``.contiguous().view`` whose copy export dropped)
+    then fails ("Cannot view a tensor with shape ..."). The views become reshapes first
+    (``nesc.capture.views_as_reshapes``), so the math kernel's own layout decides."""
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
 
 
 def translate(program: torch.export.ExportedProgram, opset: int) -> onnx.ModelProto:

@@ -9,6 +9,9 @@ written once:
 * ``export_batch`` / ``batch_dims``: ``torch.export`` specialises a dimension of size 1 to the constant
   1, so a batch-1 example is exported at batch 2 (the examples only carry shapes), with dimension 0
   marked ``Dim.AUTO`` so one capture serves any batch.
+* ``as_kwargs`` / ``in_signature_order`` / ``export_dims``: keyword example inputs (``attention_mask=``,
+  ``labels=``), ordered as the model's forward takes them, exported with a symbolic batch and, for
+  integer inputs (token ids, masks), a symbolic sequence length.
 * ``from_specs``: the ``(shape, dtype name)`` list that capture records in
   ``gm.meta[names.INPUT_SPECS]`` back to tensors: seeded normal values for floating dtypes, zeros for
   integer ones (0 is a valid index for any embedding), from a private generator so the global RNG
@@ -17,6 +20,7 @@ written once:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -69,6 +73,62 @@ def batch_dims(inputs: Sequence[Tensor], dim=None) -> tuple:
     ``dim`` (default ``Dim.AUTO``: symbolic where the model allows)."""
     dim = torch.export.Dim.AUTO if dim is None else dim
     return tuple({0: dim} if t.dim() > 0 else None for t in inputs)
+
+
+def as_kwargs(example_kwargs, where: str, error: type[Exception] = InputError) -> dict[str, Tensor]:
+    """``example_kwargs`` (None or a dict of name -> tensor) as a dict; anything else is an error."""
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, dict) or not all(isinstance(k, str) for k in example_kwargs):
+        raise error(f"{where}: example_kwargs must be a dict of keyword name -> tensor, got "
+                    f"{type(example_kwargs).__name__}; e.g. {{'attention_mask': torch.ones(2, 16, dtype=torch.long)}}")
+    bad = [k for k, t in example_kwargs.items() if not isinstance(t, Tensor)]
+    if bad:
+        raise error(f"{where}: example_kwargs[{bad[0]!r}] is a {type(example_kwargs[bad[0]]).__name__}, expected a "
+                    f"torch.Tensor; fix a non-tensor setting on the model (its config) instead of passing it")
+    return dict(example_kwargs)
+
+
+def in_signature_order(forward, kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``kwargs`` ordered as ``forward``'s parameters are (those it only takes through ``**kwargs`` last):
+    the order in which a captured graph takes every input positionally."""
+    try:
+        order = list(inspect.signature(forward).parameters)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(kwargs.items(), key=lambda kv: rank.get(kv[0], len(order))))
+
+
+def dynamic_dims(t: Tensor, dim=None) -> dict | None:
+    """``dynamic_shapes`` of one input: dimension 0 (the batch) symbolic; for integer inputs (token ids,
+    attention masks, labels, positions) every dimension, so that one capture serves any sequence length
+    the model allows."""
+    dim = torch.export.Dim.AUTO if dim is None else dim
+    if t.dim() == 0:
+        return None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        return {0: dim}
+    return {d: dim for d in range(t.dim())}
+
+
+def export_dims(forward, args: Sequence[Tensor], kwargs: dict[str, Tensor]):
+    """``dynamic_shapes`` for ``torch.export.export(model, args, kwargs)`` (``dynamic_dims`` of each
+    input): a tuple without keywords, else a dict keyed by ``forward``'s parameter names, as export asks."""
+    if not kwargs:
+        return tuple(dynamic_dims(t) for t in args)
+    params = inspect.signature(forward).parameters
+    bound = inspect.signature(forward).bind(*args, **kwargs).arguments
+    out = {}
+    for name, value in bound.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(dynamic_dims(t) for t in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: dynamic_dims(t) for k, t in value.items()}
+        else:
+            out[name] = dynamic_dims(value)
+    return out
 
 
 def check_specs(specs, where: str, error: type[Exception] = InputError) -> list[InputSpec]:

@@ -532,3 +532,33 @@ def test_a_full_disk_leaves_no_file_behind(monkeypatch, tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="the disk is full"):
         onnx_backend.save(model, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+class _FusedAttention(nn.Module):
+    """``scaled_dot_product_attention`` followed by ``transpose(1, 2).contiguous().view``: a view that
+    holds for the fused CPU kernel's output layout (export drops the ``contiguous``) but not for the
+    layout the exporter's decompositions give attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        B, S, _ = x.shape  # (B, S, 16)
+        q, k, v = self.qkv(x).view(B, S, 3, 2, 8).permute(2, 0, 3, 1, 4)  # each (B, 2, S, 8)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.out(a.transpose(1, 2).contiguous().view(B, S, -1))
+
+
+def test_attention_followed_by_a_view_exports(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = _FusedAttention().eval(), (torch.randn(2, 6, 16),)
+    frozen = nesc.freeze(nesc.transform(model, x, ratio=2, min_params=100))
+    nesc.export_onnx(frozen, x, tmp_path / "m.onnx")
+    session = onnx_backend.ort_session(tmp_path / "m.onnx", threads=1)
+    x3 = torch.randn(3, 6, 16)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x3.numpy()})
+    with torch.no_grad():
+        want = frozen(x3)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)

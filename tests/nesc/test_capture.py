@@ -14,6 +14,7 @@ from torch import fx, nn
 
 import nesc
 from helpers import (
+    CLOSE,
     COMPRESS_ALL,
     EXACT,
     ShapeBranchNet,
@@ -318,3 +319,111 @@ def test_a_single_tensor_is_accepted_as_inputs() -> None:
 def test_capture_rejects_a_non_module() -> None:
     with pytest.raises(nesc.InputError, match="nn.Module"):
         nesc.capture(lambda x: x, stage_net_inputs())
+
+
+class _SampledInside(nn.Module):
+    """torch.nn modules symbolic_trace keeps as leaves but whose weights nesc samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.up = nn.ConvTranspose1d(8, 8, 3)
+        self.vol = nn.Conv3d(8, 4, 1)
+        self.norm = nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1))
+
+    def forward(self, ids):
+        h = self.norm(self.up(self.embed(ids).transpose(1, 2)))  # (B, 8, L + 2)
+        return self.vol(h[..., None, None]).flatten(1)
+
+
+def test_symbolic_trace_goes_inside_modules_whose_weights_nesc_samples() -> None:
+    model, ids = _SampledInside(), (torch.randint(0, 20, (2, 5)),)
+    gm = nesc.capture(model, ids)
+    assert gm.meta[names.CAPTURE] == "symbolic_trace"
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == []
+    reads = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert {"embed.weight", "up.weight", "vol.weight", "norm.parametrizations.weight.original1"} <= reads
+    assert_close(gm(*ids), model(*ids), EXACT, "traced through vs eager")
+
+
+def test_attention_modules_are_traced_through_by_export() -> None:
+    model = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = (torch.randn(2, 5, 16),)
+    gm = nesc.capture(model, x)
+    assert gm.meta[names.CAPTURE] == "export"  # its shape checks defeat symbolic_trace
+    assert "self_attn.in_proj_weight" in {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert_close(gm(*x), model(*x), CLOSE, "exported vs eager")
+
+
+def test_an_embedding_that_renormalises_its_table_stays_a_module() -> None:
+    model, ids = nn.Sequential(nn.Embedding(20, 8, max_norm=1.0), nn.Flatten()), (torch.randint(0, 20, (2, 5)),)
+    gm = nesc.capture(model, ids)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    report = nesc.summary(gm, print_table=False)
+    assert any("max_norm" in reason for reason in report.other_dense), report.other_dense
+
+
+# ------------------------------------------------------------------------------- keyword inputs
+
+
+class _KeywordNet(nn.Module):
+    """A forward with optional keyword inputs, a branch on whether one is given, and a reshape."""
+
+    def __init__(self, shape_branch: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+        self.shape_branch = shape_branch
+
+    def forward(self, ids, mask=None, scale=None, bias=None):
+        h = self.proj(self.embed(ids))  # (B, L, 8)
+        if mask is not None:
+            h = h * mask[..., None]
+        if bias is not None:
+            h = h + bias
+        if self.shape_branch and h.shape[1] > 3:  # a decision on a shape: symbolic_trace fails, export guards
+            h = h.transpose(1, 2).reshape(h.shape[0], -1)
+        return {"out": h}
+
+
+@pytest.mark.parametrize("kind", ["symbolic", "export"])
+def test_keyword_inputs_are_taken_by_name_in_forward_order(kind: str) -> None:
+    torch.manual_seed(0)
+    model = _KeywordNet(shape_branch=kind == "export").eval()
+    length = 5
+    ids, mask, bias = torch.randint(0, 20, (2, length)), torch.ones(2, length), torch.randn(8)
+    kwargs = {"bias": bias, "mask": mask}  # given out of order, one parameter (scale) left out
+    gm = nesc.capture(model, (ids,), kwargs)
+    assert gm.meta[names.CAPTURE] == ("export" if kind == "export" else "symbolic_trace")
+    assert [s for s, _ in gm.meta[names.INPUT_SPECS]] == [(2, length), (2, length), (8,)]  # ids, mask, bias
+    want = model(ids, **kwargs)["out"]
+    assert_close(gm(ids, mask=mask, bias=bias)["out"], want, EXACT, "by keyword")
+    assert_close(gm(ids, mask, bias)["out"], want, EXACT, "positionally, in forward's order")
+
+
+def test_export_capture_serves_other_batch_sizes_and_sequence_lengths() -> None:
+    torch.manual_seed(0)
+    model = _KeywordNet().eval()
+    gm = nesc.capture(model, (torch.randint(0, 20, (2, 6)),), {"mask": torch.ones(2, 6, dtype=torch.long)})
+    assert gm.meta[names.CAPTURE] == "export"
+    for batch, length in [(1, 4), (5, 11)]:  # length > 3: the branch export took
+        ids, mask = torch.randint(0, 20, (batch, length)), torch.randint(0, 2, (batch, length))
+        assert_close(gm(ids, mask=mask)["out"], model(ids, mask=mask)["out"], EXACT, f"({batch}, {length})")
+
+
+def test_bad_keyword_inputs_are_input_errors() -> None:
+    with pytest.raises(nesc.InputError, match="example_kwargs must be a dict"):
+        nesc.capture(_KeywordNet(), (torch.zeros(2, 3, dtype=torch.long),), [torch.ones(2, 3)])
+    with pytest.raises(nesc.InputError, match=r"example_kwargs\['mask'\] is a float"):
+        nesc.capture(_KeywordNet(), (torch.zeros(2, 3, dtype=torch.long),), {"mask": 1.0})
+
+
+def test_exported_views_become_reshapes() -> None:
+    """A view recorded under one input layout fails under another; a reshape never does."""
+    model = _KeywordNet().eval()
+    gm = nesc.capture(model, (torch.randint(0, 20, (2, 6)),))
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.view.default not in targets and torch.ops.aten.reshape.default in targets
+    from nesc.capture import views_as_reshapes
+
+    assert views_as_reshapes(gm) is False  # nothing left to rewrite
