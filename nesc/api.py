@@ -16,11 +16,12 @@ from pathlib import Path
 from torch import fx, nn
 
 from nesc import serialize
-from nesc.capture import capture
+from nesc.capture import capture, keep_interface
 from nesc.core import names
 from nesc.core.config import NESConfig
 from nesc.core.errors import NescWarning
 from nesc.core.modules import EpitomeSampler
+from nesc.core.nopickle import no_pickle
 from nesc.fitting import fit_pools
 from nesc.passes import pipeline
 from nesc.report import Report, build_report
@@ -31,7 +32,7 @@ from nesc.report import Report, build_report
 StageHook = Callable[[str], AbstractContextManager]
 
 
-def transform(model: nn.Module, example_inputs, config: NESConfig | None = None, *,
+def transform(model: nn.Module, example_inputs, config: NESConfig | None = None, *, example_kwargs=None,
               on_stage: StageHook | None = None, **changes) -> fx.GraphModule:
     """Capture ``model`` and return a new, trainable GraphModule whose weights are sampled from pools.
 
@@ -39,20 +40,22 @@ def transform(model: nn.Module, example_inputs, config: NESConfig | None = None,
     the pool-sharing policy and per-layer overrides. The user's model is not modified. With
     ``init="dense"`` (default) the pools are fitted to the model's current weights by least squares;
     the per-layer relative reconstruction errors are in ``gm.meta[nesc.core.names.FIT_ERRORS]``.
-    ``on_stage``: see ``StageHook``.
+    ``example_kwargs``: keyword inputs (a Hugging Face model's ``attention_mask=``, ``labels=``): the
+    result takes every example input, by the same names, and returns what the model returns
+    (``nesc.capture``). ``on_stage``: see ``StageHook``.
     """
     config = (config or NESConfig()).replace(**changes) if changes else (config or NESConfig())
     stage = on_stage or (lambda name: contextlib.nullcontext())
     with stage("capture"):
-        gm = capture(model, example_inputs)
+        gm = capture(model, example_inputs, example_kwargs)
     with stage("plan"):
-        gm = pipeline.run(gm, pipeline.TRANSFORM, config)
+        gm = keep_interface(gm, pipeline.run(gm, pipeline.TRANSFORM, config))  # .config of a Hugging Face model
     gm.meta[names.DENSE_REASONS] = dict(gm.meta[names.PLAN].dense)
     gm.meta[names.CONFIG] = config
     if config.init == "dense":
         with stage("fit"):
             fit_to_model(gm, model, match_spread=config.match_spread)
-    return gm
+    return no_pickle(gm)
 
 
 def fit_to_model(gm: fx.GraphModule, model: nn.Module, match_spread: bool = False) -> dict[str, float]:
@@ -82,7 +85,7 @@ def freeze(gm: fx.GraphModule, *, fold_batchnorm: bool = False) -> fx.GraphModul
     frozen = copy.deepcopy(gm).eval()
     frozen.meta = copy.copy(gm.meta)
     steps = pipeline.FREEZE + (pipeline.FOLD_BATCHNORM if fold_batchnorm else [])
-    return pipeline.run(frozen, steps)
+    return no_pickle(keep_interface(gm, pipeline.run(frozen, steps)))
 
 
 def summary(gm: fx.GraphModule, print_table: bool = True) -> Report:
@@ -110,7 +113,7 @@ def load(path: str | Path) -> fx.GraphModule:
     """Read a model written by ``save``; checks format, version and integrity."""
     gm = serialize.load(path)
     gm.meta[names.DENSE_REASONS] = gm.meta.get(names.EXTRA, {}).get("dense_reasons", {})
-    return gm
+    return no_pickle(gm)
 
 
 # nesc.compile's regenerate= default (backends.tvm.modes.DEFAULT, which needs the tvm extra to import).

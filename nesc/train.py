@@ -319,7 +319,7 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     starts: list[Tensor] = []
     if isinstance(model, torch.fx.GraphModule):
         for pool_name, samplers in samplers_by_pool(model).items():
-            scale = sum(s.scale for s in samplers) / len(samplers)
+            scale = sum(float(s.scale) for s in samplers) / len(samplers)
             power = 2 if config.optimizer == "sgd" else 1
             pools[id(model.get_parameter(pool_name))] = config.lr / scale**power
             starts += [s.starts for s in samplers if s.starts.requires_grad]

@@ -13,9 +13,9 @@ fractions through ``get_attr``. Ensures: no ``nesc.regenerate`` node is left; th
 outputs equal the frozen graph's bit for bit (``regenerate_indexed`` performs the same float
 operations as ``regenerate``); the subgraph adds no ``get_attr`` (no new stored tensor).
 
-    before:  %w = call_function[nesc.regenerate](%pool, %starts, %fracs, scale, [O, I, kh, kw], [bo, bi], "conv2d")
+    before:  %w = call_function[nesc.regenerate](%pool, %starts, %fracs, %scale, [O, I, kh, kw], [bo, bi], "conv2d")
     after:   %idx = ... aten.arange / add / remainder / clamp on %starts ...
-             %win = aten.index(aten.view(aten.mul(%pool, scale), [-1]), [%idx]); %w = ... aten.lerp(.., %fracs) ...
+             %win = aten.index(aten.view(aten.mul(%pool, %scale), [-1]), [%idx]); %w = ... aten.lerp(.., %fracs) ...
 """
 
 from __future__ import annotations
@@ -30,13 +30,16 @@ from nesc.core.sampling import Geometry, regenerate_indexed
 
 from .infra import NescPass, PassResult, broken_promise
 
+# The tensors a regenerate node reads, in its argument order; each through a get_attr.
+ROLES = ("pool", "starts", "fracs", "scale")
+
 
 class DecomposeRegenerate(NescPass):
     name = "decompose_regenerate"
 
     def requires(self, gm: fx.GraphModule) -> None:
         for node in _regenerate_nodes(gm):
-            for arg, role in zip(node.args[:3], ("pool", "starts", "fracs")):
+            for arg, role in zip(node.args[:4], ROLES):
                 _tensor_of(gm, node, arg, role)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -63,13 +66,13 @@ def _regenerate_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _traced_regeneration(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
-    """``regenerate_indexed`` for this node's geometry, traced to aten ops on (pool, starts, fracs)."""
-    pool, starts, fracs, scale, shape, block, layout = node.args
-    tensors = [_tensor_of(gm, node, arg, role) for arg, role in ((pool, "pool"), (starts, "starts"), (fracs, "fracs"))]
+    """``regenerate_indexed`` for this node's geometry, traced to aten ops on (pool, starts, fracs, scale)."""
+    shape, block, layout = node.args[4:]
+    tensors = [_tensor_of(gm, node, arg, role) for arg, role in zip(node.args[:4], ROLES)]
     geometry = Geometry(tuple(shape), tuple(tensors[0].shape), tuple(block), layout)
 
-    def regeneration(p: Tensor, s: Tensor, f: Tensor) -> Tensor:
-        return regenerate_indexed(p, s, f, scale, geometry)
+    def regeneration(p: Tensor, s: Tensor, f: Tensor, g: Tensor) -> Tensor:
+        return regenerate_indexed(p, s, f, g, geometry)
 
     # Fake tensors: tracing needs shapes and dtypes only, not a weight-sized computation.
     traced = make_fx(regeneration, tracing_mode="fake")(*tensors)
@@ -92,7 +95,7 @@ def _tensor_of(gm: fx.GraphModule, node: fx.Node, arg, role: str) -> Tensor:
 def _inline(gm: fx.GraphModule, node: fx.Node, traced: fx.GraphModule) -> None:
     """Copy ``traced``'s nodes in place of ``node``, its placeholders bound to node's tensor args."""
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    env = dict(zip(placeholders, node.args[:3]))
+    env = dict(zip(placeholders, node.args[:4]))
     with gm.graph.inserting_before(node):
         out = gm.graph.graph_copy(traced.graph, env)
     out.meta.update(node.meta)  # the weight's name (names.SAMPLED_WEIGHT) stays on the node that makes it

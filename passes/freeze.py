@@ -11,7 +11,8 @@ the parameters left dense.
 
     before:  %w = call_module[<samplers>.conv1_weight](%pool)
     after:   %s = get_attr[<routes>.conv1_weight.starts]; %f = get_attr[...fracs]
-             %w = call_function[nesc.regenerate](%pool, %s, %f, scale, [O, I, kh, kw], [bo, bi], "conv2d")
+             %g = get_attr[...scale]  (the sampler's gain: a float64 scalar buffer, in state_dict)
+             %w = call_function[nesc.regenerate](%pool, %s, %f, %g, [O, I, kh, kw], [bo, bi], "conv2d")
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ def _freeze_one(gm: fx.GraphModule, node: fx.Node) -> None:
     routes = getattr(gm, names.ROUTES)
     key = node.target.rsplit(".", 1)[-1]
     if not hasattr(routes, key):
-        routes.add_module(key, RoutingMap(*sampler.routing()))
+        routes.add_module(key, RoutingMap(*sampler.routing(), sampler.scale))
     g = sampler.geometry
     with gm.graph.inserting_before(node):
         starts = gm.graph.get_attr(f"{names.ROUTES}.{key}.starts")
         fracs = gm.graph.get_attr(f"{names.ROUTES}.{key}.fracs")
-        args = (node.args[0], starts, fracs, sampler.scale, list(g.shape), list(g.block), g.layout)
+        scale = gm.graph.get_attr(f"{names.ROUTES}.{key}.scale")
+        args = (node.args[0], starts, fracs, scale, list(g.shape), list(g.block), g.layout)
         new = gm.graph.call_function(REGENERATE, args)
     new.meta[names.SAMPLED_WEIGHT] = sampler.weight_name
     node.replace_all_uses_with(new)

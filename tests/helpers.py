@@ -162,11 +162,12 @@ def sampled_weights(gm: fx.GraphModule) -> dict[str, Tensor]:
             out[sampler.weight_name] = sampler(gm.get_parameter(node.args[0].target)).clone()
             sampler.train(was)
         for node in regenerate_nodes(gm):
-            pool, starts, fracs, *rest = node.args
+            pool, starts, fracs, scale, *rest = node.args
             fetch = lambda n: (
                 gm.get_parameter(n.target) if n.target.startswith("nesc_pool") else gm.get_buffer(n.target)
             )  # noqa: E731
-            out[node.meta[nesc.core.names.SAMPLED_WEIGHT]] = REGENERATE(fetch(pool), fetch(starts), fetch(fracs), *rest)
+            out[node.meta[nesc.core.names.SAMPLED_WEIGHT]] = REGENERATE(
+                fetch(pool), fetch(starts), fetch(fracs), fetch(scale), *rest)
     return out
 
 

@@ -45,7 +45,8 @@ from nesc.passes.infra import PassResult
 from .retarget import RetargetNodes
 
 
-def regenerate_rows(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, shape, block, layout: str) -> Tensor:
+def regenerate_rows(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor, shape, block,
+                    layout: str) -> Tensor:
     """``torch.ops.nesc.regenerate``'s weight (same arguments) in the ops listed in the module docstring."""
     g = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
     Op, Ip, Kh, Kw = g.pool
@@ -54,7 +55,9 @@ def regenerate_rows(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, s
     whole_x = not active[3]  # every window reads all Kw columns (kw == Kw) ...
     whole_y = whole_x and not active[2]  # ... and all Kh rows: a row is the pool's Kh x Kw plane
     row = (Kh if whole_y else 1) * (Kw if whole_x else 1)
-    rows = (pool if scale == 1 else pool * scale).reshape(-1, row)
+    # scale: a float, or a 0-d buffer (a graph input: always multiplied, never compared while tracing)
+    one = not isinstance(scale, Tensor) and scale == 1
+    rows = (pool if one else pool * scale.to(pool.dtype) if isinstance(scale, Tensor) else pool * scale).reshape(-1, row)
 
     def axis(d: int, length: int, limit: int, stride: int, wrap: bool) -> Tensor:  # (nbo, nbi, length (+1))
         idx = starts[..., d, None] + torch.arange(length + active[d], dtype=starts.dtype, device=starts.device)

@@ -29,6 +29,7 @@ a pool that other layers share.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,8 +86,9 @@ def lower(model: nn.Module | fx.GraphModule, example_inputs: tuple, *, dynamic_b
     roles = _roles(model)
     ep = _export(_exportable(model, roles), example_inputs, dynamic_batch)
     _check_supported(ep)
+    converters = CONVERTERS | {"regenerate.default": functools.partial(_convert_regenerate, scales=_scales(ep))}
     mod = from_exported_program(
-        ep, keep_params_as_input=True, custom_convert_map=CONVERTERS, run_ep_decomposition=False
+        ep, keep_params_as_input=True, custom_convert_map=converters, run_ep_decomposition=False
     )
     mod, _ = detach_params(mod)  # ours come from the exported program, by name
     params = _params_in_order(ep)
@@ -118,6 +120,8 @@ def _exportable(model: nn.Module, roles: dict[str, str]) -> nn.Module:
     from the lowered module."""
     copied = copy.deepcopy(model).eval()
     for name, buf in list(copied.named_buffers()):
+        if roles.get(name) == "scale":  # a gain: compiled in as a constant (``_scales``)
+            continue
         if buf.is_floating_point() or name in roles:
             owner_name, _, attr = name.rpartition(".")
             owner = copied.get_submodule(owner_name)
@@ -148,10 +152,29 @@ def _export(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> tor
 # ---------------------------------------------------------------------------- converters
 
 
-def _convert_regenerate(node: fx.Node, importer) -> relax.Var:
+def _scales(ep: torch.export.ExportedProgram) -> dict[str, float]:
+    """Regenerate node name -> its gain's value. The gain is a buffer of the routing map (so that a
+    ``state_dict`` holds it), read here once and compiled in as a constant, as a graph constant was
+    before format 4: one number per layer, folded into the padded pool's compute."""
+    stored = ep.graph_signature.inputs_to_buffers | ep.graph_signature.inputs_to_parameters
+    out = {}
+    for node in filter(is_regenerate, ep.graph.nodes):
+        scale = node.args[3]
+        target = stored.get(getattr(scale, "name", None))
+        value = ep.state_dict.get(target, ep.constants.get(target)) if target is not None else None
+        if not isinstance(value, torch.Tensor) or value.shape != ():
+            raise LoweringError(f"{node.name}: its scale must be a stored 0-d buffer (the routing map's gain), "
+                                f"got {scale}; lower the output of nesc.freeze or nesc.load")
+        out[node.name] = float(value)
+    return out
+
+
+def _convert_regenerate(node: fx.Node, importer, *, scales: dict[str, float]) -> relax.Var:
     """``nesc.regenerate(pool, starts, fracs, scale, shape, block, layout)`` -> the TE kernel; in rows
-    form (the common case) followed by a reshape (free) or, for ``linear_t``, a transpose."""
-    pool, starts, fracs, scale, shape, block, layout = node.args
+    form (the common case) followed by a reshape (free) or, for ``linear_t``, a transpose. The gain is a
+    constant of the kernel (``_scales``)."""
+    pool, starts, fracs, _, shape, block, layout = node.args
+    scale = scales[node.name]
     geometry = Geometry(tuple(shape), tuple(pool.meta["val"].shape), tuple(block), layout)
     env, bb = importer.env, importer.block_builder
     rows = rows_form(geometry)
@@ -200,11 +223,21 @@ def _convert_amax(node: fx.Node, importer) -> relax.Var:
     return importer.block_builder.emit(relax.op.max(x, axis=dims or None, keepdims=bool(keepdim)))
 
 
+def _convert_cumsum(node: fx.Node, importer) -> relax.Var:
+    """``aten.cumsum`` in the dtype torch gives it: the 0.27 importer keeps a bool input's dtype, which
+    LLVM cannot add (Hugging Face's packed-sequence check cumsums a bool mask); torch sums in int64."""
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    dtype = str(node.meta["val"].dtype).removeprefix("torch.")
+    return importer.block_builder.emit(relax.op.cumsum(x, axis=dim, dtype=dtype))
+
+
 # The importer's table, extended by ours; keys are OpOverload names as the importer spells them.
 CONVERTERS = {
     "regenerate.default": _convert_regenerate,
     "gather_products.default": _convert_gather_products,
     "amax.default": _convert_amax,
+    "cumsum.default": _convert_cumsum,
 }
 
 

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from .cache import cached
 from .compat import keep_precision_on_cast
 from .errors import ConfigError
-from .sampling import Geometry, regenerate, regenerate_indexed, regenerate_wide, split_starts
+from .sampling import Geometry, regenerate, regenerate_indexed, regenerate_wide, scale_buffer, split_starts
 
 
 @keep_precision_on_cast("running_offset")
@@ -74,7 +74,8 @@ INDEXED_BLOCK_NUMEL = 16384
 TIES = (False, True, "inputs", "outputs")
 
 
-def regenerate_fastest(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry) -> Tensor:
+def regenerate_fastest(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor,
+                       geometry: Geometry) -> Tensor:
     """``regenerate`` (block by block) or ``regenerate_indexed`` (one gather), whichever is faster for
     the geometry (``INDEXED_BLOCK_NUMEL``) or, while a compiler traces (``torch.compile``, AOTAutograd:
     its tensors are fakes or functional wrappers), the one without data-dependent Python, whose index
@@ -86,7 +87,7 @@ def regenerate_fastest(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float
     return regenerate(pool, starts, fracs, scale, geometry)
 
 
-@keep_precision_on_cast("starts")
+@keep_precision_on_cast("starts", "scale")
 class EpitomeSampler(nn.Module):
     """Trainable sampler: owns one weight's start indices (and learner); reads its pool as input.
 
@@ -108,7 +109,7 @@ class EpitomeSampler(nn.Module):
         if tied not in TIES:
             raise ValueError(f"tied must be one of {TIES}, got {tied!r}")
         self.geometry = geometry
-        self.scale = float(scale)
+        self.register_buffer("scale", scale_buffer(scale))
         self.weight_name = weight_name
         # Reuse-friendly routing (NESConfig.reuse): False, "inputs" (True) or "outputs"; see ``tie``.
         self.tied = "inputs" if tied is True else tied
@@ -120,6 +121,14 @@ class EpitomeSampler(nn.Module):
         # Half-width in cells of the sampling kernel: 1 is linear interpolation (what freeze keeps);
         # wider smooths the start indices' loss landscape while they learn (``set_sampling_width``).
         self.width = 1.0
+
+    def get_extra_state(self) -> Tensor:  # the sampling width shapes outputs too: a checkpoint holds it
+        return torch.tensor(self.width, dtype=torch.float64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        if not (isinstance(state, Tensor) and state.numel() == 1 and float(state) >= 1):  # NaN fails too
+            raise ConfigError(f"{self.weight_name}: sampling width in the state must be one number >= 1, got {state!r}")
+        self.width = float(state)
 
     def tie(self, starts: Tensor) -> Tensor:
         """With ``tied``: every block of an output row takes the row's first block's output-channel and
@@ -159,8 +168,8 @@ class EpitomeSampler(nn.Module):
     def forward(self, pool: Tensor, x: Tensor | None = None) -> Tensor:
         if self.training:
             return self._regenerate(pool, x)
-        inputs = (pool, self.starts) + ((self.learner.running_offset,) if self.learner is not None else ())
-        return cached(self.starts, inputs, (self.width, self.scale, self.geometry), lambda: self._regenerate(pool, x))
+        inputs = (pool, self.starts, self.scale) + ((self.learner.running_offset,) if self.learner is not None else ())
+        return cached(self.starts, inputs, (self.width, self.geometry), lambda: self._regenerate(pool, x))
 
     def _regenerate(self, pool: Tensor, x: Tensor | None) -> Tensor:
         base, frac = split_starts(self.effective_starts(x), self.geometry)
@@ -174,28 +183,32 @@ class EpitomeSampler(nn.Module):
         return f"{self.weight_name}: {g.shape} <- pool {g.pool}, blocks {g.grid} of {g.block}, layout={g.layout}{width}"
 
 
-@keep_precision_on_cast("fracs")
+@keep_precision_on_cast("fracs", "scale")
 class RoutingMap(nn.Module):
-    """A frozen sampler's routing map: int32 starts and float fractions per block, plus geometry.
+    """A frozen sampler's routing map: int32 starts and float fractions per block, and the weight's
+    gain ``scale`` (a float64 scalar; absent in ``passes.reuse``'s product maps).
 
-    A passive container (never called): the graph reads ``starts`` and ``fracs`` through get_attr
-    and calls ``torch.ops.nesc.regenerate``.
+    A passive container (never called): the graph reads ``starts``, ``fracs`` and ``scale`` through
+    get_attr and calls ``torch.ops.nesc.regenerate``.
     """
 
-    def __init__(self, starts: Tensor, fracs: Tensor):
+    def __init__(self, starts: Tensor, fracs: Tensor, scale: float | Tensor | None = None):
         super().__init__()
         self.register_buffer("starts", starts.to(torch.int32))
         self.register_buffer("fracs", fracs.float())
+        if scale is not None:
+            self.register_buffer("scale", scale_buffer(scale))
 
 
 @torch.library.custom_op("nesc::regenerate", mutates_args=())
 def regenerate_op(
-    pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, shape: list[int], block: list[int], layout: str
+    pool: Tensor, starts: Tensor, fracs: Tensor, scale: Tensor, shape: list[int], block: list[int], layout: str
 ) -> Tensor:
-    """The frozen form of a sampled weight: one graph node, kept whole by torch.export. In inference
-    the weight comes from ``nesc.core.cache`` while the pool and routing map are unchanged."""
+    """The frozen form of a sampled weight: one graph node, kept whole by torch.export. ``scale``: the
+    routing map's 0-d float64 gain. In inference the weight comes from ``nesc.core.cache`` while the
+    pool, routing map and scale are unchanged."""
     geometry = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
-    return cached(starts, (pool, starts, fracs), (float(scale), geometry),
+    return cached(starts, (pool, starts, fracs, scale), geometry,
                   lambda: regenerate_fastest(pool, starts, fracs, scale, geometry))
 
 
@@ -207,14 +220,14 @@ def _regenerate_fake(pool, starts, fracs, scale, shape, block, layout):
 
 def _regenerate_setup(ctx, inputs, output):
     pool, starts, fracs, scale, shape, block, layout = inputs
-    ctx.save_for_backward(pool, starts, fracs)
-    ctx.args = (scale, Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout))
+    ctx.save_for_backward(pool, starts, fracs, scale)
+    ctx.geometry = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
 
 
 def _regenerate_backward(ctx, grad):
     # A frozen model can still be fine-tuned: pools (and fractions) get gradients, routes stay fixed.
-    pool, starts, fracs = ctx.saved_tensors
-    scale, geometry = ctx.args
+    pool, starts, fracs, scale = ctx.saved_tensors
+    geometry = ctx.geometry
     with torch.enable_grad():
         p = pool.detach().requires_grad_(True)
         f = fracs.detach().requires_grad_(True)
@@ -315,9 +328,9 @@ def sampler_of(gm: fx.GraphModule, node: fx.Node) -> EpitomeSampler | None:
 
 def tensor_roles(gm: fx.GraphModule) -> dict[str, str]:
     """``{qualified name: role}`` for every tensor nesc added: ``pool`` (read by a sampler or a
-    regenerate node), ``route`` (a routing map's starts/fracs), ``start`` and ``learner`` (a sampler's
-    trainable indices and learner). Read from the graph, so a renamed pool is still a pool; every
-    other tensor of the module is the user's (dense)."""
+    regenerate node), ``route`` (a routing map's starts/fracs), ``scale`` (a routing map's gain),
+    ``start`` and ``learner`` (a sampler's trainable indices, gain and learner). Read from the graph,
+    so a renamed pool is still a pool; every other tensor of the module is the user's (dense)."""
     roles: dict[str, str] = {}
     for node in gm.graph.nodes:
         sampler = sampler_of(gm, node)
@@ -331,8 +344,8 @@ def tensor_roles(gm: fx.GraphModule) -> dict[str, str]:
                 roles[f"{node.target}.{bname}"] = "learner" if bname.startswith("learner.") else "start"
         elif is_regenerate(node) or is_gather_products(node):
             # A product map's index and fractions route outputs as a routing map routes pool cells.
-            kinds = ("pool", "route", "route") if is_regenerate(node) else (None, "route", "route")
-            for arg, role in zip(node.args[:3], kinds):
+            kinds = ("pool", "route", "route", "scale") if is_regenerate(node) else (None, "route", "route")
+            for arg, role in zip(node.args[:4], kinds):
                 if role and isinstance(arg, fx.Node) and arg.op == "get_attr":
                     roles[arg.target] = role
     return roles

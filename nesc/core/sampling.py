@@ -155,7 +155,14 @@ def split_starts(starts: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
     return base.to(torch.int32), frac
 
 
-def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry) -> Tensor:
+# A sampled weight's gain (``W = scale * R(P)``) as the modules store it: a float64 0-d buffer, part of
+# ``state_dict()``; a 0-d tensor is read as the op's scalar, so float64 multiplies a pool of any dtype
+# exactly as the Python float it replaces did.
+def scale_buffer(scale: float | Tensor) -> Tensor:
+    return torch.as_tensor(scale, dtype=torch.float64).detach().clone().reshape(())
+
+
+def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
     """Build the weight from the pool.
 
     pool: (Op, Ip, Kh, Kw). starts: int (nbo, nbi, 4), already wrapped/clamped. fracs: (nbo, nbi, 4)
@@ -209,7 +216,7 @@ def tent_weights(fracs: Tensor, width: float) -> Tensor:
     return w / w.sum(-1, keepdim=True)
 
 
-def regenerate_wide(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry,
+def regenerate_wide(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor, geometry: Geometry,
                     width: float) -> Tensor:
     """``regenerate`` with a sampling kernel wider than linear interpolation: along every active
     axis, each weight element is the tent-weighted average (half-width ``width`` cells) of the pool
@@ -228,7 +235,7 @@ def regenerate_wide(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, g
     return _assemble(w, geometry)
 
 
-def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float, geometry: Geometry) -> Tensor:
+def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
     """``regenerate`` as index arithmetic: one gather of every block's window, then one lerp per
     active axis over all blocks at once.
 
@@ -259,7 +266,7 @@ def _assemble(w: Tensor, geometry: Geometry) -> Tensor:
 
 class _Regenerate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float, geometry: Geometry) -> Tensor:
+    def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
         O, I, kh, kw = geometry.shape
         bo, bi = geometry.block
         nbo, nbi = geometry.grid

@@ -15,14 +15,15 @@ arguments cannot be recovered generically, so ``save`` first re-exports the mode
 ``get_attr`` tensors, and writes that graph. ``load`` rebuilds it and turns batch norm / dropout back
 into modules that follow ``train()``/``eval()`` (``nesc.capture.make_mode_aware``).
 
-Format, ``FORMAT_VERSION`` 3 (1 and 2 are still read). Tensors: every parameter and buffer of the
+Format, ``FORMAT_VERSION`` 4 (1 to 3 are still read; their gains, graph constants there, are
+turned into the routing maps' ``scale`` buffers that format 4 stores: ``upgrade``). Tensors: every parameter and buffer of the
 saved module under its ``state_dict`` name, plus tensor constants of the exported graph; a name that
 aliases another tensor (tied weights) is stored once. Tensors are stored contiguous; a transposed or
 channels_last one records its strides and gets them back. The file is a safetensors file whose
 metadata holds five plain strings:
 
     format          "nesc"
-    format_version  "3"
+    format_version  "4"
     nesc_version    the nesc that wrote the file (key ``names.NESC_VERSION``)
     torch_version   the torch that wrote it
     sha256          hex digest over every other metadata entry (canonical JSON) and then the file's
@@ -69,7 +70,8 @@ Decisions:
 Modules, bottom to top (each imports only those before it): ``schema`` (what a file must follow),
 ``ops`` (the allow-list of calls), ``codec`` (graph <-> JSON), ``container`` (the bytes of a format-3
 file: compressed documents, packed tensors), ``tensors`` (the tensor table, aliasing, layout, digest),
-``loader`` (``load``: the checks above, assembling the module), ``writer`` (``save``: re-export,
+``upgrade`` (formats 1-3 to today's graph), ``loader`` (``load``: the checks above, assembling the
+module), ``writer`` (``save``: re-export,
 rebuild check, writing).
 """
 

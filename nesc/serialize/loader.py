@@ -42,13 +42,15 @@ from . import container, schema
 from .codec import decode_graph
 from .schema import Invalid
 from .tensors import digest, install_tensors
+from .upgrade import scales_as_buffers
 
 FORMAT = "nesc"
-# 3: documents compressed and tensors packed (``container``); 2: the documents as header entries and one
-# safetensors entry per tensor, the digest over both; 1: as 2, the digest over the tensors only. All
-# three are read (1 with a warning); only 3 is written.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: as 3, every sampled weight's gain a stored tensor (``upgrade``); 3: documents compressed and tensors
+# packed (``container``); 2: the documents as header entries and one safetensors entry per tensor, the
+# digest over both; 1: as 2, the digest over the tensors only. All four are read (1 with a warning; 1-3
+# get their gains as buffers, ``upgrade``); only 4 is written.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 DIGEST = "sha256"
 REAL_CHECK_ELEMENTS = 1 << 24  # per input at batch 1: 64 MiB of float32
 _DOCUMENTS = ("graph", "tensors", "input_specs")
@@ -82,7 +84,7 @@ def _load(path: str) -> fx.GraphModule:
     if version >= 3:
         metadata, tensors = _unpack(metadata, tensors, path)
     doc, table, specs, extra = _parse_json(metadata, path)
-    gm = assemble(doc, tensors, table, path)
+    gm = assemble(doc, tensors, table, path, version=version)
     _check_runs(gm, specs, path)
     gm.meta[names.INPUT_SPECS] = specs
     gm.meta[names.CAPTURE] = "export"  # an aten graph with mode-aware modules, as capture's export path
@@ -201,14 +203,18 @@ def _invalid(path: str, what: str) -> ArtifactError:
     )
 
 
-def assemble(doc: dict, stored: dict[str, Tensor], table: dict, path: str) -> fx.GraphModule:
+def assemble(doc: dict, stored: dict[str, Tensor], table: dict, path: str, *,
+             version: int = FORMAT_VERSION) -> fx.GraphModule:
     """Module holding the tensors at their dotted paths + the decoded graph, mode-aware, in eval mode,
-    its routing maps and in-place writes checked (``schema``)."""
+    its routing maps and in-place writes checked (``schema``); a format 1-3 graph's numeric gains
+    become buffers first (``upgrade``)."""
     gm = fx.GraphModule(nn.Module(), fx.Graph())
     try:
         install_tensors(gm, stored, table)
         graph = decode_graph(doc, table, path)
         gm.graph = graph  # recompiles: the source is made only of checked names and repr'd constants
+        if version < 4:
+            scales_as_buffers(gm)
         make_mode_aware(gm)  # aten batch_norm/dropout -> modules that follow gm.training; lints
         schema.check_routes(gm)  # here, not in load only: save refuses what load would
         schema.check_mutations(gm)

@@ -202,9 +202,12 @@ def _check_route(gm: fx.GraphModule, node: fx.Node) -> None:
     pool, starts, fracs, scale, shape, block, layout = node.args
     tensors = [_stored(gm, arg, f"{where}: {role}") for arg, role in zip((pool, starts, fracs), REGENERATE_ARGS)]
     pool, starts, fracs = tensors
-    check_type(scale, (float, int), f"{where}: scale")
-    if not math.isfinite(scale) or layout not in LAYOUTS:
-        raise Invalid(f"{where}: scale {scale!r} must be finite and layout {layout!r} one of {LAYOUTS}")
+    scale = _stored(gm, scale, f"{where}: scale")
+    if not scale.is_floating_point() or scale.shape != () or not bool(torch.isfinite(scale)):
+        raise Invalid(f"{where}: scale is {scale.dtype} of shape {tuple(scale.shape)}, expected a finite float "
+                      f"scalar (shape ())")
+    if layout not in LAYOUTS:
+        raise Invalid(f"{where}: layout {layout!r} must be one of {LAYOUTS}")
     _ints(shape, 4, f"{where}: shape")
     _ints(block, 2, f"{where}: block")
     if pool.dim() != 4:

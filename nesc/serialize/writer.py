@@ -27,6 +27,7 @@ import nesc.core.modules  # noqa: F401 - registers torch.ops.nesc.regenerate, wh
 from nesc.capture import ExportedBatchNorm
 from nesc.core import compat, files, inputs, names
 from nesc.core.errors import ArtifactError
+from nesc.core.modules import EpitomeSampler
 
 from . import container
 from .codec import encode_graph
@@ -47,6 +48,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = No
     folder or a device. The file appears whole or not at all (``nesc.core.files.atomic_write``).
     """
     files.check_output(path, overwrite=overwrite, what="nesc.save")
+    _refuse_trainable(gm)
     specs = _input_specs(gm)
     extra_json = _json_or_raise(extra or {}, "extra")
     graph_doc, tensors, table = _export_graph(gm, specs, *collect_tensors(gm))
@@ -56,7 +58,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = No
         "input_specs": _compact([[list(s), d] for s, d in specs]),
         "extra": extra_json,
     }
-    blobs = container.pack(documents, without_aliases(tensors, table))  # format 3: see ``container``
+    blobs = container.pack(documents, without_aliases(tensors, table))  # formats 3 and 4: see ``container``
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -70,6 +72,20 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = No
 
 def _compact(doc) -> str:
     return json.dumps(doc, allow_nan=False, separators=(",", ":"))
+
+
+def _refuse_trainable(gm: fx.GraphModule) -> None:
+    """A trainable graph (samplers) is refused up front, before any export: its samplers would be
+    traced into plain ops and the artifact could not resume training."""
+    trainable = [name for name, m in gm.named_modules() if isinstance(m, EpitomeSampler)]
+    if trainable:
+        raise ArtifactError(
+            f"nesc.save writes frozen models; this one is trainable ({len(trainable)} sampler(s), e.g. "
+            f"{trainable[0]!r}). Freeze it first: nesc.save(nesc.freeze(gm), path). To keep training later, "
+            f"save its state_dict (it holds pools, start indices, gains and learner state: "
+            f"safetensors.torch.save_model(gm, path)) and load it into nesc.transform of the same model "
+            f"(safetensors.torch.load_model)."
+        )
 
 
 def _input_specs(gm: fx.GraphModule) -> list[inputs.InputSpec]:

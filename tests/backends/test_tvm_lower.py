@@ -217,7 +217,9 @@ def test_params_are_pools_routes_and_what_stayed_dense():
         p.numel() for n, p in frozen.named_parameters() if n.startswith("nesc_pool")
     )
     routes = dict(frozen.named_buffers())
-    assert {n for n, k in low.kinds.items() if k == "route"} == {n for n in routes if n.startswith("nesc_routes.")}
+    # the gains (``.scale``) are compiled in as constants, one number per layer
+    assert {n for n, k in low.kinds.items() if k == "route"} == {
+        n for n in routes if n.startswith("nesc_routes.") and not n.endswith(".scale")}
     sampled = set(helpers.sampled_weights(frozen))
     assert sampled and not sampled & set(low.params), "a compressed weight is a parameter of the module"
     smallest = min(w.numel() for w in helpers.sampled_weights(frozen).values())
@@ -273,7 +275,8 @@ def test_kinds_come_from_the_graph_not_from_names():
     low = lower(gm, x)
     kinds = {k: {n for n, v in low.kinds.items() if v == k} for k in ("pool", "route", "dense")}
     assert kinds["pool"] == {"epitome_0", "epitome_1"}
-    assert kinds["route"] == {n for n, _ in gm.named_buffers() if n.startswith("where.")} and kinds["route"]
+    routes = {n for n, _ in gm.named_buffers() if n.startswith("where.") and not n.endswith(".scale")}  # gains: constants
+    assert kinds["route"] == routes and kinds["route"]
     assert kinds["dense"] == {"0.bias", "2.bias"}
     run = compile_lowered(low)
     with torch.no_grad():
@@ -287,12 +290,13 @@ class OneSampledConv(nn.Module):
         super().__init__()
         self.geometry = geometry
         self.pool = nn.Parameter(torch.randn(geometry.pool))
-        self.routes = RoutingMap(starts, fracs)
+        self.routes = RoutingMap(starts, fracs, 0.7)
 
     def forward(self, x):
         g = self.geometry
-        w = torch.ops.nesc.regenerate.default(self.pool, self.routes.starts, self.routes.fracs, 0.7, list(g.shape),
-                                      list(g.block), g.layout)  # (10, 7, 3, 3)
+        w = torch.ops.nesc.regenerate.default(self.pool, self.routes.starts, self.routes.fracs, self.routes.scale,
+                                              list(g.shape),
+                                              list(g.block), g.layout)  # (10, 7, 3, 3)
         return F.conv2d(x, w)
 
 
@@ -400,10 +404,6 @@ def test_convolutions_get_the_tiled_schedule_not_a_fallback(batch: int):
     assert convs and set(convs.values()) == {"tiled"}, rules
 
 
-# ---------------------------------------------------------------------------------- product maps
-
-# (products shape with None at the channel axis, dim, channels, block, rows, groups, bias)
-PRODUCT_GEOMETRIES = {
 class StaticConvs(nn.Module):
     """What the static-batch conv rules read off the blocks: a stride-2 conv and a stride-2 depthwise
     conv (their padded input deinterleaved into column phases) and a 1x1 conv (H and W as one vector axis)."""
@@ -453,6 +453,10 @@ def test_gemm_gives_way_to_dot_for_few_rows():
     assert_backend_close(_compile_and_run(func, [x, w], (40, 32)).numpy(), x @ w.T, "gemm")
 
 
+# ---------------------------------------------------------------------------------- product maps
+
+# (products shape with None at the channel axis, dim, channels, block, rows, groups, bias)
+PRODUCT_GEOMETRIES = {
     "conv2d_two_groups": ((2, None, 3, 5), 1, 10, 4, 3, 2, False),  # 10 = 4 + 4 + 2: the last row overhangs
     "conv1d_bias": ((2, None, 7), 1, 9, 3, 5, 1, True),
     "linear": ((3, None), -1, 20, 6, 7, 3, True),  # channels last: the gather runs along memory
@@ -531,12 +535,13 @@ class ProductConv(nn.Module):
         self.pool = nn.Parameter(torch.randn(3, 5, 3, 3))
         # two groups of 3 rows, the second reading the pool's input channels from 2 on (wrapping)
         weight_starts = torch.tensor([[[0, 0, 0, 0]] * 2, [[0, 2, 0, 0]] * 2], dtype=torch.int32)  # grid (2, 2)
-        self.weight_routes = RoutingMap(weight_starts, torch.zeros(2, 2, 4))
+        self.weight_routes = RoutingMap(weight_starts, torch.zeros(2, 2, 4), 0.7)
         self.products = RoutingMap(starts, fracs)
         self.bias = nn.Parameter(torch.randn(10))
 
     def forward(self, x):
-        w = torch.ops.nesc.regenerate.default(self.pool, self.weight_routes.starts, self.weight_routes.fracs, 0.7,
+        w = torch.ops.nesc.regenerate.default(self.pool, self.weight_routes.starts, self.weight_routes.fracs,
+                                              self.weight_routes.scale,
                                               [6, 7, 3, 3], [3, 5], "conv2d")  # (groups * rows, 7, 3, 3)
         products = F.conv2d(x, w, padding=1)  # (B, 6, H, W)
         return GATHER_PRODUCTS(products, self.products.starts, self.products.fracs, self.bias, 1, 10, 4, 3)
@@ -590,3 +595,17 @@ def test_product_maps_get_their_schedule_not_a_fallback(name):
     gathers = {k: v for k, v in rules.items() if "nesc_gather_products" in k}
     assert gathers and set(gathers.values()) == {"products"}, rules
     assert "none" not in rules.values(), rules
+
+
+class _BoolCumsum(nn.Module):
+    """Counts along a bool mask as Hugging Face's packed-sequence check does: torch sums bools in int64."""
+
+    def forward(self, x):  # (B, L)
+        starts = torch.cumsum(x.diff(dim=-1) != 1, dim=-1)  # (B, L - 1) int64
+        return starts.float() * 2.0
+
+
+def test_cumsum_of_a_bool_tensor_is_summed_in_int64():
+    x = (torch.tensor([[0, 1, 2, 0, 1, 5], [3, 4, 5, 6, 7, 8]]),)
+    compiled = nesc.compile(_BoolCumsum(), x)
+    np.testing.assert_array_equal(compiled(*x), _BoolCumsum()(*x).numpy())

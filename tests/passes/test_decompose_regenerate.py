@@ -119,11 +119,12 @@ def test_regenerated_weight_matches_the_element_by_element_reference() -> None:
             self.nesc_pool_0 = torch.nn.Parameter(pool)
             self.register_buffer("s", starts)
             self.register_buffer("f", frac)
+            self.register_buffer("g", torch.tensor(0.5, dtype=torch.float64))
 
     graph = fx.Graph()
-    p, s, f = (graph.get_attr(t) for t in ("nesc_pool_0", "s", "f"))
+    p, s, f, scale = (graph.get_attr(t) for t in ("nesc_pool_0", "s", "f", "g"))
     graph.output(graph.call_function(torch.ops.nesc.regenerate.default,
-                                     (p, s, f, 0.5, list(g.shape), list(g.block), g.layout)))
+                                     (p, s, f, scale, list(g.shape), list(g.block), g.layout)))
     gm = decompose_regenerate(fx.GraphModule(Holder(), graph)).graph_module
     with torch.no_grad():
         assert_close(gm(), naive_regenerate(pool, real, 0.5, g), F64, "decomposed weight")

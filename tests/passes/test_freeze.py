@@ -65,6 +65,8 @@ def test_samplers_become_regenerate_nodes_reading_routing_maps() -> None:
         assert pool.target.startswith("nesc_pool") and isinstance(frozen.get_parameter(pool.target), nn.Parameter)
         s, f = frozen.get_buffer(starts.target), frozen.get_buffer(fracs.target)
         assert s.dtype == torch.int32 and f.dtype == torch.float32
+        g = frozen.get_buffer(scale.target)  # the gain is state, not a graph constant
+        assert g.dtype == torch.float64 and g.shape == () and scale.target in frozen.state_dict()
         nbo, nbi = math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
         assert s.shape == f.shape == (nbo, nbi, 4)
         assert isinstance(frozen.get_submodule(starts.target.rsplit(".", 1)[0]), RoutingMap)
@@ -171,3 +173,31 @@ def test_freezing_a_model_still_sampling_with_a_wide_kernel_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", NescWarning)
         nesc.freeze(gm)
+
+
+@pytest.mark.parametrize("form", ["trainable", "frozen"])
+def test_a_state_dict_holds_everything_that_determines_the_outputs(form) -> None:
+    """A checkpoint loaded into a transform of a differently initialised model gives the trained
+    model's outputs bit for bit: the gains (``scale``) are buffers, not graph constants."""
+    _, trained = _trained()
+    torch.manual_seed(1)
+    other = nesc.transform(StageNet(), stage_net_inputs(), init="random", ratio=2, **COMPRESS_ALL)
+    gains = lambda gm: {n: b for n, b in gm.named_buffers() if n.endswith(".scale")}  # noqa: E731
+    assert gains(trained) and gains(trained).keys() == gains(other).keys()
+    assert any(not torch.equal(a, gains(other)[n]) for n, a in gains(trained).items()), "same gains: no test"
+    if form == "frozen":
+        trained, other = nesc.freeze(trained), nesc.freeze(other)
+        assert gains(trained)
+    else:  # mid-training, the sampling kernel is wider (nesc.train.fit anneals it): state too
+        nesc.set_sampling_width(trained, 2.0)
+    x = stage_net_inputs(seed=9)
+    assert not torch.equal(run(other, x), run(trained, x))
+    other.load_state_dict(trained.state_dict())
+    assert torch.equal(run(other, x), run(trained, x))
+    if form == "trainable":  # and in training mode, gradients included
+        for gm in (trained, other):
+            gm.train().zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            F.cross_entropy(gm(*x), torch.arange(4)).backward()
+        for (name, a), b in zip(trained.named_parameters(), other.parameters()):
+            assert torch.equal(a.grad, b.grad), name

@@ -41,6 +41,11 @@ GEOMETRIES = {
 }
 
 
+def _gain(value: float) -> torch.Tensor:
+    """A routing map's gain as the regenerate op takes it: a 0-d float64 tensor."""
+    return torch.tensor(value, dtype=torch.float64)
+
+
 def _random_starts(geometry: Geometry, seed: int) -> torch.Tensor:
     """Real starts over a wide range: negative and beyond the pool (channels wrap, spatial clamps)."""
     g = torch.Generator().manual_seed(seed)
@@ -244,7 +249,7 @@ def test_custom_op_equals_python_function_and_its_gradients(kind: str) -> None:
     base, frac = split_starts(_interior_starts(geometry, 2).float(), geometry)
     pool = torch.randn(geometry.pool, requires_grad=True)
     frac = frac.detach().requires_grad_()
-    args = (0.5, list(geometry.shape), list(geometry.block), geometry.layout)
+    args = (_gain(0.5), list(geometry.shape), list(geometry.block), geometry.layout)
 
     out_op = REGENERATE(pool, base, frac, *args)
     out_py = regenerate(pool, base, frac, 0.5, geometry)
@@ -263,7 +268,7 @@ def _op_args(geometry: Geometry, seed: int) -> tuple:
     base, frac = split_starts(_interior_starts(geometry, seed), geometry)
     pool = torch.randn(geometry.pool, dtype=torch.float64, requires_grad=True)
     frac = frac.detach().requires_grad_()
-    return (pool, base, frac, 0.5, list(geometry.shape), list(geometry.block), geometry.layout)
+    return (pool, base, frac, _gain(0.5), list(geometry.shape), list(geometry.block), geometry.layout)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +316,7 @@ def test_epitome_sampler_routing_is_what_eval_mode_samples() -> None:
     assert base.dtype == torch.int32 and not frac.requires_grad
     with torch.no_grad():
         assert_close(
-            REGENERATE(pool, base, frac, 0.9, list(geometry.shape), list(geometry.block), "conv2d"),
+            REGENERATE(pool, base, frac, _gain(0.9), list(geometry.shape), list(geometry.block), "conv2d"),
             sampler.eval()(pool),
             EXACT,
             "routing map vs sampler",
@@ -540,3 +545,31 @@ def test_start_stats_measure_moves_from_the_origin() -> None:
         sampler.starts[0, 0, 0] = 1.5  # one of 4 active coordinates (o, i of 2 blocks) changes cell
     stats = start_stats(model)
     assert stats["start_max_move"] == 1.5 and stats["start_mean_move"] == 1.5 / 4 and stats["start_moved"] == 0.25
+
+
+def test_the_gain_is_a_float64_buffer_in_the_state_dict_and_survives_narrow_casts() -> None:
+    """The gain determines the weight, so it is state (a checkpoint holds it), and it stays float64
+    when the model is cast narrower: it multiplies a bfloat16 pool as the Python float it was did."""
+    geometry = Geometry(*LAYER_KINDS["conv2d"])
+    sampler = EpitomeSampler(geometry, _interior_starts(geometry, 6), 0.3, "w")
+    assert sampler.state_dict()["scale"].dtype == torch.float64 and float(sampler.scale) == 0.3
+    pool = torch.randn(geometry.pool)
+    half = sampler.to(torch.bfloat16)
+    assert half.scale.dtype == torch.float64
+    with torch.no_grad():
+        got = half.eval()(pool.bfloat16())
+        want = regenerate_indexed(pool.bfloat16(), *sampler.routing(), 0.3, geometry)  # the path eval takes
+    assert torch.equal(got, want)
+    rm = RoutingMap(*sampler.routing(), sampler.scale).to(torch.float16)
+    assert rm.scale.dtype == torch.float64 and "scale" in rm.state_dict()
+
+
+def test_the_sampling_width_travels_in_the_state_dict_and_is_checked() -> None:
+    geometry = Geometry(*LAYER_KINDS["conv2d"])
+    a, b = (EpitomeSampler(geometry, _interior_starts(geometry, 6), 0.3, "w") for _ in range(2))
+    set_sampling_width(a, 2.5)
+    b.load_state_dict(a.state_dict())
+    assert b.width == 2.5
+    state = a.state_dict() | {"_extra_state": torch.tensor(float("nan"))}
+    with pytest.raises(ConfigError, match="sampling width"):
+        b.load_state_dict(state)

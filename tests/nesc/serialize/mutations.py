@@ -43,7 +43,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     except Exception:  # noqa: BLE001 - an already-broken input: mutate its bytes instead
         return _raw(data, rng)
     choice = rng.random()
-    if choice < 0.07 and meta.get("format_version") == "3":
+    if choice < 0.07 and meta.get("format_version") in ("3", "4"):
         return _damage_packing(data, rng)
     if choice < 0.7:
         key = rng.choice([k for k in DOCUMENTS if k in meta] or list(meta))

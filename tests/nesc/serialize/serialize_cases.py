@@ -69,14 +69,15 @@ def with_regenerate(gm: fx.GraphModule) -> fx.GraphModule:
     routes = nn.Module()
     routes.register_buffer("starts", starts)
     routes.register_buffer("fracs", torch.rand(2, 1, 4, generator=gen))  # float32 in [0, 1)
+    routes.register_buffer("scale", torch.tensor(1.0, dtype=torch.float64))  # the gain: a 0-d buffer
     gm.add_module("nesc_routes", nn.Module())
     gm.nesc_routes.add_module("conv_weight", routes)
     (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv"]
     g = gm.graph
     with g.inserting_before(node):
         pool = g.get_attr("nesc_pool_0")
-        s, f = (g.get_attr(f"nesc_routes.conv_weight.{t}") for t in ("starts", "fracs"))
-        weight = g.call_function(REGENERATE, (pool, s, f, 1.0, [8, 3, 3, 3], [4, 3], "conv2d"))
+        s, f, scale = (g.get_attr(f"nesc_routes.conv_weight.{t}") for t in ("starts", "fracs", "scale"))
+        weight = g.call_function(REGENERATE, (pool, s, f, scale, [8, 3, 3, 3], [4, 3], "conv2d"))
         weight.meta[names.SAMPLED_WEIGHT] = "conv.weight"
         conv = g.call_function(F.conv2d, (node.args[0], weight, g.get_attr("conv.bias")), {"padding": 1})
     node.replace_all_uses_with(conv)
@@ -118,7 +119,7 @@ def decode_artifact(data: bytes) -> tuple[dict, dict]:
 
     (n,) = struct.unpack("<Q", data[:8])
     meta, tensors = dict(json.loads(data[8 : 8 + n])["__metadata__"]), dict(load_tensors(data))
-    if meta.get("format_version") == "3":
+    if meta.get("format_version") in ("3", "4"):
         documents, tensors = container.unpack(tensors)
         meta = {**meta, **documents}
     return meta, tensors
@@ -131,7 +132,7 @@ def encode_artifact(meta: dict, tensors: dict, *, rehash: bool = True, keep_layo
     from safetensors.torch import save as save_tensors
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    if meta.get("format_version") == "3":
+    if meta.get("format_version") in ("3", "4"):
         documents = {k: meta[k] for k in container.DOCUMENTS}
         stored = container.pack(documents, tensors)
         if keep_layout and container.LAYOUT in meta:

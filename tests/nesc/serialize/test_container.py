@@ -89,6 +89,10 @@ def test_a_format_2_file_written_before_format_3_still_loads(artifacts, tmp_path
     loaded = load(V2_FILE)
     assert loaded.meta[EXTRA] == {"report": {"ratio": 0.25, "layers": ["conv"]}}
     assert_same_tensors(gm, loaded)
+    # Its gain, a number in the graph before format 4, comes back as the routing map's buffer.
+    (scale,) = [n.args[3] for n in loaded.graph.nodes if n.target is torch.ops.nesc.regenerate.default]
+    assert scale.op == "get_attr" and loaded.state_dict()[scale.target].dtype == torch.float64
+    assert float(loaded.get_buffer(scale.target)) == 1.0
     x = torch.randn(*SHAPE)
     assert torch.equal(loaded(x), gm(x))
     save(loaded, tmp_path / "v3.nesc")  # re-saving writes the current format
@@ -101,6 +105,25 @@ def test_a_format_1_file_loads_with_a_warning(tmp_path) -> None:
     with pytest.warns(NescWarning, match="format_version 1"):
         loaded = load(tmp_path / "v1.nesc")
     assert "nesc_pool_0" in dict(loaded.named_parameters())
+
+
+@pytest.mark.parametrize("scale, expected", [("1.0", "must be a finite number"), (None, "must be a finite number"),
+                                             (True, "must be a finite number")])
+def test_an_old_files_numeric_gain_is_checked_before_it_becomes_a_buffer(tmp_path, scale, expected) -> None:
+    doc = graph_doc(V2_FILE)
+    node = next(n for n in doc["nodes"] if n.get("target") == "nesc::regenerate.default")
+    node["args"][3] = scale
+    rewrite(V2_FILE, tmp_path / "edited.nesc", metadata=with_graph(doc))
+    assert expected in load_error(tmp_path / "edited.nesc")
+
+
+def test_a_current_file_must_store_its_gain(tmp_path, regenerate_file) -> None:
+    """From format 4 a numeric gain in the graph is refused: the gain is a tensor of the routing map."""
+    doc = graph_doc(regenerate_file)
+    node = next(n for n in doc["nodes"] if n.get("target") == "nesc::regenerate.default")
+    node["args"][3] = 1.0
+    rewrite(regenerate_file, tmp_path / "edited.nesc", metadata=with_graph(doc))
+    assert "scale must be read from a stored tensor" in load_error(tmp_path / "edited.nesc")
 
 
 def test_a_format_2_file_goes_through_every_check(tmp_path) -> None:

@@ -174,6 +174,9 @@ def test_an_edited_header_without_a_new_digest_is_refused(regenerate_file, tmp_p
     assert "tampered" in load_error(tmp_path / "edited.nesc")
 
 
+SCALE = "nesc_routes.conv_weight.scale"
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda t: t.__setitem__("nesc_routes.conv_weight.starts", t["nesc_routes.conv_weight.starts"] + 1000),
      "outside its pool"),
@@ -186,7 +189,12 @@ def test_an_edited_header_without_a_new_digest_is_refused(regenerate_file, tmp_p
     (lambda t: t.__setitem__("nesc_routes.conv_weight.starts", t["nesc_routes.conv_weight.starts"].long()),
      "expected int32"),
     (lambda t: t.__setitem__("fc.weight", t["fc.weight"][:, :3].contiguous()), "does not run on its recorded"),
-], ids=["start-too-large", "start-negative", "nan-fraction", "short-routes", "int64-routes", "weight-shape"])
+    # The gain is a stored tensor since format 4: checked like the routing map it belongs to.
+    (lambda t: t.__setitem__(SCALE, t[SCALE] * float("inf")), "expected a finite float scalar"),
+    (lambda t: t.__setitem__(SCALE, t[SCALE].reshape(1)), "expected a finite float scalar"),
+    (lambda t: t.__setitem__(SCALE, t[SCALE].long()), "expected a finite float scalar"),
+], ids=["start-too-large", "start-negative", "nan-fraction", "short-routes", "int64-routes", "weight-shape",
+        "inf-scale", "scale-shape", "int-scale"])
 def test_edited_tensors_with_a_recomputed_digest_are_checked(regenerate_file, tmp_path, edit, expected) -> None:
     def edited(tensors):
         edit(tensors)

@@ -47,10 +47,12 @@ def test_regenerate_node_survives_as_one_node_with_its_meta(regenerate_file):
     loaded = load(regenerate_file)
     (node,) = [n for n in loaded.graph.nodes if n.target is REGENERATE]
     assert node.meta[names.SAMPLED_WEIGHT] == "conv.weight"
-    pool, starts, fracs = node.args[:3]
-    assert [a.op for a in (pool, starts, fracs)] == ["get_attr"] * 3
+    pool, starts, fracs, scale = node.args[:4]
+    assert [a.op for a in (pool, starts, fracs, scale)] == ["get_attr"] * 4
     assert (pool.target, starts.target) == ("nesc_pool_0", "nesc_routes.conv_weight.starts")
-    assert node.args[3:] == (1.0, [8, 3, 3, 3], [4, 3], "conv2d")
+    assert scale.target == "nesc_routes.conv_weight.scale" and scale.target in loaded.state_dict()
+    assert loaded.get_buffer(scale.target).dtype == torch.float64 and float(loaded.get_buffer(scale.target)) == 1.0
+    assert node.args[4:] == ([8, 3, 3, 3], [4, 3], "conv2d")
     assert isinstance(loaded.nesc_pool_0, nn.Parameter)
     assert loaded.get_buffer("nesc_routes.conv_weight.starts").dtype == torch.int32
     assert "conv.weight" not in loaded.state_dict()  # the weight is regenerated, never stored
@@ -100,3 +102,15 @@ def test_save_needs_input_specs_and_json_extra(tmp_path):
     gm.meta[names.INPUT_SPECS] = [(SHAPE, "float32")]
     with pytest.raises(ArtifactError, match="JSON-serialisable"):
         save(gm, tmp_path / "m.nesc", extra={"model": ConvNet()})
+
+
+def test_a_trainable_model_is_refused_up_front_naming_freeze(tmp_path, capsys):
+    import nesc
+    from helpers import COMPRESS_ALL, StageNet, stage_net_inputs
+
+    gm = nesc.transform(StageNet(), stage_net_inputs(), init="random", ratio=2, **COMPRESS_ALL)
+    capsys.readouterr()
+    with pytest.raises(ArtifactError, match=r"trainable .*nesc\.freeze\(gm\).*state_dict"):
+        nesc.save(gm, tmp_path / "m.nesc")
+    out = capsys.readouterr()
+    assert out.out == out.err == "" and not (tmp_path / "m.nesc").exists()  # no graph printed, no file
