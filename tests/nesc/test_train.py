@@ -94,9 +94,9 @@ def test_pool_learning_rate_is_rescaled_by_the_sampler_scale(data) -> None:
     pools = {id(gm.get_parameter(n)) for n, _ in gm.named_parameters() if n.startswith("nesc_pool")}
     assert groups[0]["lr"] == FAST.lr and not any(id(p) in pools for p in groups[0]["params"])
     # per_layer: one sampler per pool, so each pool's rate is lr / its sampler's scale (Adam), / scale^2 (SGD).
-    assert sorted(g["lr"] for g in groups[1:-1]) == pytest.approx(sorted(FAST.lr / s.scale for s in samplers))
+    assert sorted(g["lr"] for g in groups[1:-1]) == pytest.approx(sorted(FAST.lr / float(s.scale) for s in samplers))
     sgd = param_groups(gm, FAST.replace(optimizer="sgd"))
-    assert sorted(g["lr"] for g in sgd[1:-1]) == pytest.approx(sorted(FAST.lr / s.scale**2 for s in samplers))
+    assert sorted(g["lr"] for g in sgd[1:-1]) == pytest.approx(sorted(FAST.lr / float(s.scale) ** 2 for s in samplers))
 
 
 def test_start_indices_have_their_own_group_without_weight_decay(data) -> None:
