@@ -178,13 +178,13 @@ def fit(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
-    x_train, y_train = _train_split(dataset, config)
+    x_train, y_train = train_split(dataset, config)
     steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
     groups = param_groups(model, config)
     if not any(g["params"] for g in groups):
         raise InputError(f"{type(model).__name__} has no trainable parameters; nothing to train")
-    optimizer = _optimizer(groups, config)
-    scheduler = _scheduler(optimizer, config, steps_per_epoch)
+    optimizer = make_optimizer(groups, config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     settings = dataclasses.asdict(config)
     history: list[dict] = []
     start_epoch, elapsed, kept = 0, 0.0, None  # kept: the last verified checkpoint, kept while the next is written
@@ -214,10 +214,10 @@ def fit(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *
                 kept = epoch + 1
     if config.sampling_width > 1:
         set_sampling_width(model, 1.0)  # what the schedule reaches by its end; what freeze keeps
-    return _report(model, dataset, history, elapsed, device)
+    return final_report(model, dataset, history, elapsed, device)
 
 
-def _train_split(dataset: Dataset, config: TrainConfig) -> tuple[Tensor, Tensor]:
+def train_split(dataset: Dataset, config: TrainConfig) -> tuple[Tensor, Tensor]:
     x, y = dataset.x_train, dataset.y_train
     if config.limit is not None and config.limit < len(y):
         keep = balanced_indices(y, config.limit, config.seed)
@@ -334,14 +334,14 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return groups
 
 
-def _optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                                nesterov=config.momentum > 0)
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     """Stepped once per batch: cosine over every step of the run; step decay every ``step_epochs``."""
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
@@ -351,7 +351,7 @@ def _scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def _report(model: nn.Module, dataset: Dataset, history: list[dict], elapsed: float, device) -> TrainResult:
+def final_report(model: nn.Module, dataset: Dataset, history: list[dict], elapsed: float, device) -> TrainResult:
     test_loss, test_acc = evaluate(model, dataset, device)
     params, nbytes, madd = model_size(model, dataset)
     return TrainResult(test_acc, test_loss, params, nbytes, madd, elapsed, len(history), history)

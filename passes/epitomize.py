@@ -6,7 +6,8 @@ transformation learner if configured) taking the pool — a parameter registered
 as input. The dense parameter is deleted: from here on the weight only exists as a function of the
 pool. Pools start as N(0, 1); each sampler carries a fixed gain (the dense weight's std), so pools
 shared by layers of different fan-in stay well scaled. ``nesc.fitting.fit_pools`` then fits the
-pools to the dense weights.
+pools to the dense weights. Pools and samplers stay on the root, where every later stage reads
+them; ``nesc.distributed.split_blocks`` moves each to the block that uses it for sharded training.
 
 All reads of one parameter (a tied embedding and lm_head, the slices of a packed attention
 projection, a weight computed from it) get one sampler call before their first use; whatever the graph
