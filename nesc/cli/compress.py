@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.text import Text
 from torch import nn
 
-from nesc.api import freeze, save, transform
+from nesc.api import freeze, load, save, transform
 from nesc.cli.common import (
     ARTIFACT_SUFFIX,
     FLOAT32_BYTES,
@@ -52,6 +52,7 @@ from nesc.cli.output import emit_json
 from nesc.cli.search import plan_config
 from nesc.core import names
 from nesc.core.errors import InputError
+from nesc.core.modules import samplers_by_pool
 from nesc.data import Dataset, list_datasets
 from nesc.fitting import load_checkpoint
 from nesc.models import ModelSpec
@@ -62,7 +63,8 @@ from nesc.train import TrainConfig, TrainResult, evaluate, fit, model_size
 STAGE_LABELS = {"fit": "fit pools"}
 # Flags that only mean something when training, besides TrainConfig's, by destination.
 OTHER_TRAIN_FLAGS = {"data_dir": "--data-dir", "width": "--width", "run_dir": "--run-dir", "distill": "--distill",
-                     "teacher": "--teacher", "no_resume": "--no-resume", "strict_resume": "--strict-resume"}
+                     "teacher": "--teacher", "no_resume": "--no-resume", "strict_resume": "--strict-resume",
+                     "resume": "--resume", "trainable": "--trainable"}
 
 
 def add_parser(commands) -> None:
@@ -86,7 +88,14 @@ def add_parser(commands) -> None:
                           help="with --dataset: distil the compressed model from the dense one (default off)")
     training.add_argument("--teacher", type=Path, metavar="CHECKPOINT",
                           help="with --dataset: distil from this dense checkpoint of the same model (default none)")
-    add_output_flags(compress, "where to write the artifact", f"./MODEL{ARTIFACT_SUFFIX}")
+    training.add_argument("--resume", type=Path, metavar="ARTIFACT",
+                          help="with --dataset: train on the trainable model of ARTIFACT (from --trainable, or nesc.save "
+                               "of a model that trains) instead of training the dense model and transforming it; "
+                               "no dense baseline then (default none)")
+    output = add_output_flags(compress, "where to write the artifact", f"./MODEL{ARTIFACT_SUFFIX}")
+    output.add_argument("--trainable", type=Path, metavar="PATH",
+                        help="with --dataset: also save the trained model before freezing, as an artifact that loads "
+                             "trainable (--resume PATH continues it; default none)")
     compress.set_defaults(run=run)
 
 
@@ -164,19 +173,25 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise InputError("--input-size does not apply with --dataset: the dataset fixes the input shape")
     config = train_config(args)
     path = _artifact_path(args, spec)
+    trainable = check_out(args, args.trainable, "--trainable") if args.trainable is not None else None
     folder = run_dir(args, spec)
     ds = load_data(args, spec)
     nes = (plan_config(args, spec, trained=True) if args.plan  # --plan sets args.width: before the models are built
            else nes_config(args, spec, ds.spec.num_classes))  # --params-of counts a model with the dataset's classes
-    dense, dense_result = _dense(args, spec, ds, config, err)
+    if args.resume is not None and (args.distill or args.init is not None):
+        raise InputError(f"--resume trains the artifact's model, so there is no dense model for "
+                         f"{'--distill' if args.distill else '--init'}: drop it (distil with --teacher CHECKPOINT)")
+    dense, dense_result = _dense(args, spec, ds, config, err) if args.resume is None else (None, None)
     teacher = None
     if args.teacher is not None:
         teacher = load_checkpoint(build_model(args, spec, ds, config.seed), args.teacher)
     elif args.distill:
         teacher = dense
-    gm = transform(dense, (ds.x_train[:2],), nes)  # pools fitted to the dense weights
+    gm = transform(dense, (ds.x_train[:2],), nes) if dense is not None else _resumed(args.resume, ds)
     err.print(Text(f"training the compressed model -> {folder / 'nesc'}"))
     result = fit(gm, ds, config, out_dir=folder / "nesc", teacher=teacher, **fit_options(args))
+    if trainable is not None:
+        save(gm.cpu(), trainable, overwrite=args.force)
     frozen = freeze(gm, fold_batchnorm=args.fold_batchnorm)
     frozen_loss, frozen_acc = evaluate(frozen, ds, config.resolved_device())
     save(frozen.cpu(), path, overwrite=args.force)
@@ -188,15 +203,31 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
     params, nbytes, madd = model_size(frozen, ds)
     frozen_result = TrainResult(frozen_acc, frozen_loss, params, nbytes, madd, result.seconds, result.epochs,
                                 result.history)  # the curves of the training before freeze
-    print_results(out, f"{spec.name}{width} on {ds.spec.name}", {"dense": dense_result, "nesc (frozen)": frozen_result})
-    gain = frozen_acc - dense_result.test_acc
+    rows = {"dense": dense_result} if dense_result is not None else {}
+    print_results(out, f"{spec.name}{width} on {ds.spec.name}", {**rows, "nesc (frozen)": frozen_result})
+    versus = (f" vs dense {dense_result.test_acc:.2%} ({frozen_acc - dense_result.test_acc:+.2%})"
+              if dense_result is not None else f" (resumed from {args.resume})")
     out.print(f"ratio: {report.ratio:.2f}x; artifact: {path} ({path.stat().st_size:,} bytes); "
-              f"accuracy {frozen_acc:.2%} vs dense {dense_result.test_acc:.2%} ({gain:+.2%})")
+              f"accuracy {frozen_acc:.2%}{versus}")
     if args.json:
         emit_json({"model": spec.name, "dataset": ds.spec.name, "width": args.width, "artifact": path,
                    **_sizes(path, report), "config": describe(nes, args.params_of), "report": report.to_dict(),
                    "dense": dense_result, "nesc": frozen_result, "run_dir": folder})
     return 0
+
+
+def _resumed(artifact: Path, ds: Dataset):
+    """The trainable model of ``artifact`` (``nesc.load``; its plan, not the plan flags), checked against the
+    dataset; a frozen one cannot train its routing."""
+    gm = load(artifact)
+    if not samplers_by_pool(gm):
+        raise InputError(f"--resume {artifact}: a frozen model (no trainable sampler); pass an artifact saved before "
+                         f"nesc.freeze (nesc compress --trainable PATH writes one)")
+    shape = tuple(gm.meta[names.INPUT_SPECS][0][0][1:])
+    if shape != tuple(ds.spec.input_shape):
+        raise InputError(f"--resume {artifact}: the model takes inputs of shape {shape}, dataset {ds.spec.name} has "
+                         f"{tuple(ds.spec.input_shape)}")
+    return gm
 
 
 def _dense(args: argparse.Namespace, spec: ModelSpec, ds: Dataset, config: TrainConfig,

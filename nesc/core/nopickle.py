@@ -4,8 +4,8 @@ torch's ``GraphModule.__reduce__`` pickles the generated source plus every submo
 it fails deep inside torch (``'str' object has no attribute '__name__'`` from the code generator's
 imports), and a pickle would in any case run code when it is loaded. ``no_pickle`` gives the graph's
 own class (``torch.fx`` makes one class per GraphModule instance, so no other module is touched) a
-``__reduce_ex__`` that raises ``ArtifactError`` naming ``nesc.save`` (frozen models) and
-``state_dict()`` (trainable ones: it holds pools, start indices, gains and learner state).
+``__reduce_ex__`` that raises ``ArtifactError`` naming ``nesc.save`` (frozen and trainable models) and
+``state_dict()`` (a trainable one's: it holds pools, start indices, gains and learner state).
 ``copy.deepcopy``/``copy.copy`` are unaffected: GraphModule defines ``__deepcopy__``/``__copy__``.
 """
 
@@ -17,10 +17,10 @@ from .errors import ArtifactError
 
 PICKLE_HINT = (
     "a nesc GraphModule cannot be pickled (torch.save(gm), pickle.dumps(gm), a process pool): a pickle runs "
-    "code when it is loaded. Save a frozen model with nesc.save(nesc.freeze(gm), path) and read it with "
-    "nesc.load(path); keep a trainable one as its state_dict (pools, start indices, gains and learner state: "
-    "safetensors.torch.save_model(gm, path)), loaded into nesc.transform of the same model "
-    "(safetensors.torch.load_model), which then gives the same outputs and gradients."
+    "code when it is loaded. Save it with nesc.save(gm, path) and read it with nesc.load(path): a frozen model, "
+    "or a trainable one, which loads trainable (pools, start indices, gains and learner state) to resume "
+    "training; or keep a trainable one's state_dict (safetensors.torch.save_model(gm, path)) for "
+    "nesc.transform of the same model (safetensors.torch.load_model)."
 )
 
 

@@ -15,8 +15,11 @@ arguments cannot be recovered generically, so ``save`` first re-exports the mode
 ``get_attr`` tensors, and writes that graph. ``load`` rebuilds it and turns batch norm / dropout back
 into modules that follow ``train()``/``eval()`` (``nesc.capture.make_mode_aware``).
 
-Format, ``FORMAT_VERSION`` 4 (1 to 3 are still read; their gains, graph constants there, are
-turned into the routing maps' ``scale`` buffers that format 4 stores: ``upgrade``). Tensors: every parameter and buffer of the
+Format, ``FROZEN_VERSION`` 4 for a frozen model; ``FORMAT_VERSION`` 5 for one that still trains (the
+same file plus a ``trainable`` document and ``call_module`` nodes of its samplers: ``trainable``, whose
+plan and config ``meta`` encodes; it loads back trainable, to resume training). 1 to 3 are still read;
+their gains, graph constants there, are turned into the routing maps' ``scale`` buffers that format 4
+stores: ``upgrade``. Tensors: every parameter and buffer of the
 saved module under its ``state_dict`` name, plus tensor constants of the exported graph; a name that
 aliases another tensor (tied weights) is stored once. Tensors are stored contiguous; a transposed or
 channels_last one records its strides and gets them back. The file is a safetensors file whose
@@ -37,6 +40,7 @@ and whose two tensors (``container``) are ``documents``, the zlib-compressed JSO
     input_specs     [[shape, dtype], ...] of the example inputs
     extra           the caller's ``extra`` dict (e.g. the compression report)
     layout          [[name, dtype, shape], ...]: the stored tensors in ``data``, in order
+    trainable       format 5 only: {"samplers", "plan", "config"} (see ``trainable``)
 
 and ``data``, the stored tensors' bytes back to back. Version 2 had the first four documents as
 metadata entries and one safetensors entry per tensor, which made a small model's file up to twice its
@@ -70,7 +74,7 @@ Decisions:
 Modules, bottom to top (each imports only those before it): ``schema`` (what a file must follow),
 ``ops`` (the allow-list of calls), ``codec`` (graph <-> JSON), ``container`` (the bytes of a format-3
 file: compressed documents, packed tensors), ``tensors`` (the tensor table, aliasing, layout, digest),
-``upgrade`` (formats 1-3 to today's graph), ``loader`` (``load``: the checks above, assembling the
+``upgrade`` (formats 1-3 to today's graph), ``trainable`` and ``meta`` (format 5), ``loader`` (``load``: the checks above, assembling the
 module), ``writer`` (``save``: re-export,
 rebuild check, writing).
 """
@@ -79,7 +83,7 @@ from __future__ import annotations
 
 from nesc.core.names import EXTRA  # gm.meta key under which load() returns the caller's ``extra``
 
-from .loader import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, load
+from .loader import FORMAT, FORMAT_VERSION, FROZEN_VERSION, READABLE_VERSIONS, load
 from .writer import save
 
-__all__ = ["save", "load", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "EXTRA"]
+__all__ = ["save", "load", "FORMAT", "FORMAT_VERSION", "FROZEN_VERSION", "READABLE_VERSIONS", "EXTRA"]

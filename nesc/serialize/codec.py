@@ -37,7 +37,7 @@ KEPT_META = (names.SAMPLED_WEIGHT, "nn_module_stack", names.BN_CUMULATIVE)
 # The module torch.export attaches to check input shapes: Python code, not data (never written).
 GUARDS = "_guards_fn"
 _ENUMS = {"$dtype": torch.dtype, "$layout": torch.layout, "$memory_format": torch.memory_format}
-_NODE_OPS = ("placeholder", "get_attr", "call_function", "output")
+_NODE_OPS = ("placeholder", "get_attr", "call_function", "call_module", "output")  # call_module: format 5
 _NODE_KEYS = {"op", "name", "target", "args", "kwargs", "meta"}
 _FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -49,8 +49,9 @@ class Unencodable(Exception):
 # ----------------------------------------------------------------------------------- encoding
 
 
-def encode_graph(graph: fx.Graph, tensor_names) -> dict:
-    """{"nodes": [{op, name, target, args, kwargs, meta}, ...], "codegen": ...}; lists all failures at once."""
+def encode_graph(graph: fx.Graph, tensor_names, modules=()) -> dict:
+    """{"nodes": [{op, name, target, args, kwargs, meta}, ...], "codegen": ...}; lists all failures at once.
+    ``modules``: the paths of the trainable modules (``trainable``) that call_module nodes may call."""
     nodes, problems = [], []
     for node in graph.nodes:
         if node.op == "call_module" and node.target == GUARDS and not node.users:
@@ -58,7 +59,7 @@ def encode_graph(graph: fx.Graph, tensor_names) -> dict:
         try:
             if node.op == "get_attr":
                 _check_encodable_attr(node, tensor_names)
-            nodes.append(_encode_node(node))
+            nodes.append(_encode_node(node, modules))
         except Unencodable as e:
             problems.append(f"{node.op} {node.name}: {e}")
     if problems:
@@ -78,8 +79,8 @@ def _describe(target) -> str:
     return target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
 
 
-def _encode_node(node: fx.Node) -> dict:
-    if node.op in ("placeholder", "get_attr", "output"):
+def _encode_node(node: fx.Node, modules=()) -> dict:
+    if node.op in ("placeholder", "get_attr", "output") or node.op == "call_module" and node.target in modules:
         target = node.target
     elif node.op == "call_function":
         target = _encode_target(node.target)
@@ -166,8 +167,9 @@ def _encode_codegen(graph: fx.Graph) -> dict:
 # ----------------------------------------------------------------------------------- decoding
 
 
-def decode_graph(doc, table: dict, path: str) -> fx.Graph:
-    """The fx graph of a ``graph`` document whose get_attr nodes read the tensors of ``table``.
+def decode_graph(doc, table: dict, path: str, modules=()) -> fx.Graph:
+    """The fx graph of a ``graph`` document whose get_attr nodes read the tensors of ``table`` and whose
+    call_module nodes call the trainable modules ``modules`` (paths; none in a frozen model's file).
 
     Raises ``Invalid`` for anything off the schema and ``ArtifactError`` (listing them all) for call
     targets that are unknown or not allowed (``ops``).
@@ -175,7 +177,7 @@ def decode_graph(doc, table: dict, path: str) -> fx.Graph:
     schema.check_type(doc, dict, "the graph document")
     nodes = schema.check_type(doc.get("nodes"), list, "graph['nodes']")
     for i, entry in enumerate(nodes):
-        _check_node(i, entry, table)
+        _check_node(i, entry, table, modules)
     if not nodes or nodes[-1]["op"] != "output" or sum(e["op"] == "output" for e in nodes) != 1:
         raise Invalid("a graph has exactly one output node, and it comes last")
     targets = _resolve_targets(nodes, path)
@@ -245,7 +247,7 @@ def _decode_meta(meta: dict, env: dict, name: str) -> dict:
     return out
 
 
-def _check_node(i: int, entry, table: dict) -> None:
+def _check_node(i: int, entry, table: dict, modules=()) -> None:
     if not isinstance(entry, dict) or not {"op", "name", "target"} <= entry.keys() <= _NODE_KEYS:
         raise Invalid(f"node #{i} must be an object with op, name, target (and args, kwargs, meta only)")
     op, name, target = entry["op"], entry["name"], entry["target"]
@@ -265,6 +267,9 @@ def _check_node(i: int, entry, table: dict) -> None:
         raise Invalid(f"node {name}: get_attr of {target!r}, which is not a stored tensor")
     if op == "get_attr":
         schema.check_code_path(target, f"node {name}: get_attr target")
+    if op == "call_module" and target not in modules:
+        raise Invalid(f"node {name}: calls module {target[:80]!r}, which is not a trainable module of the file "
+                      f"(its 'trainable' document declares {len(modules)})")
 
 
 def decode(v, env: dict[str, fx.Node]):

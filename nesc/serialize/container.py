@@ -42,6 +42,8 @@ from . import schema
 from .schema import Invalid
 
 DOCUMENTS = ("graph", "tensors", "input_specs", "extra")  # the header documents of format 2, in order
+# Format 5, a model that still trains: its samplers, plan and config (``trainable``); absent otherwise.
+OPTIONAL_DOCUMENTS = ("trainable",)
 LAYOUT = "layout"
 BLOBS = ("documents", "data")  # the safetensors tensors of a format-3 file
 # Inflated documents: resnet_fmnist's are ~32 KB (110 nodes); this allows graphs of ~200,000 nodes.
@@ -55,7 +57,8 @@ def pack(documents: dict[str, str], stored: dict[str, Tensor]) -> dict[str, Tens
     contiguous CPU tensors ``stored``."""
     names = sorted(stored)
     layout = [[n, str(stored[n].dtype).removeprefix("torch."), list(stored[n].shape)] for n in names]
-    text = json.dumps({**{k: documents[k] for k in DOCUMENTS}, LAYOUT: json.dumps(layout, separators=(",", ":"))},
+    kept = (*DOCUMENTS, *(k for k in OPTIONAL_DOCUMENTS if k in documents))
+    text = json.dumps({**{k: documents[k] for k in kept}, LAYOUT: json.dumps(layout, separators=(",", ":"))},
                       separators=(",", ":"), ensure_ascii=False)
     raw = [stored[n].detach().contiguous().reshape(-1).view(torch.uint8) for n in names]  # (nbytes,) each
     data = torch.cat(raw) if raw else torch.zeros(0, dtype=torch.uint8)
@@ -105,9 +108,12 @@ def _documents(text: str) -> dict[str, str]:
     except (ValueError, RecursionError) as e:
         raise Invalid(f"the documents are not JSON ({type(e).__name__}: {str(e)[:200]})") from None
     keys = (*DOCUMENTS, LAYOUT)
+    if isinstance(doc, dict):
+        keys += tuple(k for k in OPTIONAL_DOCUMENTS if k in doc)
     if not isinstance(doc, dict) or sorted(doc) != sorted(keys):
         got = sorted(doc)[:8] if isinstance(doc, dict) else type(doc).__name__
-        raise Invalid(f"the documents must be an object with the keys {list(keys)}, got {got}")
+        raise Invalid(f"the documents must be an object with the keys {list(keys)} (and optionally "
+                      f"{list(OPTIONAL_DOCUMENTS)}), got {got}")
     for key in keys:
         schema.check_type(doc[key], str, f"document {key!r} (JSON text)")
     return doc

@@ -11,10 +11,14 @@ failure an ``ArtifactError`` naming the file, the problem and the fix; never ano
    (``container.unpack``); from here on every version reads the same documents and tensors;
 5. the header documents against their schema (``schema``: the tensor table, input specs, ``extra``,
    nesting depth) and the graph against its own (``codec.decode_graph``: node kinds, names, values,
-   and call targets only from the allow-list of pure ops, ``ops``);
-6. the assembled module: routing maps fit their pools, in-place ops write only into tensors the graph
+   and call targets only from the allow-list of pure ops, ``ops``); format 5's ``trainable`` document
+   (``trainable.check_samplers``: module types only from its allow-list; ``meta``: plan and config);
+6. the assembled module: samplers are built around the tensors at their paths once those fit them
+   (``trainable.build_samplers``) and every call_module node calls one with a pool of its geometry
+   (``check_calls``), routing maps fit their pools, in-place ops write only into tensors the graph
    computed (``schema.check_routes`` / ``check_mutations``), and the graph runs on its recorded input
-   shapes (``_check_runs``: one forward at batch 1, or fake tensors for very large inputs).
+   shapes (``_check_runs``: one forward at batch 1, or fake tensors for very large inputs; learners'
+   input channels checked on the way).
 
 The writer reuses ``assemble`` to prove that what it is about to write loads back.
 """
@@ -38,22 +42,26 @@ from nesc.capture import make_mode_aware
 from nesc.core import compat, names
 from nesc.core.errors import ArtifactError, NescWarning
 
-from . import container, schema
+from . import container, meta, schema, trainable
 from .codec import decode_graph
 from .schema import Invalid
 from .tensors import digest, install_tensors
 from .upgrade import scales_as_buffers
 
 FORMAT = "nesc"
+# 5: as 4, plus a model that still trains: call_module nodes of its samplers and the ``trainable``
+# document they are built from (``trainable``); a frozen model is still written as 4, which older nescs read.
 # 4: as 3, every sampled weight's gain a stored tensor (``upgrade``); 3: documents compressed and tensors
 # packed (``container``); 2: the documents as header entries and one safetensors entry per tensor, the
-# digest over both; 1: as 2, the digest over the tensors only. All four are read (1 with a warning; 1-3
-# get their gains as buffers, ``upgrade``); only 4 is written.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# digest over both; 1: as 2, the digest over the tensors only. All are read (1 with a warning; 1-3
+# get their gains as buffers, ``upgrade``); 4 and 5 are written.
+FORMAT_VERSION = 5
+FROZEN_VERSION = 4  # what save writes for a model without samplers
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 DIGEST = "sha256"
 REAL_CHECK_ELEMENTS = 1 << 24  # per input at batch 1: 64 MiB of float32
 _DOCUMENTS = ("graph", "tensors", "input_specs")
+TRAINABLE = container.OPTIONAL_DOCUMENTS[0]
 
 
 def load(path: str | os.PathLike) -> fx.GraphModule:
@@ -83,12 +91,15 @@ def _load(path: str) -> fx.GraphModule:
     _check_digest(metadata, tensors, version, path)
     if version >= 3:
         metadata, tensors = _unpack(metadata, tensors, path)
-    doc, table, specs, extra = _parse_json(metadata, path)
-    gm = assemble(doc, tensors, table, path, version=version)
+    doc, table, specs, extra, train_doc = _parse_json(metadata, path, version)
+    gm = assemble(doc, tensors, table, path, version=version, trainable_doc=train_doc)
     _check_runs(gm, specs, path)
     gm.meta[names.INPUT_SPECS] = specs
     gm.meta[names.CAPTURE] = "export"  # an aten graph with mode-aware modules, as capture's export path
     gm.meta[names.EXTRA] = extra
+    if train_doc is not None:
+        gm.meta.update({k: v for k, v in ((names.PLAN, train_doc["plan"]), (names.CONFIG, train_doc["config"]))
+                        if v is not None})
     return gm
 
 
@@ -169,7 +180,7 @@ def _check_digest(md: dict[str, str], tensors: dict[str, Tensor], version: int, 
 
 def _unpack(md: dict[str, str], blobs: dict[str, Tensor], path: str):
     """Format 3: (the header with its documents inflated, the stored tensors by name)."""
-    inline = [key for key in (*container.DOCUMENTS, container.LAYOUT) if key in md]
+    inline = [key for key in (*container.DOCUMENTS, *container.OPTIONAL_DOCUMENTS, container.LAYOUT) if key in md]
     if inline:  # one place per document: a second copy could say something else than the one used
         raise _invalid(path, f"format_version 3 keeps its documents compressed, yet the header has entries {inline}")
     try:
@@ -179,21 +190,36 @@ def _unpack(md: dict[str, str], blobs: dict[str, Tensor], path: str):
     return {**md, **documents}, tensors
 
 
-def _parse_json(md: dict[str, str], path: str):
-    """(graph document, tensor table, input specs, extra) from the header's JSON strings."""
+def _parse_json(md: dict[str, str], path: str, version: int = FORMAT_VERSION):
+    """(graph document, tensor table, input specs, extra, trainable document or None) from the header's
+    JSON strings; the trainable document's plan and config decoded (``meta``)."""
     missing = [key for key in _DOCUMENTS if key not in md]
     if missing:
         raise _invalid(path, f"header entries {missing} are missing")
+    if TRAINABLE in md and version < 5:
+        raise _invalid(path, f"format_version {version} has no {TRAINABLE!r} document (format 5 introduced it)")
     try:
         doc, table, specs = (json.loads(md[key]) for key in _DOCUMENTS)
         extra = json.loads(md.get("extra", "{}"))
-        for key, value in zip((*_DOCUMENTS, "extra"), (doc, table, specs, extra)):
+        train_doc = json.loads(md[TRAINABLE]) if TRAINABLE in md else None
+        for key, value in zip((*_DOCUMENTS, "extra", TRAINABLE), (doc, table, specs, extra, train_doc)):
             schema.check_depth(value, f"header entry {key!r}")
-        return doc, schema.check_table(table), schema.check_specs(specs), schema.check_extra(extra)
+        return (doc, schema.check_table(table), schema.check_specs(specs), schema.check_extra(extra),
+                None if train_doc is None else parse_trainable(train_doc))
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; deep JSON recurses
         raise _invalid(path, f"header JSON: {type(e).__name__}: {str(e)[:200]}") from None
     except Invalid as e:
         raise _invalid(path, str(e)) from None
+
+
+def parse_trainable(doc) -> dict:
+    """The ``trainable`` document, checked: its samplers (``trainable.check_samplers``), plan and config
+    decoded (``meta``); ``Invalid`` names what is off."""
+    schema.check_type(doc, dict, f"the {TRAINABLE!r} document")
+    if doc.keys() != {"samplers", "plan", "config"}:
+        raise Invalid(f"the {TRAINABLE!r} document has keys {sorted(doc)[:8]}, expected ['config', 'plan', 'samplers']")
+    return {"samplers": trainable.check_samplers(doc["samplers"]), "plan": meta.decode_plan(doc["plan"]),
+            "config": meta.decode_config(doc["config"])}
 
 
 def _invalid(path: str, what: str) -> ArtifactError:
@@ -204,19 +230,24 @@ def _invalid(path: str, what: str) -> ArtifactError:
 
 
 def assemble(doc: dict, stored: dict[str, Tensor], table: dict, path: str, *,
-             version: int = FORMAT_VERSION) -> fx.GraphModule:
+             version: int = FORMAT_VERSION, trainable_doc: dict | None = None) -> fx.GraphModule:
     """Module holding the tensors at their dotted paths + the decoded graph, mode-aware, in eval mode,
-    its routing maps and in-place writes checked (``schema``); a format 1-3 graph's numeric gains
-    become buffers first (``upgrade``)."""
+    its routing maps, sampler calls and in-place writes checked (``schema``, ``trainable``); a format 1-3
+    graph's numeric gains become buffers first (``upgrade``). ``trainable_doc``: the checked ``trainable``
+    document (``parse_trainable``), whose samplers are built around their installed tensors."""
     gm = fx.GraphModule(nn.Module(), fx.Graph())
+    samplers = trainable_doc["samplers"] if trainable_doc else {}
     try:
         install_tensors(gm, stored, table)
-        graph = decode_graph(doc, table, path)
+        trainable.build_samplers(gm, samplers)
+        graph = decode_graph(doc, table, path, modules=samplers)
         gm.graph = graph  # recompiles: the source is made only of checked names and repr'd constants
+        trainable.check_calls(gm, samplers)  # before make_mode_aware adds modules of its own
         if version < 4:
             scales_as_buffers(gm)
         make_mode_aware(gm)  # aten batch_norm/dropout -> modules that follow gm.training; lints
         schema.check_routes(gm)  # here, not in load only: save refuses what load would
+        schema.check_train_mode(gm)
         schema.check_mutations(gm)
     except ArtifactError:
         raise
@@ -237,6 +268,7 @@ def _check_runs(gm: fx.GraphModule, specs, path: str) -> None:
     which allocate no memory, so a spec cannot make ``load`` allocate more than that."""
     batch_one = [((1, *shape[1:]) if shape else shape, dtype) for shape, dtype in specs]
     real = all(math.prod(shape) <= REAL_CHECK_ELEMENTS for shape, _ in batch_one)
+    hooks, problems = trainable.watch_learner_inputs(gm)  # learners read features only in training
     try:
         with torch.no_grad():
             if real:
@@ -250,3 +282,8 @@ def _check_runs(gm: fx.GraphModule, specs, path: str) -> None:
         shapes = ", ".join(f"{tuple(s)}:{d}" for s, d in (batch_one if real else specs))
         raise _invalid(path, f"the graph does not run on its recorded input shapes ({shapes}): "
                              f"{type(e).__name__}: {str(e)[:300]}") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if problems:
+        raise _invalid(path, "; ".join(problems[:3]))

@@ -10,6 +10,10 @@ A batch-1 example is exported at batch 2 (``nesc.core.inputs.export_batch``), si
 specialises dimensions of size 1, and at batch 1 only if that fails. Every attempt is rebuilt from
 exactly what would be written (``loader.assemble``) and must give outputs equal (``torch.equal``) to
 the model's eval outputs on inputs rebuilt from ``gm.meta[names.INPUT_SPECS]`` (seed 0).
+
+A model that still trains keeps its samplers: they are swapped for a placeholder op while export runs
+and written back as call_module nodes, with the ``trainable`` document they are rebuilt from (format 5,
+``trainable``); a frozen model is written as format 4 (``FROZEN_VERSION``).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from nesc.core import compat, files, inputs, names
 from nesc.core.errors import ArtifactError
 from nesc.core.modules import EpitomeSampler
 
-from . import container
+from . import container, meta, trainable
 from .codec import encode_graph
-from .loader import DIGEST, FORMAT, FORMAT_VERSION, assemble, installed_version
+from .loader import (DIGEST, FORMAT, FORMAT_VERSION, FROZEN_VERSION, TRAINABLE, assemble, installed_version,
+                     parse_trainable)
 from .tensors import add_constants, collect_tensors, digest, without_aliases
 
 _REGENERATE = torch.ops.nesc.regenerate.default
@@ -48,20 +53,22 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = No
     folder or a device. The file appears whole or not at all (``nesc.core.files.atomic_write``).
     """
     files.check_output(path, overwrite=overwrite, what="nesc.save")
-    _refuse_trainable(gm)
+    train_doc = _trainable_document(gm)
     specs = _input_specs(gm)
     extra_json = _json_or_raise(extra or {}, "extra")
-    graph_doc, tensors, table = _export_graph(gm, specs, *collect_tensors(gm))
+    graph_doc, tensors, table = _export_graph(gm, specs, *collect_tensors(gm), train_doc)
     documents = {
         "graph": _compact(graph_doc),
         "tensors": _compact(table),
         "input_specs": _compact([[list(s), d] for s, d in specs]),
         "extra": extra_json,
     }
+    if train_doc is not None:
+        documents[TRAINABLE] = _compact(train_doc)
     blobs = container.pack(documents, without_aliases(tensors, table))  # formats 3 and 4: see ``container``
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if train_doc is not None else FROZEN_VERSION),
         names.NESC_VERSION: installed_version(),
         "torch_version": torch.__version__,
     }
@@ -74,18 +81,16 @@ def _compact(doc) -> str:
     return json.dumps(doc, allow_nan=False, separators=(",", ":"))
 
 
-def _refuse_trainable(gm: fx.GraphModule) -> None:
-    """A trainable graph (samplers) is refused up front, before any export: its samplers would be
-    traced into plain ops and the artifact could not resume training."""
-    trainable = [name for name, m in gm.named_modules() if isinstance(m, EpitomeSampler)]
-    if trainable:
-        raise ArtifactError(
-            f"nesc.save writes frozen models; this one is trainable ({len(trainable)} sampler(s), e.g. "
-            f"{trainable[0]!r}). Freeze it first: nesc.save(nesc.freeze(gm), path). To keep training later, "
-            f"save its state_dict (it holds pools, start indices, gains and learner state: "
-            f"safetensors.torch.save_model(gm, path)) and load it into nesc.transform of the same model "
-            f"(safetensors.torch.load_model)."
-        )
+def _trainable_document(gm: fx.GraphModule) -> dict | None:
+    """The ``trainable`` document of a model whose graph calls samplers (format 5), else None; what it
+    cannot describe is refused here, before any export (``trainable.check_saveable``)."""
+    paths = trainable.sampler_paths(gm)
+    if not paths and not any(isinstance(m, EpitomeSampler) for m in gm.modules()):
+        return None
+    trainable.check_saveable(gm, paths)
+    gm_meta = getattr(gm, "meta", {})
+    return {"samplers": trainable.describe(gm, paths), "plan": meta.encode_plan(gm_meta.get(names.PLAN)),
+            "config": meta.encode_config(gm_meta.get(names.CONFIG))}
 
 
 def _input_specs(gm: fx.GraphModule) -> list[inputs.InputSpec]:
@@ -122,10 +127,13 @@ class _Reference:
     table: dict[str, dict]
     inputs: tuple[Tensor, ...]
     outputs: Any
+    trainable: dict | None = None  # the ``trainable`` document of a model with samplers
 
 
-def _export_graph(gm: fx.GraphModule, specs, tensors: dict[str, Tensor], table: dict[str, dict]):
+def _export_graph(gm: fx.GraphModule, specs, tensors: dict[str, Tensor], table: dict[str, dict],
+                  train_doc: dict | None = None):
     """Re-export ``gm`` in eval mode and encode the aten graph; check it rebuilds to the same outputs.
+    Sampler calls are kept as call_module nodes (``trainable.export_ready`` / ``restore_calls``).
 
     Returns (graph JSON, tensors, table) where tensor constants the exporter lifted (a
     ``torch.tensor(...)`` in forward) are added as kind "constant".
@@ -137,7 +145,7 @@ def _export_graph(gm: fx.GraphModule, specs, tensors: dict[str, Tensor], table: 
     failures = []
     try:
         with torch.no_grad():
-            ref = _Reference(gm, tensors, table, example, _run_own_example(gm, example))
+            ref = _Reference(gm, tensors, table, example, _run_own_example(gm, example), train_doc)
         for batched in attempts:
             result = _attempt(ref, batched)
             if not isinstance(result, str):
@@ -155,14 +163,19 @@ def _export_graph(gm: fx.GraphModule, specs, tensors: dict[str, Tensor], table: 
 
 def _attempt(ref: _Reference, example: tuple[Tensor, ...]):
     """(graph JSON, tensors, table) of the export on ``example``, or why it failed (a string)."""
+    target = ref.gm if ref.trainable is None else trainable.export_ready(ref.gm)
     try:
-        ep = torch.export.export(ref.gm, example, dynamic_shapes=inputs.batch_dims(example))
+        ep = torch.export.export(target, example, dynamic_shapes=inputs.batch_dims(example))
     except Exception as e:  # noqa: BLE001 - reported with every attempt
         return f"torch.export.export on shapes {inputs.describe(example)}: {type(e).__name__}: {e}"
     exported = ep.module()
+    modules = ()
+    if ref.trainable is not None:
+        trainable.restore_calls(ref.gm, exported)
+        modules = ref.trainable["samplers"]
     _carry_meta(ref.gm, exported)
     tensors, table = add_constants(exported, ref.tensors, ref.table)
-    doc = encode_graph(exported.graph, table)
+    doc = encode_graph(exported.graph, table, modules)
     mismatch = _check_rebuild(doc, tensors, table, ref)
     if mismatch is None:
         return doc, tensors, table
@@ -242,7 +255,10 @@ def _cumulative_batch_norms(gm: fx.GraphModule) -> set[str]:
 def _check_rebuild(doc: dict, tensors: dict[str, Tensor], table: dict[str, dict], ref: _Reference) -> str | None:
     """Rebuild the module from exactly what save will write; None when its outputs equal the model's."""
     try:
-        loaded = assemble(doc, without_aliases(tensors, table), table, "<save>")
+        train_doc = None
+        if ref.trainable is not None:  # the loader's view of the document: as checked from its JSON
+            train_doc = parse_trainable(json.loads(_compact(ref.trainable)))
+        loaded = assemble(doc, without_aliases(tensors, table), table, "<save>", trainable_doc=train_doc)
         with torch.no_grad():
             got = loaded(*ref.inputs)
     except ArtifactError as e:  # a bug of nesc or an unsupported model, not a damaged file

@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from nesc.serialize import save
-from serialize_cases import ConvNet, traced, with_regenerate
+from serialize_cases import ConvNet, trainable_model, traced, with_regenerate
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +38,23 @@ def saved(request, artifacts):
 @pytest.fixture
 def regenerate_file(artifacts):
     return artifacts["regenerate"][1]
+
+
+@pytest.fixture(scope="session")
+def trainable_artifacts(tmp_path_factory) -> dict[str, tuple[fx.GraphModule, object]]:
+    """{kind: (trainable model in train mode, path of its artifact)}: plain learned starts and, "learner",
+    with transformation learners; each saved once per session with ``nesc.save`` (plan, config, report)."""
+    import nesc
+
+    out = {}
+    for kind in ("plain", "learner"):
+        gm = trainable_model(learner=kind == "learner")
+        path = tmp_path_factory.mktemp(f"trainable-{kind}") / "model.nesc"
+        nesc.save(gm, path)
+        out[kind] = (gm.train(), path)
+    return out
+
+
+@pytest.fixture
+def learner_file(trainable_artifacts):
+    return trainable_artifacts["learner"][1]

@@ -25,7 +25,7 @@ from nesc.serialize import container
 from nesc.serialize.tensors import digest
 from serialize_cases import decode_artifact, encode_artifact
 
-DOCUMENTS = ("graph", "tensors", "input_specs", "extra", "layout")
+DOCUMENTS = ("graph", "tensors", "input_specs", "extra", "layout", "trainable")
 NASTY_STRINGS = [
     "", "self", "x\rimport os", 'a"),__import__("os").system("id"),("', "__class__", "aten::from_file.default",
     "operator.attrgetter", "builtins.eval", "..", "a..b", "nesc::regenerate.default", "aten::relu_.default",
@@ -43,7 +43,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     except Exception:  # noqa: BLE001 - an already-broken input: mutate its bytes instead
         return _raw(data, rng)
     choice = rng.random()
-    if choice < 0.07 and meta.get("format_version") in ("3", "4"):
+    if choice < 0.07 and meta.get("format_version") in ("3", "4", "5"):
         return _damage_packing(data, rng)
     if choice < 0.7:
         key = rng.choice([k for k in DOCUMENTS if k in meta] or list(meta))

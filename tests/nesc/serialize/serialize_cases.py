@@ -104,6 +104,7 @@ def assert_same_tensors(a: nn.Module, b: nn.Module) -> None:
 # file's own version, the digest recomputed as an attacker would (``rehash``).
 
 PLAIN = ("format", "format_version", names.NESC_VERSION, "torch_version", "sha256")
+PACKED = ("3", "4", "5")  # the versions whose documents and tensors are packed (``container``)
 
 
 def header(path) -> dict:
@@ -119,7 +120,7 @@ def decode_artifact(data: bytes) -> tuple[dict, dict]:
 
     (n,) = struct.unpack("<Q", data[:8])
     meta, tensors = dict(json.loads(data[8 : 8 + n])["__metadata__"]), dict(load_tensors(data))
-    if meta.get("format_version") in ("3", "4"):
+    if meta.get("format_version") in PACKED:
         documents, tensors = container.unpack(tensors)
         meta = {**meta, **documents}
     return meta, tensors
@@ -132,13 +133,13 @@ def encode_artifact(meta: dict, tensors: dict, *, rehash: bool = True, keep_layo
     from safetensors.torch import save as save_tensors
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    if meta.get("format_version") in ("3", "4"):
-        documents = {k: meta[k] for k in container.DOCUMENTS}
+    if meta.get("format_version") in PACKED:
+        documents = {k: meta[k] for k in (*container.DOCUMENTS, *container.OPTIONAL_DOCUMENTS) if k in meta}
         stored = container.pack(documents, tensors)
         if keep_layout and container.LAYOUT in meta:
             text = json.dumps({**documents, container.LAYOUT: meta[container.LAYOUT]})
             stored["documents"] = torch.frombuffer(bytearray(zlib.compress(text.encode())), dtype=torch.uint8)
-        meta = {k: v for k, v in meta.items() if k not in (*container.DOCUMENTS, container.LAYOUT)}
+        meta = {k: v for k, v in meta.items() if k not in (*documents, container.LAYOUT)}
         tensors = stored
     if rehash:
         rest = {k: v for k, v in meta.items() if k != "sha256"}
@@ -150,12 +151,13 @@ def read_artifact(path) -> tuple[dict, dict]:
     return decode_artifact(path.read_bytes())
 
 
-def rewrite_metadata(src, dst, *, rehash: bool = True, **changes) -> None:
+def rewrite_metadata(src, dst, *, rehash: bool = True, raw: bool = False, **changes) -> None:
     """Copy an artifact with some header entries or documents replaced (``rehash``: the digest recomputed,
     as an attacker would, so that what is tested is the check the edit is aimed at rather than the
     digest, which covers the whole file). Plain entries are edited in the raw header, the tensors'
-    bytes kept, so that any version may be written (a future one included)."""
-    if not changes.keys() <= set(PLAIN):
+    bytes kept, so that any version may be written (a future one included); ``raw``: every entry so
+    (a document beside the packed ones)."""
+    if not raw and not changes.keys() <= set(PLAIN):
         return rewrite(src, dst, metadata=lambda m: {**m, **changes}, rehash=rehash)
     raw = src.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -193,3 +195,58 @@ def graph_doc(path) -> dict:
 def with_graph(doc: dict):
     """A metadata edit that replaces the graph document."""
     return lambda meta: {**meta, "graph": json.dumps(doc)}
+
+
+# ------------------------------------------------------------------------ trainable models (format 5)
+
+
+class TrainNet(nn.Module):
+    """conv + batch norm + dropout + conv + linear: every weight sampled once transformed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.drop = nn.Dropout(0.2)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.drop(F.relu(self.bn(self.conv(x))))  # (B, 16, H, W)
+        x = F.relu(self.conv2(x))  # (B, 16, H, W)
+        return self.fc(x.mean((2, 3)))  # (B, 10)
+
+
+def trainable_model(**changes) -> fx.GraphModule:
+    """``TrainNet`` transformed with every weight sampled (random pools: no fit), in train mode."""
+    import nesc
+
+    torch.manual_seed(0)
+    settings = dict(ratio=2, min_params=16, keep_first=False, keep_classifier=False, init="random", **changes)
+    return nesc.transform(TrainNet(), (torch.randn(*SHAPE),), **settings).train()
+
+
+def relocate(gm: fx.GraphModule, moves: dict[str, str]) -> fx.GraphModule:
+    """Move parameters (pools) and modules (samplers) of ``gm`` to other paths of its module tree, the
+    graph's get_attr / call_module targets with them, as a pass that places pools on submodules does."""
+    for old, new in moves.items():
+        owner_path, _, leaf = old.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        value = getattr(owner, leaf)
+        delattr(owner, leaf)
+        if isinstance(value, nn.Module):
+            gm.add_submodule(new, value)
+        else:
+            parent_path, _, new_leaf = new.rpartition(".")
+            try:
+                parent = gm.get_submodule(parent_path)
+            except AttributeError:
+                gm.add_submodule(parent_path, nn.Module())
+                parent = gm.get_submodule(parent_path)
+            parent.register_parameter(new_leaf, value)
+        for node in gm.graph.nodes:
+            if node.op in ("get_attr", "call_module") and node.target == old:
+                node.target = new
+    gm.graph.lint()
+    gm.recompile()
+    return gm

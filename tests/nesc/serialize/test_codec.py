@@ -45,9 +45,10 @@ def test_the_python_allow_list_is_arithmetic_only():
     [
         ("{not json", "header JSON"),
         (json.dumps({"nodes": [{"op": "placeholder", "name": "x; import os", "target": "x"}]}), "identifier"),
-        (json.dumps({"nodes": [{"op": "call_module", "name": "m", "target": "m"}]}), "not one nesc writes"),
+        (json.dumps({"nodes": [{"op": "call_method", "name": "m", "target": "m"}]}), "not one nesc writes"),
+        (json.dumps({"nodes": [{"op": "call_module", "name": "m", "target": "m"}]}), "not a trainable module"),
     ],
-    ids=["not-json", "code-in-a-name", "unknown-op-kind"],
+    ids=["not-json", "code-in-a-name", "unknown-op-kind", "a-module-a-frozen-file-does-not-have"],
 )
 def test_invalid_graph_description(regenerate_file, tmp_path, graph, expected):
     path = tmp_path / "edited.nesc"

@@ -15,7 +15,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from nesc.core.errors import NescWarning
-from nesc.serialize import EXTRA, FORMAT_VERSION, container, load, save
+from nesc.serialize import EXTRA, FROZEN_VERSION, container, load, save
 from nesc.serialize.container import Invalid, inflate, pack, unpack
 from nesc.serialize.tensors import digest
 from serialize_cases import (SHAPE, assert_same_tensors, graph_doc, header, load_error, read_artifact, rewrite,
@@ -96,7 +96,7 @@ def test_a_format_2_file_written_before_format_3_still_loads(artifacts, tmp_path
     x = torch.randn(*SHAPE)
     assert torch.equal(loaded(x), gm(x))
     save(loaded, tmp_path / "v3.nesc")  # re-saving writes the current format
-    assert header(tmp_path / "v3.nesc")["__metadata__"]["format_version"] == str(FORMAT_VERSION)
+    assert header(tmp_path / "v3.nesc")["__metadata__"]["format_version"] == str(FROZEN_VERSION)
     assert torch.equal(load(tmp_path / "v3.nesc")(x), loaded(x))
 
 

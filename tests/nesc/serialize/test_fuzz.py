@@ -19,9 +19,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-@pytest.fixture(scope="module")
-def original(artifacts) -> bytes:
-    path = artifacts["regenerate"][1]
+@pytest.fixture(scope="module", params=["frozen", "trainable"])
+def original(request, artifacts, trainable_artifacts) -> bytes:
+    """A frozen model's artifact, and a trainable one's (format 5: samplers with learners, plan, config)."""
+    path = artifacts["regenerate"][1] if request.param == "frozen" else trainable_artifacts["learner"][1]
     load(path)  # warm up: torch imports what a first load needs before anything is recorded
     return path.read_bytes()
 
@@ -41,3 +42,4 @@ def test_a_mutated_artifact_is_refused_or_loads_and_runs(original, tmp_path, see
     if gm is not None:
         with torch.no_grad():
             gm(*inputs.from_specs(gm.meta[names.INPUT_SPECS]))
+            gm.train()(*inputs.from_specs(gm.meta[names.INPUT_SPECS]))  # a trainable model trains too

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from nesc.core import names
-from nesc.serialize import FORMAT_VERSION, load, save
-from serialize_cases import graph_doc, header, load_error, rewrite, traced, with_graph
+from nesc.serialize import FROZEN_VERSION, load, save
+from nesc.core.errors import ArtifactError
+from serialize_cases import (encode_artifact, graph_doc, header, load_error, read_artifact, rewrite, rewrite_metadata,
+                             traced, with_graph)
 
 MARKER = "nesc_untrusted_test_ran"
 
@@ -232,7 +234,7 @@ def test_legal_module_names_that_are_not_identifiers_save_and_load(tmp_path, chi
 
 def test_the_digest_covers_the_header(regenerate_file) -> None:
     meta = header(regenerate_file)["__metadata__"]
-    assert meta["format_version"] == str(FORMAT_VERSION) and len(meta["sha256"]) == 64
+    assert meta["format_version"] == str(FROZEN_VERSION) and len(meta["sha256"]) == 64
     assert names.NESC_VERSION in meta
 
 
@@ -282,3 +284,124 @@ def test_torchvision_regnet_compresses_saves_and_loads(tmp_path) -> None:
     loaded = load(tmp_path / "regnet.nesc")
     assert any("block1-0" in n for n in loaded.state_dict())
     torch.testing.assert_close(loaded(x), frozen(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- trainable models (format 5)
+
+CONV = "nesc_samplers.conv_weight"  # a sampler with a learner in the "learner" artifact (reads the input x)
+
+
+def _spec(docs) -> dict:
+    return docs["trainable"]["samplers"][CONV]
+
+
+def _call(docs) -> dict:
+    return next(n for n in docs["graph"]["nodes"] if n["op"] == "call_module" and n["target"] == CONV)
+
+
+def _rename_sampler(docs, tensors, new: str) -> None:
+    docs["trainable"]["samplers"][new] = docs["trainable"]["samplers"].pop(CONV)
+    _call(docs)["target"] = new
+    for name in [n for n in docs["tensors"] if n.startswith(CONV + ".")]:
+        moved = new + name[len(CONV):]
+        docs["tensors"][moved] = docs["tensors"].pop(name)
+        tensors[moved] = tensors.pop(name)
+
+
+def _set(key, value):
+    return lambda docs, tensors: _spec(docs).__setitem__(key, value)
+
+
+def _tensor(leaf, fn):
+    return lambda docs, tensors: tensors.__setitem__(f"{CONV}.{leaf}", fn(tensors[f"{CONV}.{leaf}"]))
+
+
+def _both_in_channels(docs, tensors) -> None:
+    """A learner consistent with its own tensors but not with the features the graph gives it."""
+    _spec(docs)["learner"]["in_channels"] = 5
+    w = tensors[f"{CONV}.learner.fc.weight"]
+    tensors[f"{CONV}.learner.fc.weight"] = torch.zeros(w.shape[0], 5)
+
+
+# name: (edit of the parsed documents {"trainable", "graph", "tensors"} and the stored tensors, expected text)
+TRAINABLE_EDITS = {
+    "a module type off the allow-list": (_set("type", "builtins.eval"), "is not one nesc builds"),
+    "an unknown key": (_set("factory", "os.system"), "has keys"),
+    "a huge sampling width": (_set("width", 1e9), "width"),
+    "a NaN sampling width": (_set("width", float("nan")), "width"),
+    "an unknown tie": (_set("tied", "sideways"), "tied"),
+    "an unknown layout": (_set("layout", "conv3d"), "layout"),
+    "a block larger than the pool": (_set("block", [10**6, 1]), "block"),
+    "a weight shape its starts do not have": (_set("shape", [32, 3, 3, 3]), "starts"),
+    "a learner input width its weight does not have": (lambda d, t: _spec(d)["learner"].update(in_channels=7),
+                                                       "learner.fc: weight"),
+    "learner tensors without a learner": (_set("learner", None), "holds"),
+    "a learner channel axis other than 1 or -1": (lambda d, t: _spec(d)["learner"].update(channel_dim=2),
+                                                 "channel_dim"),
+    "a learner momentum above 1": (lambda d, t: _spec(d)["learner"].update(momentum=3.0), "momentum"),
+    "a learner reading the wrong number of channels": (_both_in_channels, "its learner reads 5 channels"),
+    "integer starts": (_tensor("starts", lambda s: s.long()), "floating point"),  # refused as a parameter
+    "integer origin": (_tensor("origin", lambda s: s.long()), "expected a float tensor"),
+    "a NaN start": (_tensor("starts", lambda s: s.clone().fill_(float("nan"))), "non-finite"),
+    "a float32 gain": (_tensor("scale", lambda s: s.float()), "float64"),
+    "a tensor too many under a sampler": (lambda d, t: (d["tensors"].__setitem__(f"{CONV}.evil", {"kind": "buffer"}),
+                                                        t.__setitem__(f"{CONV}.evil", torch.ones(1))), "holds"),
+    "a sampler path that would end a string in code": (lambda d, t: _rename_sampler(d, t, 'a"),print(1),("'),
+                                                       "cannot be written into the module's code"),
+    "a sampler at a path holding other tensors": (lambda d, t: d["trainable"]["samplers"].__setitem__(
+        "conv", d["trainable"]["samplers"][CONV]), "holds"),
+    "a call of an undeclared module": (lambda d, t: _call(d).__setitem__("target", "bn"), "not a trainable module"),
+    "a call of a declared module that is no sampler": (lambda d, t: _call(d).__setitem__("target", "nesc_mode_0"),
+                                                       "not a trainable module"),
+    "a pool of another shape": (lambda d, t: _call(d)["args"][0].__setitem__("$node", next(
+        n["name"] for n in d["graph"]["nodes"] if n["op"] == "get_attr" and n["target"] == "conv.bias")), "pool"),
+    "a third argument": (lambda d, t: _call(d)["args"].append(1), "positionally"),
+    "a keyword argument": (lambda d, t: _call(d).__setitem__("kwargs", {"x": 1}), "positionally"),
+    "a document with unknown keys": (lambda d, t: d["trainable"].__setitem__("modules", {}), "expected ['config'"),
+    "a plan layer of a pool it does not have": (lambda d, t: next(iter(d["trainable"]["plan"]["layers"].values()))
+                                                .__setitem__(0, "nesc_pool_99"), "plan layer"),
+    "a config field that does not exist": (lambda d, t: d["trainable"]["config"].__setitem__("eval", "x"),
+                                           "unknown fields"),
+    "a config that does not validate": (lambda d, t: d["trainable"]["config"].__setitem__("ratio", 0.5),
+                                        "does not validate"),
+    # What only training mode reads (any artifact; a trainable one is loaded to train).
+    "a bool batch-norm step counter": (lambda d, t: t.__setitem__("bn.num_batches_tracked", torch.tensor(True)),
+                                       "expected an int64 scalar"),
+    "a dropout probability above 1": (lambda d, t: next(n for n in d["graph"]["nodes"] if "dropout" in n["target"])
+                                      ["args"].__setitem__(1, 2.0), "dropout probability"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAINABLE_EDITS))
+def test_a_malformed_trainable_model_is_refused(learner_file, tmp_path, audit, case) -> None:
+    edit, expected = TRAINABLE_EDITS[case]
+    meta, tensors = read_artifact(learner_file)
+    docs = {k: json.loads(meta[k]) for k in ("trainable", "graph", "tensors")}
+    edit(docs, tensors)
+    meta.update({k: json.dumps(v) for k, v in docs.items()})
+    (tmp_path / "t.nesc").write_bytes(encode_artifact(meta, tensors))
+    audit.clear()
+    with pytest.raises(ArtifactError) as info:
+        load(tmp_path / "t.nesc")
+    assert expected in str(info.value) and not getattr(info.value, "unexpected", False), str(info.value)
+    assert [p for p in _opened(audit) if "t.nesc" not in p] == []
+
+
+def test_a_trainable_document_needs_format_5(learner_file, tmp_path) -> None:
+    rewrite_metadata(learner_file, tmp_path / "v4.nesc", format_version="4")
+    assert "has no 'trainable' document" in load_error(tmp_path / "v4.nesc")
+
+
+def test_a_trainable_document_in_the_header_is_refused(learner_file, tmp_path) -> None:
+    """One place per document: a header entry beside the packed documents could say something else."""
+    rewrite_metadata(learner_file, tmp_path / "inline.nesc", raw=True, trainable="{}")
+    assert "keeps its documents compressed" in load_error(tmp_path / "inline.nesc")
+
+
+def test_the_placeholder_op_of_save_is_never_loaded(learner_file, tmp_path) -> None:
+    meta, tensors = read_artifact(learner_file)
+    doc = json.loads(meta["graph"])
+    next(n for n in doc["nodes"] if n["op"] == "call_function")["target"] = "nesc_save::sampled.default"
+    meta["graph"] = json.dumps(doc)
+    (tmp_path / "p.nesc").write_bytes(encode_artifact(meta, tensors))
+    assert "not on nesc's allow-list" in load_error(tmp_path / "p.nesc")

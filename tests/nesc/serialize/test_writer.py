@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from nesc.core import names
 from nesc.core.errors import ArtifactError
-from nesc.serialize import FORMAT_VERSION, load, save
+from nesc.serialize import FROZEN_VERSION, load, save
 from serialize_cases import (REGENERATE, SHAPE, ConvNet, assert_same_tensors, header, read_artifact, traced,
                              with_regenerate)
 
@@ -85,7 +85,7 @@ def test_file_is_safetensors_and_nothing_pickles(monkeypatch, tmp_path):
     assert torch.equal(loaded(x), gm.eval()(x))
     raw = header(path)
     md = raw.pop("__metadata__")
-    assert md["format"] == "nesc" and md["format_version"] == str(FORMAT_VERSION)
+    assert md["format"] == "nesc" and md["format_version"] == str(FROZEN_VERSION)
     assert md.keys() == {"format", "format_version", "nesc_version", "torch_version", "sha256"}
     assert {name: entry["dtype"] for name, entry in raw.items()} == {"documents": "U8", "data": "U8"}
     documents, _ = read_artifact(path)
@@ -104,13 +104,24 @@ def test_save_needs_input_specs_and_json_extra(tmp_path):
         save(gm, tmp_path / "m.nesc", extra={"model": ConvNet()})
 
 
-def test_a_trainable_model_is_refused_up_front_naming_freeze(tmp_path, capsys):
+def test_a_trainable_model_saves_quietly_and_loads_trainable(tmp_path, capsys):
+    """Format 5 (``test_trainable.py`` has the rest): another model, saved without printing anything."""
     import nesc
     from helpers import COMPRESS_ALL, StageNet, stage_net_inputs
 
     gm = nesc.transform(StageNet(), stage_net_inputs(), init="random", ratio=2, **COMPRESS_ALL)
     capsys.readouterr()
-    with pytest.raises(ArtifactError, match=r"trainable .*nesc\.freeze\(gm\).*state_dict"):
-        nesc.save(gm, tmp_path / "m.nesc")
+    nesc.save(gm, tmp_path / "m.nesc")
     out = capsys.readouterr()
-    assert out.out == out.err == "" and not (tmp_path / "m.nesc").exists()  # no graph printed, no file
+    assert out.out == out.err == ""  # no graph printed
+    loaded = nesc.load(tmp_path / "m.nesc").train()
+    x = stage_net_inputs()
+    torch.manual_seed(1)  # the same dropout mask for both
+    a = gm.train()(*x)
+    torch.manual_seed(1)
+    b = loaded(*x)
+    assert torch.equal(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    pa, pb = dict(gm.named_parameters()), dict(loaded.named_parameters())
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k].grad, pb[k].grad) for k in pa)
