@@ -32,6 +32,7 @@ from nesc.capture import capture
 from nesc.core.cache import weight_cache
 from nesc.core.config import LayerConfig, NESConfig
 from nesc.core.modules import set_sampling_width, start_stats
+from nesc.core.qat import prepare_qat
 from nesc.fitting import distillation_loss, fit_pools, load_checkpoint
 from nesc.core.errors import (
     ArtifactError,
@@ -53,7 +54,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "ArtifactError", "CaptureError", "ConfigError", "InputError", "LayerConfig", "NESConfig", "NescError",
     "PassOrderError", "PlanError", "capture", "distillation_loss", "fit_pools", "freeze", "load",
-    "load_checkpoint", "save", "set_sampling_width", "start_stats", "stored_bytes", "stored_params", "summary",
+    "load_checkpoint", "prepare_qat", "save", "set_sampling_width", "start_stats", "stored_bytes", "stored_params",
+    "summary",
     "transform", "weight_cache",
 ]
 __all__ += ["compile"]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import torch
 from torch import fx, nn
 
 from nesc import serialize
@@ -20,10 +21,14 @@ from nesc.capture import capture, keep_interface
 from nesc.core import names
 from nesc.core.config import NESConfig
 from nesc.core.errors import NescWarning
-from nesc.core.modules import EpitomeSampler
+from nesc.core.modules import EpitomeSampler, is_regenerate
 from nesc.core.nopickle import no_pickle
+from nesc.core.qat import is_prepared, qat_scales
+from nesc.core.quant import check_pool_dtype, pool_read
+from nesc.core.shells import mark_shells
 from nesc.fitting import fit_pools
 from nesc.passes import pipeline
+from nesc.passes.quantize_pools import quantize_pools
 from nesc.report import Report, build_report
 
 # ``on_stage(name)`` is entered around each stage of ``transform``: "capture", "plan" (the TRANSFORM
@@ -68,13 +73,20 @@ def fit_to_model(gm: fx.GraphModule, model: nn.Module, match_spread: bool = Fals
     return gm.meta[names.FIT_ERRORS]
 
 
-def freeze(gm: fx.GraphModule, *, fold_batchnorm: bool = False) -> fx.GraphModule:
+def freeze(gm: fx.GraphModule, *, fold_batchnorm: bool = False, pool_dtype: torch.dtype | None = None) -> fx.GraphModule:
     """Return a frozen copy: learned indices become routing maps; the copy is in eval mode and stores
     only pools, routing maps and what stayed dense. Its outputs equal ``gm.eval()``'s bit for bit.
 
     ``fold_batchnorm=True`` also turns every batch norm into a per-channel scale and shift
     (``passes.fold_batchnorm``): two tensors instead of four, smaller files for deployment, outputs
-    equal up to float rounding; the batch norms no longer use batch statistics in training mode."""
+    equal up to float rounding; the batch norms no longer use batch statistics in training mode.
+
+    ``pool_dtype`` (``torch.int8``, ``torch.float16``, ``torch.bfloat16``) stores the pools in that dtype
+    (int8: one symmetric scale per pool row) and dequantises them before regeneration
+    (``passes.quantize_pools``); outputs change by the pools' rounding only. A model prepared with
+    ``nesc.prepare_qat`` is quantised to int8 with its fake-quantizers' scales (the default there)."""
+    if pool_dtype is not None:
+        check_pool_dtype(pool_dtype)  # before any work
     wide = sorted({m.width for m in gm.modules() if isinstance(m, EpitomeSampler) and m.width > 1})
     if wide:
         warnings.warn(NescWarning(
@@ -84,8 +96,15 @@ def freeze(gm: fx.GraphModule, *, fold_batchnorm: bool = False) -> fx.GraphModul
             f"fine-tune)"), stacklevel=2)
     frozen = copy.deepcopy(gm).eval()
     frozen.meta = copy.copy(gm.meta)
+    scales = qat_scales(frozen)  # before freeze removes the samplers that hold them
+    pool_dtype = torch.int8 if pool_dtype is None and is_prepared(frozen) else pool_dtype
     steps = pipeline.FREEZE + (pipeline.FOLD_BATCHNORM if fold_batchnorm else [])
-    return no_pickle(keep_interface(gm, pipeline.run(frozen, steps)))
+    frozen = pipeline.run(frozen, steps)
+    if pool_dtype is not None:
+        frozen = quantize_pools(frozen, pool_dtype, scales).graph_module
+    mark_shells(frozen, {n.meta[names.SAMPLED_WEIGHT]: pool_read(n.args[0]).values.target.removesuffix(".values")
+                         for n in frozen.graph.nodes if is_regenerate(n) and names.SAMPLED_WEIGHT in n.meta})
+    return no_pickle(keep_interface(gm, frozen))
 
 
 def summary(gm: fx.GraphModule, print_table: bool = True) -> Report:
@@ -100,8 +119,9 @@ def summary(gm: fx.GraphModule, print_table: bool = True) -> Report:
 
 
 def save(gm: fx.GraphModule, path: str | Path, *, overwrite: bool = False) -> None:
-    """Write a frozen model to one safetensors file with its graph as JSON; no pickle. An existing
-    file is replaced only with ``overwrite=True``; links and non-regular files never are."""
+    """Write a frozen or a trainable model to one safetensors file with its graph as JSON; no pickle (a
+    trainable one loads back trainable: ``nesc.serialize.trainable``). An existing file is replaced only
+    with ``overwrite=True``; links and non-regular files never are."""
     report = build_report(gm)
     config = gm.meta.get(names.CONFIG)
     extra = {"dense_reasons": gm.meta.get(names.DENSE_REASONS, {}), "report": report.to_dict(),

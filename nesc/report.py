@@ -12,10 +12,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from nesc.core import names
 from nesc.core.modules import REGENERATE, EpitomeSampler, is_gather_products, tensor_roles
+from nesc.core.quant import pool_read
 from nesc.core.sampling import ROUTING_SCALARS_PER_BLOCK, START_SCALARS_PER_BLOCK, Geometry
 from nesc.passes.find_weights import find_weights, weight_infos
 from nesc.passes.functionalize import INLINED, functionalize
@@ -46,6 +47,7 @@ class Report:
     dense_params: int  # the dense model's parameter count
     stored_params: int  # pools + routing maps + dense parameters
     pools: dict[str, tuple[tuple[int, ...], list[str]]] = field(default_factory=dict)
+    stored_bytes: int = 0  # bytes of what stored_params counts, int8 pools at 1 byte per element + scales
 
     @property
     def ratio(self) -> float:
@@ -65,6 +67,7 @@ class Report:
             "other_dense": {k: list(v) for k, v in self.other_dense.items()},
             "dense_params": self.dense_params,
             "stored_params": self.stored_params,
+            "stored_bytes": self.stored_bytes,
             "ratio": self.ratio,
             "madd": self.madd,
             "adds": self.adds,
@@ -158,9 +161,9 @@ def build_report(gm: fx.GraphModule) -> Report:
     if learners:  # stored while training, not part of the dense model, dropped by freeze
         other["transformation learners (training only: freeze drops them)"] = [
             len(learners), sum(p.numel() for m in learners for p in m.learner.parameters())]
-    pools = {name: (tuple(gm.get_parameter(name).shape), members[name]) for name in members}
+    pools = {name: (tuple(_tensor(gm, name).shape), members[name]) for name in members}
     stored = stored_params(gm)
-    return Report(rows, {k: tuple(v) for k, v in other.items()}, dense_total, stored, pools)
+    return Report(rows, {k: tuple(v) for k, v in other.items()}, dense_total, stored, pools, stored_bytes(gm))
 
 
 _SUMS = (torch.ops.aten.sum.dim_IntList, torch.sum)
@@ -243,7 +246,8 @@ def _sampled_weights(gm: fx.GraphModule):
         elif node.op == "call_function" and node.target is REGENERATE:
             p, _, _, _, shape, block, layout = node.args
             name = node.meta.get(names.SAMPLED_WEIGHT, node.name)
-            pool_shape = tuple(gm.get_parameter(p.target).shape)
+            p = pool_read(p).values  # the stored pool, or its int8 / float16 values (nesc.core.quant)
+            pool_shape = tuple(_tensor(gm, p.target).shape)
             geometry[name] = Geometry(tuple(shape), pool_shape, tuple(block), layout)
             pool[name] = p.target
     return geometry, pool
@@ -259,14 +263,26 @@ def stored_params(gm: fx.GraphModule) -> int:
 
 
 def stored_bytes(gm: fx.GraphModule) -> int:
-    """Bytes of what ``stored_params`` counts."""
-    return sum(t.numel() * t.element_size() for t in _stored_tensors(gm))
+    """Bytes of what ``stored_params`` counts (and of an int8 pool's scales): an int8 pool costs one
+    byte per element, a float16 / bfloat16 one two."""
+    tensors = _stored_tensors(gm)
+    if isinstance(gm, fx.GraphModule):
+        tensors += [gm.get_buffer(name) for name, role in tensor_roles(gm).items() if role == "pool_scale"]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _stored_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
-    """Every parameter, and the routing maps' buffers (found by the graph's structure: the tensors a
-    ``nesc.regenerate`` node reads as starts and fractions)."""
+    """Every parameter, and the routing maps' and quantized pools' buffers (found by the graph's
+    structure: the tensors a ``nesc.regenerate`` node reads as starts and fractions, or as its pool)."""
     tensors = list(gm.parameters())
     if isinstance(gm, fx.GraphModule):
-        tensors += [gm.get_buffer(name) for name, role in tensor_roles(gm).items() if role == "route"]
+        buffers = dict(gm.named_buffers())
+        tensors += [buffers[name] for name, role in tensor_roles(gm).items()
+                    if role == "route" or (role == "pool" and name in buffers)]
     return tensors
+
+
+def _tensor(gm: nn.Module, path: str) -> torch.Tensor:
+    """The parameter or buffer at ``path`` (a float pool is a parameter, a quantized one's values a buffer)."""
+    owner, _, leaf = path.rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from torch import fx
 
 from nesc.core.errors import PassOrderError
+from nesc.core.quant import pool_read
 from nesc.passes.infra import NescPass, PassResult, broken_promise
 
 
@@ -31,7 +32,9 @@ class RetargetNodes(NescPass):
         for node in self._nodes(gm):
             for index, role in self.stored.items():
                 arg = node.args[index]
-                if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+                # a pool may be read through its dequantisation (nesc.core.quant): a DequantizeLinear / Cast
+                stored = role == "pool" and pool_read(arg) is not None
+                if not stored and (not isinstance(arg, fx.Node) or arg.op != "get_attr"):
                     raise PassOrderError(
                         f"{self.name}: node {node.name!r} reads its {role} from {arg!r}, expected a get_attr of "
                         f"the frozen module's tensor. Run it on the output of nesc.freeze or nesc.load, which "

@@ -27,6 +27,11 @@ from nesc.core.errors import InputError
 REGENERATE = ("once", "per_call")
 # The onnxruntime optimizer that folds the regeneration; "per_call" disables it (and only it).
 FOLDING = "ConstantFolding"
+# Always disabled: onnxruntime's Pad_Fusion (onnxruntime PR #18136, still in 1.31) moves a constant
+# Pad into the pads of the MaxPool after it, but MaxPool pads with -inf, not the Pad's 0, so every
+# window whose real values are all negative changes (BiT's stem, Pad(0) -> MaxPool: 0.0017 of the
+# output's scale; the file itself is right: onnx's reference evaluator matches torch to 1.2e-6).
+WRONG = ("Pad_Fusion",)
 
 
 def ort_session(path: str | os.PathLike, *, regenerate: Literal["once", "per_call"] = "once", threads: int | None = None,
@@ -39,6 +44,8 @@ def ort_session(path: str | os.PathLike, *, regenerate: Literal["once", "per_cal
     ``threads``: ``intra_op_num_threads`` (None: onnxruntime's default, one per core).
     ``optimized_model_path``: also write the graph onnxruntime runs (after its optimizations) there.
     ``log_severity``: 3 (errors only) by default.
+    onnxruntime's ``Pad_Fusion`` is disabled in both modes: it changes results (see ``WRONG``); a
+    session of your own wants ``disabled_optimizers=["Pad_Fusion"]`` too.
     """
     import onnxruntime as ort
 
@@ -52,5 +59,5 @@ def ort_session(path: str | os.PathLike, *, regenerate: Literal["once", "per_cal
         options.intra_op_num_threads = threads
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
-    disabled = [FOLDING] if regenerate == "per_call" else []
+    disabled = [*WRONG, FOLDING] if regenerate == "per_call" else list(WRONG)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)

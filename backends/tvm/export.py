@@ -102,7 +102,7 @@ def save_params(path: Path, params: dict[str, np.ndarray], header: dict[str, str
     """Write the tensors (in the order the VM takes them) and ``header`` to exactly ``path``."""
     from safetensors.numpy import save_file
 
-    save_file({name: np.ascontiguousarray(a) for name, a in params.items()}, str(path), metadata=header)
+    save_file({name: np.require(a, requirements="C") for name, a in params.items()}, str(path), metadata=header)  # 0-d stays 0-d
 
 
 def _check_params(params: dict[str, np.ndarray], facts: dict, library: Path) -> None:

@@ -68,18 +68,28 @@ def _weight_axes(layout: str, idx) -> tuple:
     return o, i, zero, zero
 
 
-def padded_pool_te(pool: te.Tensor, scale: float, geometry: Geometry) -> te.Tensor:
+def dequantized(value, o, rows: te.Tensor | None, dtype: str):
+    """A stored pool element as the compute ``dtype``: an int8 one times its row's scale ``rows[o]``
+    (``nesc.core.quant``), a float16 one cast; a float32 pool's as it is. Inside the padded pool's
+    compute, so the regeneration kernel itself dequantises (once per call, or once at load when lifted)."""
+    value = value if value.dtype == dtype else value.astype(dtype)
+    return value if rows is None else value * rows[o].astype(dtype)
+
+
+def padded_pool_te(pool: te.Tensor, scale: float, geometry: Geometry, rows: te.Tensor | None = None,
+                   dtype: str | None = None) -> te.Tensor:
     """The scaled pool padded so that every window (with its interpolation row) is a plain slice, as
     ``sampling._pad_for_windows``: channels wrap by repeating their first ``block`` rows, spatial axes
-    repeat their last row. Pool-sized: computed once per call, then read with affine indices."""
+    repeat their last row. Pool-sized: computed once per call, then read with affine indices. ``rows``:
+    an int8 pool's per-row scales; ``dtype``: the compute dtype (default: the pool's)."""
     Op, Ip, Kh, Kw = geometry.pool
     bo, bi = geometry.block
     act = geometry.active
-    s = tir.const(scale, pool.dtype)
+    dtype = dtype or pool.dtype
+    s = tir.const(scale, dtype)
     ext = (Op + bo * act[0], Ip + bi * act[1], Kh + act[2], Kw + act[3])
-    return te.compute(
-        ext, lambda o, i, y, x: pool[o % Op, i % Ip, tir.min(y, Kh - 1), tir.min(x, Kw - 1)] * s, name=PADDED_NAME
-    )
+    return te.compute(ext, lambda o, i, y, x: dequantized(
+        pool[o % Op, i % Ip, tir.min(y, Kh - 1), tir.min(x, Kw - 1)], o % Op, rows, dtype) * s, name=PADDED_NAME)
 
 
 def _interpolate(read, fracs, j, k, active, dtype):
@@ -98,11 +108,14 @@ def _interpolate(read, fracs, j, k, active, dtype):
     return value(4, (0, 0, 0, 0))
 
 
-def regenerate_te(pool: te.Tensor, starts: te.Tensor, fracs: te.Tensor, *, scale: float, geometry: Geometry):
+def regenerate_te(pool: te.Tensor, starts: te.Tensor, fracs: te.Tensor, rows: te.Tensor | None = None, *,
+                  scale: float, geometry: Geometry, dtype: str | None = None):
     """The weight in its parameter layout (``geometry.param_shape``) from ``pool (Op, Ip, Kh, Kw)``,
-    ``starts`` int32 and ``fracs`` float ``(nbo, nbi, 4)``. Any geometry (spatial axes active or not)."""
+    ``starts`` int32 and ``fracs`` float ``(nbo, nbi, 4)``. Any geometry (spatial axes active or not).
+    ``rows`` / ``dtype``: a quantized pool's scales and the compute dtype (``dequantized``)."""
     bo, bi = geometry.block
-    padded = padded_pool_te(pool, scale, geometry)
+    dtype = dtype or pool.dtype
+    padded = padded_pool_te(pool, scale, geometry, rows, dtype)
 
     def element(*idx):
         o, i, u, v = _weight_axes(geometry.layout, idx)
@@ -110,7 +123,7 @@ def regenerate_te(pool: te.Tensor, starts: te.Tensor, fracs: te.Tensor, *, scale
         base = (o % bo, i % bi, u, v)
         start = [starts[j, k, d] for d in range(4)]
         read = lambda c: padded[tuple(start[d] + base[d] + c[d] for d in range(4))]  # noqa: E731
-        return _interpolate(read, fracs, j, k, geometry.active, pool.dtype)
+        return _interpolate(read, fracs, j, k, geometry.active, dtype)
 
     o_axis, i_axis = (1, 0) if geometry.layout == "linear_t" else (0, 1)
     attrs = {SPLIT_ATTR: [o_axis, bo, i_axis, bi]}
@@ -123,7 +136,8 @@ def rows_form(geometry: Geometry) -> bool:
     return not (geometry.active[2] or geometry.active[3])
 
 
-def regenerate_rows_te(pool_rows: te.Tensor, starts: te.Tensor, fracs: te.Tensor, *, scale: float, geometry: Geometry):
+def regenerate_rows_te(pool_rows: te.Tensor, starts: te.Tensor, fracs: te.Tensor, rows: te.Tensor | None = None, *,
+                       scale: float, geometry: Geometry, dtype: str | None = None):
     """The weight as rows ``(O, I * kh * kw)`` (a reshape of the conv/linear layouts, the transpose of
     ``linear_t``'s), for geometries with ``rows_form``, from the pool as rows ``(Op, Ip * kh * kw)``
     (a free reshape). Column ``c = k * bi*kh*kw + r`` of block row ``o = j * bo + a`` reads
@@ -136,17 +150,18 @@ def regenerate_rows_te(pool_rows: te.Tensor, starts: te.Tensor, fracs: te.Tensor
     area = kh * kw
     span = bi * area  # columns per block
     width = Ip * area
-    s = tir.const(scale, pool_rows.dtype)
+    dtype = dtype or pool_rows.dtype
+    s = tir.const(scale, dtype)
     padded = te.compute(  # channels wrapped: (Op + bo, (Ip + bi) * kh * kw)
-        (Op + bo * act[0], width + span * act[1]), lambda o, c: pool_rows[o % Op, c % width] * s, name=PADDED_NAME
-    )
+        (Op + bo * act[0], width + span * act[1]),
+        lambda o, c: dequantized(pool_rows[o % Op, c % width], o % Op, rows, dtype) * s, name=PADDED_NAME)
 
     def element(o, c):
         j, k = o // bo, c // span
         a, r = o % bo, c % span
         o0, i0 = starts[j, k, 0], starts[j, k, 1]
         read = lambda cr: padded[o0 + a + cr[0], i0 * area + r + cr[1] * area]  # noqa: E731
-        return _interpolate(read, fracs, j, k, act, pool_rows.dtype)
+        return _interpolate(read, fracs, j, k, act, dtype)
 
     attrs = {SPLIT_ATTR: [0, bo, 1, span]}
     # Whole blocks along the columns: a last block that overhangs the weight would put a bounds check

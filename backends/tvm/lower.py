@@ -39,6 +39,7 @@ from torch import fx, nn
 from nesc.core.errors import NescError
 from nesc.core.inputs import as_tensors, batch_dims, export_batch
 from nesc.core.modules import is_gather_products, is_regenerate, tensor_roles
+from nesc.core.quant import CAST, DEQUANTIZE, POOL_DTYPES
 from nesc.core.sampling import Geometry
 
 from .adapter import ExportedProgramImporter, detach_params, from_exported_program, relax, tvm, var_name
@@ -53,7 +54,7 @@ from .kernels import (
 
 # tensor_roles' role -> the kind a Lowered parameter is. A sampler's start indices and learner are
 # the trainable form of a routing map (nesc.freeze turns them into one).
-KIND_OF_ROLE = {"pool": "pool", "route": "route", "start": "route", "learner": "route"}
+KIND_OF_ROLE = {"pool": "pool", "pool_scale": "pool", "route": "route", "start": "route", "learner": "route"}
 INJECTIVE = 2  # relax OpPatternKind.kInjective
 
 
@@ -179,19 +180,46 @@ def _convert_regenerate(node: fx.Node, importer, *, scales: dict[str, float]) ->
     env, bb = importer.env, importer.block_builder
     rows = rows_form(geometry)
     te_func = regenerate_rows_te if rows else regenerate_te
+    dtype = str(pool.meta["val"].dtype).removeprefix("torch.")  # the compute dtype
+    stored, row_scales = _stored_pool(pool)  # a quantized pool: the kernel dequantises it
 
-    def kernel(p, s, f):  # emit_te converts keyword arguments to TIR values; geometry is not one
-        return te_func(p, s, f, scale=float(scale), geometry=geometry)
+    def kernel(p, s, f, *r):  # emit_te converts keyword arguments to TIR values; geometry is not one
+        return te_func(p, s, f, *r, scale=float(scale), geometry=geometry, dtype=dtype)
 
     O, I, kh, kw = geometry.shape
     Op, Ip = geometry.pool[:2]
-    p = bb.emit(relax.op.reshape(env[pool], (Op, Ip * kh * kw))) if rows else env[pool]
-    weight = bb.emit_te(kernel, p, env[starts], env[fracs], primfunc_name_hint=REGENERATE_NAME)
+    p = bb.emit(relax.op.reshape(env[stored], (Op, Ip * kh * kw))) if rows else env[stored]
+    extra = [env[row_scales]] if row_scales is not None else []
+    weight = bb.emit_te(kernel, p, env[starts], env[fracs], *extra, primfunc_name_hint=REGENERATE_NAME)
     if not rows:
         return weight
     if layout == "linear_t":
         return bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(weight, (O, I))), [1, 0]))
     return bb.emit(relax.op.reshape(weight, geometry.param_shape))
+
+
+def _stored_pool(pool: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """The stored tensor a regenerate node's pool comes from, and an int8 pool's scales: the inputs of its
+    dequantisation (``nesc.core.quant``: int8 values and scales, or float16 values cast), else the pool."""
+    if pool.target is DEQUANTIZE and all(a.op == "placeholder" for a in pool.args[:2]):
+        return pool.args[0], pool.args[1]
+    if pool.target is CAST and pool.args[0].op == "placeholder" and pool.args[0].meta["val"].dtype in POOL_DTYPES:
+        return pool.args[0], None
+    return pool, None
+
+
+def _convert_dequantize(node: fx.Node, importer) -> relax.Var:
+    """``quantized_decomposed.dequantize_per_channel(q, scales, None, 0, ...)`` of an int8 pool. Every
+    regenerate node reads the stored values itself (``_stored_pool``); emitted only for other readers."""
+    q, scales, _, axis = node.args[:4]
+    env, bb = importer.env, importer.block_builder
+    if all(is_regenerate(u) and u.args[0] is node for u in node.users):
+        return env[q]  # unused: the regenerate kernels dequantise
+    dtype = str(node.meta["val"].dtype).removeprefix("torch.")
+    view = [1] * len(q.meta["val"].shape)
+    view[axis] = -1
+    s = bb.emit(relax.op.reshape(relax.op.astype(env[scales], dtype), view))
+    return bb.emit(relax.op.multiply(relax.op.astype(env[q], dtype), s))
 
 
 def _convert_gather_products(node: fx.Node, importer) -> relax.Var:
@@ -235,6 +263,7 @@ def _convert_cumsum(node: fx.Node, importer) -> relax.Var:
 # The importer's table, extended by ours; keys are OpOverload names as the importer spells them.
 CONVERTERS = {
     "regenerate.default": _convert_regenerate,
+    "dequantize_per_channel.default": _convert_dequantize,
     "gather_products.default": _convert_gather_products,
     "amax.default": _convert_amax,
     "cumsum.default": _convert_cumsum,
@@ -265,6 +294,10 @@ def _params_in_order(ep: torch.export.ExportedProgram) -> dict[str, np.ndarray]:
     """Lifted parameters in the order of the graph signature, which is the order of ``main``'s inputs."""
     kind = torch.export.graph_signature.InputKind.PARAMETER
     state = ep.state_dict
+    bf16 = sorted(n for n, t in state.items() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16)
+    if bf16:  # numpy (the parameter files, the deploy runtime) has no bfloat16
+        raise LoweringError(f"cannot lower bfloat16 tensors ({', '.join(bf16[:3])}): TVM deployment stores parameters as "
+                            f"numpy arrays, which have no bfloat16. Freeze with pool_dtype=torch.int8 or torch.float16")
     return {
         spec.target: state[spec.target].detach().cpu().contiguous().numpy()
         for spec in ep.graph_signature.input_specs
@@ -283,7 +316,7 @@ def _routes(ep: torch.export.ExportedProgram) -> dict[str, dict]:
     for node in filter(is_regenerate, ep.graph.nodes):
         pool, starts, fracs, _, shape, block, layout = node.args
         g = Geometry(tuple(shape), tuple(pool.meta["val"].shape), tuple(block), layout)
-        common = {"pool": names.get(pool.name), "pool_shape": list(g.pool), "grid": list(g.grid)}
+        common = {"pool": names.get(_stored_pool(pool)[0].name), "pool_shape": list(g.pool), "grid": list(g.grid)}
         limits = list(g.start_max)
         for arg, entry in ((starts, {"role": "starts", "max": limits}), (fracs, {"role": "fracs"})):
             name = names.get(getattr(arg, "name", None))
@@ -332,5 +365,5 @@ def _products_pool(products: fx.Node, width: int, names: dict[str, str]) -> str 
     """The pool whose rows ``products`` was computed with: the regenerate node of ``width`` output
     channels that is its weight (directly, or through one permute/view: ``linear`` as ``mm``)."""
     near = [n for arg in products.all_input_nodes for n in (arg, *arg.all_input_nodes)]
-    pools = {names.get(n.args[0].name) for n in near if is_regenerate(n) and n.args[4][0] == width}
+    pools = {names.get(_stored_pool(n.args[0])[0].name) for n in near if is_regenerate(n) and n.args[4][0] == width}
     return pools.pop() if len(pools) == 1 else None

@@ -123,7 +123,8 @@ class Runner:
         self.inputs, self.where = inputs, where
         self.device = tvm.device(device_kind, 0)
         self.vm = relax.VirtualMachine(module, self.device)
-        on_device = {name: tvm.runtime.tensor(np.ascontiguousarray(params.pop(name)), self.device)
+        # np.require, not np.ascontiguousarray, which makes a 0-d parameter 1-d (DeBERTa's lifted scale)
+        on_device = {name: tvm.runtime.tensor(np.require(params.pop(name), requirements="C"), self.device)
                      for name in list(params)}
         lifted = regenerate["params"]
         self.params = [a for name, a in on_device.items() if name not in set(lifted)]

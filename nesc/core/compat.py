@@ -51,6 +51,16 @@ def has_composite_kernel(op) -> bool:
     return op.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd)
 
 
+def quantized_decomposed_ops():
+    """``torch.ops.quantized_decomposed`` with its ops registered (``quantize_per_channel``,
+    ``dequantize_per_channel``: the ops torch.export, torchao and torchlib's ONNX translation, as
+    ``DequantizeLinear``, share). Public replacement: none; importing ``torch.ao.quantization.quantize_pt2e``
+    registers them too, but imports far more."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    return torch.ops.quantized_decomposed
+
+
 # ---------------------------------------------------------------------------------------- pytree
 
 def treespec_dumps(spec) -> str:

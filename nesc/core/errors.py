@@ -39,6 +39,10 @@ class CheckpointError(NescError, ValueError):
     """A training checkpoint is missing, damaged or from other settings, and nothing usable was found."""
 
 
+class RegeneratedWeightError(NescError, TypeError):
+    """A tool read the weight of a layer that a frozen nesc graph regenerates from a pool (a shell)."""
+
+
 class NescWarning(UserWarning):
     """Legal but suspicious input, or nesc did something other than asked and says why: NaN weights, an
     old artifact format, a damaged checkpoint skipped for the one before it."""

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from .cache import cached
 from .compat import keep_precision_on_cast
 from .errors import ConfigError
+from .quant import pool_read
 from .sampling import Geometry, regenerate, regenerate_indexed, regenerate_wide, scale_buffer, split_starts
 
 
@@ -65,10 +66,9 @@ class TransformationLearner(nn.Module):
         return offset
 
 
-# Blocks of at most this many elements regenerate with one gather over all blocks
-# (``regenerate_indexed``), larger ones block by block (``regenerate``): measured forward + backward,
-# one thread: 128 blocks of 1x20x3 2 ms vs 95 ms; 32 of 64x64 15 ms vs 37 ms; 16 of 128x128x3x3
-# 70 ms vs 29 ms.
+# Blocks of at most this many elements regenerate with one gather over all blocks (``regenerate_indexed``),
+# larger ones block by block (``regenerate``): measured forward + backward, one thread: 128 blocks of
+# 1x20x3 2 ms vs 95 ms; 32 of 64x64 15 ms vs 37 ms; 16 of 128x128x3x3 70 ms vs 29 ms.
 INDEXED_BLOCK_NUMEL = 16384
 # EpitomeSampler's ``tied`` (NESConfig.reuse): no tie, True (= "inputs"), "inputs", "outputs".
 TIES = (False, True, "inputs", "outputs")
@@ -327,26 +327,26 @@ def sampler_of(gm: fx.GraphModule, node: fx.Node) -> EpitomeSampler | None:
 
 
 def tensor_roles(gm: fx.GraphModule) -> dict[str, str]:
-    """``{qualified name: role}`` for every tensor nesc added: ``pool`` (read by a sampler or a
-    regenerate node), ``route`` (a routing map's starts/fracs), ``scale`` (a routing map's gain),
-    ``start`` and ``learner`` (a sampler's trainable indices, gain and learner). Read from the graph,
+    """``{qualified name: role}`` for every tensor nesc added: ``pool`` (read by a sampler or a regenerate
+    node), ``pool_scale`` (an int8 pool's scales), ``route`` (a routing map's starts/fracs), ``scale`` (its
+    gain), ``start`` and ``learner`` (a sampler's trainable indices, gain and learner). Read from the graph,
     so a renamed pool is still a pool; every other tensor of the module is the user's (dense)."""
     roles: dict[str, str] = {}
     for node in gm.graph.nodes:
         sampler = sampler_of(gm, node)
         if sampler is not None:
-            pool = node.args[0]
-            if isinstance(pool, fx.Node) and pool.op == "get_attr":
-                roles[pool.target] = "pool"
+            if isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+                roles[node.args[0].target] = "pool"
             for pname, _ in sampler.named_parameters():
                 roles[f"{node.target}.{pname}"] = "learner" if pname.startswith("learner.") else "start"
             for bname, _ in sampler.named_buffers():
                 roles[f"{node.target}.{bname}"] = "learner" if bname.startswith("learner.") else "start"
-        elif is_regenerate(node) or is_gather_products(node):
-            # A product map's index and fractions route outputs as a routing map routes pool cells.
-            kinds = ("pool", "route", "route", "scale") if is_regenerate(node) else (None, "route", "route")
-            for arg, role in zip(node.args[:4], kinds):
-                if role and isinstance(arg, fx.Node) and arg.op == "get_attr":
+        elif is_regenerate(node) or is_gather_products(node):  # a product map routes as a routing map does
+            read = pool_read(node.args[0]) if is_regenerate(node) else None  # a pool, maybe dequantised (quant)
+            kinds = ("route", "route", "scale") if is_regenerate(node) else ("route", "route")
+            pool = [(read.values, "pool"), (read.scale, "pool_scale")] if read is not None else []
+            for arg, role in [*zip(node.args[1:4], kinds), *pool]:
+                if isinstance(arg, fx.Node) and arg.op == "get_attr":
                     roles[arg.target] = role
     return roles
 

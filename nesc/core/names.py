@@ -43,6 +43,9 @@ FIT_ERRORS = "nesc_fit_errors"
 REUSE = "nesc_reuse"
 # nesc.load: the ``extra`` dict the artifact was saved with (report, config, dense reasons).
 EXTRA = "nesc_extra"
+# nesc.distributed.split_blocks: {"depth", "blocks": [block paths], "renamed": {new path: original
+# path}} of a model split into per-block GraphModules (``merge_blocks`` reads it to go back).
+BLOCKS = "nesc_blocks"
 
 # ------------------------------------------------------------------- attributes on a GraphModule
 
@@ -52,8 +55,13 @@ POOL_PREFIX = "nesc_pool"
 SAMPLERS = "nesc_samplers"
 # passes.freeze: the module holding every RoutingMap.
 ROUTES = "nesc_routes"
+# nesc.prepare_qat: the FakeQuantize of a sampler's pool, a child of the sampler (nesc.core.qat).
+POOL_FAKE_QUANT = "pool_fake_quant"
 # nesc.capture: mode-aware batch-norm / dropout modules are named f"{MODE_PREFIX}_{index}".
 MODE_PREFIX = "nesc_mode"
+# nesc.distributed.split_blocks: a tensor or module that moves to another owner (the nearest common
+# parent of the blocks using it) is named f"{MOVED_PREFIX}_{original path, dots as underscores}".
+MOVED_PREFIX = "nesc_moved"
 # passes.fold_batchnorm: a folded batch norm's per-channel scale and shift, on the module that held it.
 FOLDED_SCALE = "folded_scale"
 FOLDED_SHIFT = "folded_shift"
@@ -62,6 +70,9 @@ FOLDED_SHIFT = "folded_shift"
 
 # The header key holding the nesc version that wrote an artifact.
 NESC_VERSION = "nesc_version"
+# nesc.serialize.trainable: the placeholder op a sampler call becomes while save exports a trainable
+# model (never in a written graph, nor on the loader's allow-list).
+SAVE_PLACEHOLDER_OP = "nesc_save::sampled"
 
 # ----------------------------------------------------------------------------- backends
 
@@ -84,3 +95,12 @@ def pool_name(index: int) -> str:
     """The attribute name of the ``index``-th pool of a plan."""
     return f"{POOL_PREFIX}_{index}"
 
+
+def moved_name(path: str) -> str:
+    """The name ``split_blocks`` gives a tensor or module at ``path`` when it moves to another owner."""
+    return f"{MOVED_PREFIX}_{path.replace('.', '_')}"
+
+
+def is_generated(name: str) -> bool:
+    """Whether a top-level attribute name is one nesc generates (pools, samplers, routes, mode modules)."""
+    return name.startswith((POOL_PREFIX, SAMPLERS, ROUTES, MODE_PREFIX, MOVED_PREFIX))

@@ -28,9 +28,10 @@ import re
 import torch
 from torch import fx
 
-from nesc.capture import ModeDropout
+from nesc.capture import ExportedBatchNorm, ModeDropout
 from nesc.core import compat, inputs
 from nesc.core.modules import GATHER_ARGS, REGENERATE_ARGS, is_gather_products, is_regenerate
+from nesc.core.quant import PoolRead, pool_problem, pool_read
 from nesc.core.sampling import LAYOUTS, Geometry
 
 MAX_DEPTH = 32  # nesting of values and documents: exported graphs use 3-4
@@ -176,7 +177,7 @@ def _check_products(gm: fx.GraphModule, node: fx.Node) -> None:
     if bias is not None:
         _stored(gm, bias, f"{where}: bias")
     check_type(dim, int, f"{where}: dim")
-    _ints([channels, block, rows], 3, f"{where}: channels, block, rows")
+    check_ints([channels, block, rows], 3, f"{where}: channels, block, rows")
     # The products come from one op whose weight is regenerated with ``groups * rows`` output rows.
     args = products.args if isinstance(products, fx.Node) else ()
     weights = [a for a in args if isinstance(a, fx.Node) and is_regenerate(a)]
@@ -200,16 +201,21 @@ def _check_route(gm: fx.GraphModule, node: fx.Node) -> None:
     if len(node.args) != len(REGENERATE_ARGS) or node.kwargs:
         raise Invalid(f"{where}: takes {REGENERATE_ARGS} positionally")
     pool, starts, fracs, scale, shape, block, layout = node.args
-    tensors = [_stored(gm, arg, f"{where}: {role}") for arg, role in zip((pool, starts, fracs), REGENERATE_ARGS)]
+    read = pool_read(pool) or PoolRead(pool)  # a stored pool, or its int8 / float16 values (nesc.core.quant)
+    tensors = [_stored(gm, arg, f"{where}: {role}") for arg, role in zip((read.values, starts, fracs), REGENERATE_ARGS)]
     pool, starts, fracs = tensors
+    scales = None if read.scale is None else _stored(gm, read.scale, f"{where}: pool scale")
+    problem = pool_problem(read, pool, scales)
+    if problem:
+        raise Invalid(f"{where}: {problem}")
     scale = _stored(gm, scale, f"{where}: scale")
     if not scale.is_floating_point() or scale.shape != () or not bool(torch.isfinite(scale)):
         raise Invalid(f"{where}: scale is {scale.dtype} of shape {tuple(scale.shape)}, expected a finite float "
                       f"scalar (shape ())")
     if layout not in LAYOUTS:
         raise Invalid(f"{where}: layout {layout!r} must be one of {LAYOUTS}")
-    _ints(shape, 4, f"{where}: shape")
-    _ints(block, 2, f"{where}: block")
+    check_ints(shape, 4, f"{where}: shape")
+    check_ints(block, 2, f"{where}: block")
     if pool.dim() != 4:
         raise Invalid(f"{where}: the pool has shape {tuple(pool.shape)}, expected 4 dimensions")
     try:
@@ -231,22 +237,43 @@ def _check_route(gm: fx.GraphModule, node: fx.Node) -> None:
 def _stored(gm: fx.GraphModule, arg, what: str) -> torch.Tensor:
     if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
         raise Invalid(f"{what} must be read from a stored tensor (get_attr)")
-    value = _attr(gm, arg.target)
+    value = attribute(gm, arg.target)
     if not isinstance(value, torch.Tensor):
         raise Invalid(f"{what}: {arg.target!r} is not a tensor")
     return value
 
 
-def _attr(gm: fx.GraphModule, target: str):
+def attribute(gm: fx.GraphModule, target: str):
     obj = gm
     for atom in target.split("."):
         obj = getattr(obj, atom, None)
     return obj
 
 
-def _ints(value, n: int, what: str) -> None:
+def check_ints(value, n: int, what: str) -> None:
     if not (isinstance(value, list) and len(value) == n and all(type(d) is int and d > 0 for d in value)):
         raise Invalid(f"{what} must be {n} positive ints, got {value!r}")
+
+
+def check_train_mode(gm: fx.GraphModule) -> None:
+    """What only training mode reads, which the load's check run (eval mode) cannot exercise: a dropout's
+    probability in [0, 1], a batch norm's momentum in [0, 1] (or None, cumulative) and its step counter an
+    int64 scalar that it increments."""
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        where = f"node {node.name}"
+        if isinstance(mod, ModeDropout) and not (type(mod.p) in (int, float) and 0 <= mod.p <= 1):
+            raise Invalid(f"{where}: dropout probability {mod.p!r} must lie in [0, 1]")
+        if not isinstance(mod, ExportedBatchNorm):
+            continue
+        m = mod.momentum
+        if m is not None and not (type(m) in (int, float) and 0 <= m <= 1):
+            raise Invalid(f"{where}: batch-norm momentum {m!r} must lie in [0, 1] (or be None)")
+        if len(node.args) > 5 and node.args[5] is not None:
+            steps = _stored(gm, node.args[5], f"{where}: num_batches_tracked")
+            if steps.dtype != torch.int64 or steps.shape != ():
+                raise Invalid(f"{where}: num_batches_tracked is {steps.dtype} {tuple(steps.shape)}, expected an int64 "
+                              f"scalar")
 
 
 def check_mutations(gm: fx.GraphModule) -> None:
