@@ -15,7 +15,8 @@ rewrite.
 Keyword inputs (a Hugging Face model's ``attention_mask=``, ``labels=``) are captured as the forward
 signature names them; the graph takes every example input, in forward's order, and returns what the
 model returns. The export path keeps the batch and, for integer inputs, the sequence length symbolic
-(``nesc.core.inputs.export_dims``), and writes its views as reshapes (``views_as_reshapes``).
+(``nesc.core.inputs.export_dims``); both paths rewrite the ops the rest of nesc does not take into
+equivalent ones (``nesc.capture_ops``: views as reshapes, ``empty`` as ``zeros``, lifted constants).
 
 The user's model is never modified: capture works on a deep copy.
 """
@@ -30,6 +31,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from nesc.capture_ops import exported_as_pure, traced_as_pure, views_as_reshapes
 from nesc.core import compat, inputs, names
 from nesc.core.errors import CaptureError, InputError
 
@@ -84,6 +86,7 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     try:
         absent = _absent_defaults(model, example_inputs, example_kwargs)
         gm, how = _drop_inputs(_symbolic_trace(model, absent), model, absent or {}), "symbolic_trace"
+        traced_as_pure(gm)  # torch.empty as torch.zeros, as on the export path
         make_mode_aware(gm, captured_training=was_training, model=model)  # F.dropout(x, p, self.training)
         with torch.no_grad():  # a trace can succeed and still fail on these inputs
             _ = gm.eval()(*flat)
@@ -203,27 +206,9 @@ def _export(model: nn.Module, example_inputs: tuple, example_kwargs: dict, trace
         model.train(was_training)
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph)  # a plain GraphModule: train()/eval() work
-    views_as_reshapes(gm)
+    exported_as_pure(gm)  # views as reshapes, fresh allocations as zeros, lifted constants as clones
     make_mode_aware(gm, captured_training=False, model=model)
     return gm
-
-
-def views_as_reshapes(gm: fx.GraphModule) -> bool:
-    """Rewrite every ``aten.view`` of an exported graph into ``aten.reshape`` (same values: the graph
-    is functional). A view is valid only for the strides its input had when the model was exported;
-    a later trace (a backend's decompositions) may give that input other strides: the CPU
-    decomposition of ``scaled_dot_product_attention`` returns a layout other than the fused kernel's,
-    and ``attn.transpose(1, 2).view(B, S, -1)`` of Hugging Face attention stops being a view
-    ("Cannot view a tensor with shape ... and strides ..."). ``reshape`` views where it can and copies
-    where it must. Returns whether any node changed."""
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is aten.view.default:
-            node.target = aten.reshape.default
-            changed = True
-    if changed:
-        gm.recompile()
-    return changed
 
 
 # Ops whose training flag a captured graph holds as a constant, and the index of that flag: aten forms

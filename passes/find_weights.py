@@ -239,9 +239,10 @@ def _module_type(gm: fx.GraphModule, node: fx.Node, module_name: str) -> str:
 def _dense_params(gm: fx.GraphModule, consumed: set[str]) -> list[DenseParam]:
     """Every parameter outside the weights found, with the reason it stays dense."""
     uses: dict[str, set[str]] = {}
+    dependent = input_dependent(gm)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            uses.setdefault(node.target, set()).update(_use(gm, u, node) for u in node.users)
+            uses.setdefault(node.target, set()).update(_use(gm, u, node, dependent) for u in node.users)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             for pname, _ in mod.named_parameters():
@@ -269,8 +270,8 @@ def _why_opaque(mod) -> str:
     return ""
 
 
-def _use(gm: fx.GraphModule, user: fx.Node, attr: fx.Node) -> str:
-    """How ``user`` consumes the parameter ``attr``, in words."""
+def _use(gm: fx.GraphModule, user: fx.Node, attr: fx.Node, dependent: set[fx.Node]) -> str:
+    """How ``user`` consumes the parameter ``attr``, in words (``dependent``: ``input_dependent(gm)``)."""
     op = WEIGHT_OPS.get(user.target) if user.op == "call_function" else None
     if op is not None and op.family in ("embedding", "einsum"):
         op = None
@@ -287,4 +288,7 @@ def _use(gm: fx.GraphModule, user: fx.Node, attr: fx.Node) -> str:
     if attr.target.rpartition(".")[2] in (names.FOLDED_SCALE, names.FOLDED_SHIFT):
         return "batch norm (folded: scale, shift)"  # passes.fold_batchnorm
     target = getattr(user.target, "__name__", None) or str(user.target)
+    if any(a in dependent for a in user.all_input_nodes if a is not attr):
+        # A position embedding or class token: added to (or concatenated with) the activations.
+        return f"used with activations by {target}, not read by a conv, linear, matmul or embedding"
     return f"input of {target}"

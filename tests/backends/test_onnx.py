@@ -562,3 +562,32 @@ def test_attention_followed_by_a_view_exports(tmp_path: Path) -> None:
     with torch.no_grad():
         want = frozen(x3)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _PadThenMaxPool(nn.Module):
+    """BiT's stem: a conv, a zero Pad, then MaxPool (whose own padding would be -inf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3)
+
+    def forward(self, x):
+        return F.max_pool2d(F.pad(self.conv(x), (1, 1, 1, 1), value=0.0), 3, 2)
+
+
+@pytest.mark.parametrize("regenerate", ["once", "per_call"])
+def test_a_zero_pad_before_max_pool_keeps_its_zeros_in_onnxruntime(regenerate: str, tmp_path: Path) -> None:
+    """onnxruntime's Pad_Fusion would fold the Pad into MaxPool's -inf padding; ort_session disables it.
+    Outputs that are exactly 0 are border windows whose real values are all negative: there the pad's
+    0 is the maximum, and a fused MaxPool would return a negative value instead."""
+    torch.manual_seed(0)
+    model, x = _PadThenMaxPool().eval(), torch.randn(2, 3, 10, 10)
+    frozen = nesc.freeze(nesc.transform(model, (x,), ratio=2, min_params=100, keep_first=False))
+    nesc.export_onnx(frozen, (x,), tmp_path / "m.onnx")
+    assert "Pad" in [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    session = onnx_backend.ort_session(tmp_path / "m.onnx", regenerate=regenerate, threads=1)
+    with torch.no_grad():
+        want = frozen(x)
+    assert int((want == 0).sum()) > 0  # the case the fusion gets wrong occurs
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, want.numpy(), rtol=BACKEND_REL, atol=BACKEND_REL * float(want.abs().max()))

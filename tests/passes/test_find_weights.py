@@ -450,3 +450,22 @@ def test_refresh_after_transform_and_freeze_reports_sampled_then_frozen_weights(
     for name, (op, layout, shape, madd) in ZOO_EXPECTED.items():
         for i in (infos[name], frozen_infos[name]):
             assert (i.op, i.layout, i.shape, i.madd) == (op, layout, shape, madd), (name, i.state)
+
+
+class PositionEmbedding(nn.Module):
+    """A ViT's position embedding: a parameter added to the activations, read by no weight op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.pos = nn.Parameter(torch.randn(1, 5, 16))
+
+    def forward(self, x):  # (B, 5, 16)
+        return self.proj(x + self.pos)
+
+
+def test_a_parameter_added_to_activations_is_dense_with_that_reason() -> None:
+    gm = _analyse(PositionEmbedding(), (torch.randn(2, 5, 16),))
+    assert [i.weight_name for i in weight_infos(gm)] == ["proj.weight"]
+    reasons = {d.name: d.reason for d in gm.meta[names.DENSE_PARAMS]}
+    assert reasons["pos"] == "used with activations by add, not read by a conv, linear, matmul or embedding"

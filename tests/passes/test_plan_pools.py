@@ -491,7 +491,7 @@ def test_a_budget_below_what_stays_dense_names_the_biggest_dense_parameters() ->
     msg = str(info.value)
     dense = num_params(gm) - sum(i.numel for i in weight_infos(gm))
     assert f"{dense:,} of the {num_params(gm):,} parameters stay dense" in msg, msg
-    assert "positions (2,048: input of add)" in msg  # the largest, first, with find_weights' reason
+    assert "positions (2,048: used with activations by add, not read by a conv, linear, matmul or embedding)" in msg  # the largest, first, with find_weights' reason
     assert "nothing is left for the pools" in msg and "At most" in msg
 
 
