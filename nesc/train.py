@@ -21,33 +21,26 @@ import dataclasses
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
-from torch.optim.swa_utils import update_bn
 
 from nesc.capture import capture
-from nesc.checkpoint import (
-    prepare_run_dir,
-    resume_checkpoint,
-    save_checkpoint,
-    write_metrics,
-)
+from nesc.checkpoint import prepare_run_dir, save_checkpoint, write_metrics
 from nesc.core.config import checked_fields, replace_fields
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.modules import samplers_by_pool, set_sampling_width, start_stats
 from nesc.data import Dataset, balanced_indices
+from nesc.epochs import evaluate, resume_run, run_epochs
 from nesc.fitting import distillation_loss
 from nesc.report import build_report, stored_bytes, stored_params
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-EVAL_BATCH = 500
 
 
 @checked_fields
@@ -186,32 +179,25 @@ def fit(model: nn.Module, dataset: Dataset, config: TrainConfig | None = None, *
     optimizer = make_optimizer(groups, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     settings = dataclasses.asdict(config)
-    history: list[dict] = []
-    start_epoch, elapsed, kept = 0, 0.0, None  # kept: the last verified checkpoint, kept while the next is written
-    if out is not None and resume:
-        restored = resume_checkpoint(out, model, optimizer, scheduler, settings, strict=strict_resume)
-        if restored is not None:
-            start_epoch, history, elapsed = restored
-            kept = start_epoch
+    # kept: the last verified checkpoint, kept while the next is written
+    start_epoch, history, elapsed, kept = resume_run(out, model, optimizer, scheduler, settings, resume, strict_resume)
     if start_epoch == 0:
         torch.manual_seed(config.seed)  # dropout masks; a resumed run restored the generator instead
     last = config.epochs if stop_after is None else min(config.epochs, stop_after)
+
+    def end_epoch(done: int, elapsed: float) -> None:
+        nonlocal kept
+        if out is not None:
+            write_metrics(out, history)
+            save_checkpoint(out, model, optimizer, scheduler, settings, done, history, elapsed, keep=kept)
+            kept = done
+
     with _progress(config) as bar:
-        for epoch in range(start_epoch, last):
-            t0 = time.perf_counter()
-            train_loss, train_acc = _train_epoch(model, teacher, optimizer, scheduler, x_train, y_train,
-                                                 epoch, config, device, bar)
-            recalibrate_bn(model, x_train, config, device)
-            test_loss, test_acc = evaluate(model, dataset, device)
-            elapsed += time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-                   "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed,
-                   **start_stats(model)}
-            history.append(row)
-            if out is not None:
-                write_metrics(out, history)
-                save_checkpoint(out, model, optimizer, scheduler, settings, epoch + 1, history, elapsed, keep=kept)
-                kept = epoch + 1
+        elapsed = run_epochs(
+            model, dataset, x_train, config, device, range(start_epoch, last), history, elapsed,
+            train_epoch=lambda epoch: _train_epoch(model, teacher, optimizer, scheduler, x_train, y_train, epoch,
+                                                   config, device, bar),
+            lr=lambda: optimizer.param_groups[0]["lr"], stats=lambda: start_stats(model), end_epoch=end_epoch)
     if config.sampling_width > 1:
         set_sampling_width(model, 1.0)  # what the schedule reaches by its end; what freeze keeps
     return final_report(model, dataset, history, elapsed, device)
@@ -270,36 +256,6 @@ def sampling_width_at(step: int, total: int, config: TrainConfig) -> float:
     resumed run trains with the widths an uninterrupted one had."""
     end = config.width_anneal * total
     return 1.0 + (config.sampling_width - 1.0) * max(0.0, 1.0 - step / end)
-
-
-def recalibrate_bn(model: nn.Module, x: Tensor, config: TrainConfig, device) -> None:
-    """Batch-norm running statistics as exact averages over the first ``config.bn_recalibration``
-    train batches (a fixed set: the result depends on the weights only)."""
-    if config.bn_recalibration == 0:
-        return
-
-    n = config.bn_recalibration * config.batch_size
-    batches = [x[lo : lo + config.batch_size].to(device) for lo in range(0, min(n, len(x)), config.batch_size)]
-    was = model.training
-    update_bn(batches, model)
-    model.train(was)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu") -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on the test split, in eval mode."""
-    was = model.training
-    model.eval()
-    total, correct = 0.0, 0
-    for lo in range(0, len(dataset.y_test), EVAL_BATCH):
-        xb = dataset.x_test[lo : lo + EVAL_BATCH].to(device)
-        yb = dataset.y_test[lo : lo + EVAL_BATCH].to(device)
-        logits = model(xb)
-        total += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += int((logits.argmax(1) == yb).sum())
-    model.train(was)
-    n = len(dataset.y_test)
-    return total / n, correct / n
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
@@ -32,20 +31,19 @@ import torch.distributed as dist
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 
-from nesc.checkpoint import prepare_run_dir, resume_checkpoint, save_checkpoint, write_metrics
+from nesc.checkpoint import prepare_run_dir, save_checkpoint, write_metrics
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.modules import set_sampling_width, start_stats
 from nesc.data import Dataset
+from nesc.epochs import resume_run, run_epochs
 from nesc.train import (
     TrainConfig,
     TrainResult,
     epoch_order,
-    evaluate,
     final_report,
     make_optimizer,
     make_scheduler,
     param_groups,
-    recalibrate_bn,
     sampling_width_at,
     train_split,
 )
@@ -91,35 +89,29 @@ def fit_distributed(model: nn.Module, dataset: Dataset, config: TrainConfig | No
     scheduler = make_scheduler(optimizer, config, steps)
     state = _FullState(wrapped, optimizer)
     settings = dataclasses.asdict(config)
-    history: list[dict] = []
-    start_epoch, elapsed, kept = 0, 0.0, None
-    if out is not None and resume:
-        restored = resume_checkpoint(out, state, state.optimizer_view, scheduler, settings, strict=strict_resume)
-        if restored is not None:
-            start_epoch, history, elapsed = restored
-            kept = start_epoch
+    start_epoch, history, elapsed, kept = resume_run(out, state, state.optimizer_view, scheduler, settings, resume,
+                                                     strict_resume)
     last = config.epochs if stop_after is None else min(config.epochs, stop_after)
-    for epoch in range(start_epoch, last):
-        t0 = time.perf_counter()
+
+    def train_epoch(epoch: int) -> tuple[float, float]:
         torch.manual_seed(rank_seed(config.seed, rank, epoch))
-        train_loss, train_acc = _train_epoch(wrapped, optimizer, scheduler, x_train, y_train, epoch, steps,
-                                             config, device, rank, world)
-        recalibrate_bn(wrapped, x_train, config, device)
-        test_loss, test_acc = evaluate(wrapped, dataset, device)
-        elapsed += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-               "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed,
-               **(start_stats(unwrap(wrapped)) if mode == "ddp" else {})}
-        history.append(row)
-        if out is not None:
-            state.snapshot()  # every rank gathers; rank 0 writes
-            if rank == 0:
-                write_metrics(out, history)
-                save_checkpoint(out, state, state.optimizer_view, scheduler, settings, epoch + 1, history, elapsed,
-                                keep=kept)
-            state.release()
-            dist.barrier()
-            kept = epoch + 1
+        return _train_epoch(wrapped, optimizer, scheduler, x_train, y_train, epoch, steps, config, device, rank, world)
+
+    def end_epoch(done: int, elapsed: float) -> None:
+        nonlocal kept
+        if out is None:
+            return
+        state.snapshot()  # every rank gathers; rank 0 writes
+        if rank == 0:
+            write_metrics(out, history)
+            save_checkpoint(out, state, state.optimizer_view, scheduler, settings, done, history, elapsed, keep=kept)
+        state.release()
+        dist.barrier()
+        kept = done
+
+    elapsed = run_epochs(wrapped, dataset, x_train, config, device, range(start_epoch, last), history, elapsed,
+                         train_epoch=train_epoch, lr=lambda: optimizer.param_groups[0]["lr"],
+                         stats=lambda: start_stats(unwrap(wrapped)) if mode == "ddp" else {}, end_epoch=end_epoch)
     if config.sampling_width > 1:
         set_sampling_width(wrapped, 1.0)
     _write_back(model, full_state(wrapped), aliases)
