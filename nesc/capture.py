@@ -86,6 +86,7 @@ def capture(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None
     try:
         absent = _absent_defaults(model, example_inputs, example_kwargs)
         gm, how = _drop_inputs(_symbolic_trace(model, absent), model, absent or {}), "symbolic_trace"
+        _refuse_opaque_calls(gm)  # an fx.wrap'ed function hides the weights it reads: export traces into it
         traced_as_pure(gm)  # torch.empty as torch.zeros, as on the export path
         make_mode_aware(gm, captured_training=was_training, model=model)  # F.dropout(x, p, self.training)
         with torch.no_grad():  # a trace can succeed and still fail on these inputs
@@ -169,6 +170,28 @@ def _symbolic_trace(model: nn.Module, concrete_args: dict | None = None) -> fx.G
     tracer = _Tracer()
     graph = tracer.trace(model, concrete_args)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# Modules whose functions symbolic_trace records as they are and nesc reads (torch ops, Python operators).
+_TRANSPARENT_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _refuse_opaque_calls(gm: fx.GraphModule) -> None:
+    """Raise when a traced graph calls a Python function that is not torch's (one ``torch.fx.wrap``
+    keeps opaque, e.g. torchvision's ``shifted_window_attention``) with a parameter: the weight ops
+    inside it are invisible to nesc, so capture takes the export path, which traces into it."""
+    params = {name for name, _ in gm.named_parameters()}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or compat.is_op_overload(node.target):
+            continue
+        module = (getattr(node.target, "__module__", None) or "").split(".")[0]
+        if module in _TRANSPARENT_MODULES:
+            continue
+        read = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
+        if read:
+            name = getattr(node.target, "__qualname__", repr(node.target))
+            raise CaptureError(f"symbolic_trace keeps {node.target.__module__}.{name} (torch.fx.wrap) opaque, and it "
+                               f"reads the parameters {read[:3]}")
 
 
 def _check_inputs(model: nn.Module, example_inputs, example_kwargs) -> tuple[tuple, dict]:

@@ -31,6 +31,7 @@ from helpers import (
     stage_net_inputs,
 )
 from nesc.core import names
+from nesc.core.modules import EpitomeSampler
 from nesc.capture import ExportedBatchNorm, ModeDropout
 from nesc.models import get_spec, list_models
 
@@ -353,6 +354,37 @@ def test_attention_modules_are_traced_through_by_export() -> None:
     assert gm.meta[names.CAPTURE] == "export"  # its shape checks defeat symbolic_trace
     assert "self_attn.in_proj_weight" in {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     assert_close(gm(*x), model(*x), CLOSE, "exported vs eager")
+
+
+def _wrapped_attention(x: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """A function torch.fx.wrap keeps opaque that reads weights (as torchvision's shifted_window_attention)."""
+    q, k, v = F.linear(x, qkv).chunk(3, dim=-1)
+    return F.linear(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v, proj)
+
+
+torch.fx.wrap("_wrapped_attention")
+
+
+class _WrappedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.head = nn.Linear(16, 48, bias=False), nn.Linear(16, 16, bias=False), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_wrapped_attention(x, self.qkv.weight, self.proj.weight).mean(1))
+
+
+def test_a_wrapped_function_that_reads_weights_sends_capture_to_export() -> None:
+    model, x = _WrappedAttention().eval(), (torch.randn(2, 5, 16),)
+    traced = fx.symbolic_trace(model)  # what symbolic_trace alone gives: one opaque call reading both weights
+    assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [_wrapped_attention]
+    gm = nesc.capture(model, x)
+    assert gm.meta[names.CAPTURE] == "export"
+    assert {"qkv.weight", "proj.weight"} <= {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert _wrapped_attention not in {n.target for n in gm.graph.nodes}
+    assert_close(gm(*x), model(*x), CLOSE, "exported vs eager")
+    sampled = nesc.transform(model, x, ratio=2, min_params=16, keep_classifier=True)
+    assert {"qkv.weight", "proj.weight"} <= {m.weight_name for m in sampled.modules() if isinstance(m, EpitomeSampler)}
 
 
 def test_an_embedding_that_renormalises_its_table_stays_a_module() -> None:
