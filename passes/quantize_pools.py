@@ -8,12 +8,13 @@ regenerate nodes). Formats and ops: ``nesc.core.quant``.
 
 Requires: a frozen graph (every pool read by ``nesc.regenerate`` nodes only, through ``get_attr``).
 Ensures: every pool is a ``QuantizedPool`` at the pool's old path; each regenerate node reads it
-through one dequantize (int8) or cast (float16/bfloat16) node; the graph lints. The model computes
-in the pools' old dtype; outputs change by the rounding of the pools only.
+through one ``nesc.dequantize`` node (int8: values and scales; float16/bfloat16: values, scale None);
+the graph lints. The model computes in the pools' old dtype; outputs change by the rounding of the
+pools only.
 
     before:  %p = get_attr[nesc_pool_0]; %w = nesc.regenerate(%p, ...)
     after:   %q = get_attr[nesc_pool_0.values]; %s = get_attr[nesc_pool_0.scale]
-             %p = quantized_decomposed.dequantize_per_channel(%q, %s, None, 0, -127, 127, torch.int8)
+             %p = nesc.dequantize(%q, %s, torch.float32)        (float16: nesc.dequantize(%q, None, torch.float32))
              %w = nesc.regenerate(%p, ...)
 """
 

@@ -29,8 +29,9 @@ the session runs the dense graph. So the route is, one named step per line of ``
    all (temporary file, fsync, rename; a full disk is an ``OutputError`` and leaves nothing).
 
 Files: this one holds the entry points (``export_onnx``, ``export_dense_onnx``), their argument
-checks and the ``OnnxExport`` report; ``export.py`` the steps (1, 2, 4, 5, 7); ``regenerate.py`` and
-``decompose_products.py`` the lowerings of step 1 (both ``retarget.RetargetNodes``); ``check.py`` the two checks (3, 6),
+checks and the ``OnnxExport`` report; ``export.py`` the steps (1, 2, 4, 5, 7); ``regenerate.py``,
+``decompose_products.py`` and ``dequantize.py`` the lowerings of step 1 (all ``retarget.RetargetNodes``);
+``check.py`` the two checks (3, 6),
 ``OnnxExportError`` and the byte counts; ``runtime.py`` ``ort_session``: an
 onnxruntime session that regenerates ``"once"`` (folded at creation: dense speed, dense memory; the
 default) or ``"per_call"`` (pools in memory, every run regenerates). Example inputs go through

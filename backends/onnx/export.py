@@ -3,7 +3,8 @@
 1. ``lower``: a copy of the model whose nesc ops are rewritten by the pass each names in ``LOWERINGS``
    (``regenerate.DecomposeRegenerateOnnx``: index arithmetic over the pool and the routing map, in
    the form onnxruntime folds with the fewest weight-sized intermediates;
-   ``decompose_products.DecomposeGatherProducts``: the product map as gathers and a lerp);
+   ``decompose_products.DecomposeGatherProducts``: the product map as gathers and a lerp;
+   ``dequantize.DequantizeOnnx``: a quantized pool's read as torch's dequantisation or cast);
 2. ``capture``: ``torch.export`` with the batch dimension named ``BATCH`` (``nesc.core.inputs``);
 3. (``check.check_supported``);
 4. ``translate``: ``torch.onnx.export(dynamo=True, optimize=False)``;
@@ -35,6 +36,7 @@ from nesc.passes.infra import NescPass
 
 from .check import OnnxExportError, unsupported_error
 from .decompose_products import DecomposeGatherProducts
+from .dequantize import DequantizeOnnx
 from .regenerate import DecomposeRegenerateOnnx
 
 BATCH = "batch"  # name of the symbolic batch dimension in the exported file
@@ -43,9 +45,11 @@ PROTOBUF_LIMIT = 2**31  # a single-file ONNX model must serialise under 2 GiB
 # nesc's own ops -> the rewrite pass that turns them into ops the exporter knows: a name in
 # nesc.passes.pipeline.PASSES, or a pass of this backend (a NescPass class) for an op only exporters
 # need spelled out. Run in this order on a copy of the model before capture.
+# (The regeneration first: its requirements read a quantized pool through its nesc.dequantize node.)
 LOWERINGS: dict[object, str | type[NescPass]] = {
     torch.ops.nesc.regenerate.default: DecomposeRegenerateOnnx,
     torch.ops.nesc.gather_products.default: DecomposeGatherProducts,
+    torch.ops.nesc.dequantize.default: DequantizeOnnx,
 }
 
 

@@ -39,7 +39,7 @@ from torch import fx, nn
 from nesc.core.errors import NescError
 from nesc.core.inputs import as_tensors, batch_dims, export_batch
 from nesc.core.modules import is_gather_products, is_regenerate, tensor_roles
-from nesc.core.quant import CAST, DEQUANTIZE, POOL_DTYPES
+from nesc.core.quant import POOL_DTYPES, is_dequantize
 from nesc.core.sampling import Geometry
 
 from .adapter import ExportedProgramImporter, detach_params, from_exported_program, relax, tvm, var_name
@@ -200,26 +200,28 @@ def _convert_regenerate(node: fx.Node, importer, *, scales: dict[str, float]) ->
 
 def _stored_pool(pool: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     """The stored tensor a regenerate node's pool comes from, and an int8 pool's scales: the inputs of its
-    dequantisation (``nesc.core.quant``: int8 values and scales, or float16 values cast), else the pool."""
-    if pool.target is DEQUANTIZE and all(a.op == "placeholder" for a in pool.args[:2]):
-        return pool.args[0], pool.args[1]
-    if pool.target is CAST and pool.args[0].op == "placeholder" and pool.args[0].meta["val"].dtype in POOL_DTYPES:
-        return pool.args[0], None
+    ``nesc.dequantize`` (``nesc.core.quant``: int8 values and scales, or float16 values and None), else the pool."""
+    if is_dequantize(pool):
+        values, scale, _ = pool.args
+        if values.op == "placeholder" and values.meta["val"].dtype in POOL_DTYPES and (
+                scale is None or scale.op == "placeholder"):
+            return values, scale
     return pool, None
 
 
 def _convert_dequantize(node: fx.Node, importer) -> relax.Var:
-    """``quantized_decomposed.dequantize_per_channel(q, scales, None, 0, ...)`` of an int8 pool. Every
-    regenerate node reads the stored values itself (``_stored_pool``); emitted only for other readers."""
-    q, scales, _, axis = node.args[:4]
+    """``nesc.dequantize(values, scale or None, dtype)`` of a stored pool. Every regenerate node reads the
+    stored values itself (``_stored_pool``); emitted only for other readers."""
+    values, scale, _ = node.args
     env, bb = importer.env, importer.block_builder
     if all(is_regenerate(u) and u.args[0] is node for u in node.users):
-        return env[q]  # unused: the regenerate kernels dequantise
+        return env[values]  # unused: the regenerate kernels dequantise
     dtype = str(node.meta["val"].dtype).removeprefix("torch.")
-    view = [1] * len(q.meta["val"].shape)
-    view[axis] = -1
-    s = bb.emit(relax.op.reshape(relax.op.astype(env[scales], dtype), view))
-    return bb.emit(relax.op.multiply(relax.op.astype(env[q], dtype), s))
+    pool = bb.emit(relax.op.astype(env[values], dtype))
+    if scale is None:
+        return pool
+    view = [-1] + [1] * (len(values.meta["val"].shape) - 1)  # one scale per pool row (quant.AXIS = 0)
+    return bb.emit(relax.op.multiply(pool, bb.emit(relax.op.reshape(relax.op.astype(env[scale], dtype), view))))
 
 
 def _convert_gather_products(node: fx.Node, importer) -> relax.Var:
@@ -263,7 +265,7 @@ def _convert_cumsum(node: fx.Node, importer) -> relax.Var:
 # The importer's table, extended by ours; keys are OpOverload names as the importer spells them.
 CONVERTERS = {
     "regenerate.default": _convert_regenerate,
-    "dequantize_per_channel.default": _convert_dequantize,
+    "dequantize.default": _convert_dequantize,
     "gather_products.default": _convert_gather_products,
     "amax.default": _convert_amax,
     "cumsum.default": _convert_cumsum,

@@ -53,12 +53,15 @@ from nesc.cli.search import plan_config
 from nesc.core import names
 from nesc.core.errors import InputError
 from nesc.core.modules import samplers_by_pool
+from nesc.core.quant import POOL_DTYPES
 from nesc.data import Dataset, list_datasets
 from nesc.fitting import load_checkpoint
 from nesc.models import ModelSpec
 from nesc.report import Report, build_report
 from nesc.train import TrainConfig, TrainResult, evaluate, fit, model_size
 
+# --pool-dtype's choices: "int8", "float16", "bfloat16".
+POOL_DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in POOL_DTYPES}
 # What transform's stages are called in the spinner and the timings.
 STAGE_LABELS = {"fit": "fit pools"}
 # Flags that only mean something when training, besides TrainConfig's, by destination.
@@ -83,6 +86,11 @@ def add_parser(commands) -> None:
                       help="store every batch norm as a per-channel scale and shift (two tensors instead of "
                            "four: a smaller artifact; outputs equal up to float rounding, and the batch norms "
                            "no longer use batch statistics if the loaded model is trained; default off)")
+    plan.add_argument("--pool-dtype", choices=list(POOL_DTYPE_NAMES),
+                      help="store the frozen pools as int8 (one symmetric scale per pool row, about a quarter of the "
+                           "float32 pool bytes) or as float16 / bfloat16, dequantised in the graph before the "
+                           "regeneration (nesc.freeze(gm, pool_dtype=...); outputs change by the pools' rounding; "
+                           "default: float32 pools)")
     training = add_training_flags(compress)
     training.add_argument("--distill", action="store_true", default=None,
                           help="with --dataset: distil the compressed model from the dense one (default off)")
@@ -115,6 +123,12 @@ def _check_training_flags_unused(args: argparse.Namespace) -> None:
                          f"({', '.join(list_datasets())}) or drop them")
 
 
+def _freeze(gm, args: argparse.Namespace):
+    """``nesc.freeze`` with the flags that shape the artifact: ``--fold-batchnorm``, ``--pool-dtype``."""
+    pool_dtype = POOL_DTYPE_NAMES[args.pool_dtype] if args.pool_dtype is not None else None
+    return freeze(gm, fold_batchnorm=args.fold_batchnorm, pool_dtype=pool_dtype)
+
+
 def _artifact_path(args: argparse.Namespace, spec: ModelSpec) -> Path:
     path = args.out if args.out is not None else Path(f"{spec.name}{ARTIFACT_SUFFIX}")
     return check_out(args, path, "-o/--out")
@@ -134,7 +148,7 @@ def _run_fitted(args: argparse.Namespace, out: Console, err: Console) -> int:
             model = create_model(spec, config.seed, args.init)
         gm = transform(model, inputs, config, on_stage=stages.stage)  # capture, plan, fit pools
         with stages.stage("freeze"):
-            frozen = freeze(gm, fold_batchnorm=args.fold_batchnorm)
+            frozen = _freeze(gm, args)
         with stages.stage("save", str(path)):
             save(frozen, path, overwrite=args.force)
     report = build_report(frozen)
@@ -192,7 +206,7 @@ def _run_trained(args: argparse.Namespace, out: Console, err: Console) -> int:
     result = fit(gm, ds, config, out_dir=folder / "nesc", teacher=teacher, **fit_options(args))
     if trainable is not None:
         save(gm.cpu(), trainable, overwrite=args.force)
-    frozen = freeze(gm, fold_batchnorm=args.fold_batchnorm)
+    frozen = _freeze(gm, args)
     frozen_loss, frozen_acc = evaluate(frozen, ds, config.resolved_device())
     save(frozen.cpu(), path, overwrite=args.force)
     width = f" at width {args.width:g}" if args.width is not None else ""

@@ -46,7 +46,7 @@ from . import container, meta, schema, trainable
 from .codec import decode_graph
 from .schema import Invalid
 from .tensors import digest, install_tensors
-from .upgrade import scales_as_buffers
+from .upgrade import legacy_dequantizations, scales_as_buffers
 
 FORMAT = "nesc"
 # 5: as 4, plus a model that still trains: call_module nodes of its samplers and the ``trainable``
@@ -233,8 +233,9 @@ def assemble(doc: dict, stored: dict[str, Tensor], table: dict, path: str, *,
              version: int = FORMAT_VERSION, trainable_doc: dict | None = None) -> fx.GraphModule:
     """Module holding the tensors at their dotted paths + the decoded graph, mode-aware, in eval mode,
     its routing maps, sampler calls and in-place writes checked (``schema``, ``trainable``); a format 1-3
-    graph's numeric gains become buffers first (``upgrade``). ``trainable_doc``: the checked ``trainable``
-    document (``parse_trainable``), whose samplers are built around their installed tensors."""
+    graph's numeric gains become buffers first, and torch's dequantisation of a pool (files written before
+    ``nesc.dequantize``) that op (``upgrade``). ``trainable_doc``: the checked ``trainable`` document
+    (``parse_trainable``), whose samplers are built around their installed tensors."""
     gm = fx.GraphModule(nn.Module(), fx.Graph())
     samplers = trainable_doc["samplers"] if trainable_doc else {}
     try:
@@ -245,6 +246,7 @@ def assemble(doc: dict, stored: dict[str, Tensor], table: dict, path: str, *,
         trainable.check_calls(gm, samplers)  # before make_mode_aware adds modules of its own
         if version < 4:
             scales_as_buffers(gm)
+        legacy_dequantizations(gm)  # format 4 before nesc.dequantize: torch's ops read quantized pools
         make_mode_aware(gm)  # aten batch_norm/dropout -> modules that follow gm.training; lints
         schema.check_routes(gm)  # here, not in load only: save refuses what load would
         schema.check_train_mode(gm)

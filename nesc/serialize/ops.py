@@ -54,9 +54,11 @@ INPLACE_OPS = frozenset(f"aten::{n}" for n in """
     relu_ relu6_ hardtanh_ silu_ gelu_ sigmoid_ tanh_ leaky_relu_ elu_ hardswish_ hardsigmoid_ mish_ add_ mul_
     sub_ div_ clamp_ clamp_min_ clamp_max_ masked_fill_ fill_ dropout_ zero_
 """.split())
-# torch's own dequantisation of an int8 pool (nesc.core.quant, which registers it): pure arithmetic.
+# nesc's ops (nesc.core.modules, nesc.core.quant: pure, no state but the inference cache, which never
+# outlives what it was built from), and torch's own dequantisation of an int8 pool, which files written
+# before nesc::dequantize call (nesc.core.quant registers it; the loader rewrites it, ``upgrade``).
 ALLOWED_OPS = frozenset(f"aten::{n}" for n in _ATEN.split()) | INPLACE_OPS | {
-    "nesc::regenerate", "nesc::gather_products", "quantized_decomposed::dequantize_per_channel"}
+    "nesc::regenerate", "nesc::gather_products", "nesc::dequantize", "quantized_decomposed::dequantize_per_channel"}
 
 PY_FUNCTIONS = {
     f"operator.{n}": getattr(operator, n)

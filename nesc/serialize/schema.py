@@ -31,7 +31,7 @@ from torch import fx
 from nesc.capture import ExportedBatchNorm, ModeDropout
 from nesc.core import compat, inputs
 from nesc.core.modules import GATHER_ARGS, REGENERATE_ARGS, is_gather_products, is_regenerate
-from nesc.core.quant import PoolRead, pool_problem, pool_read
+from nesc.core.quant import PoolRead, is_dequantize, pool_problem, pool_read
 from nesc.core.sampling import LAYOUTS, Geometry
 
 MAX_DEPTH = 32  # nesting of values and documents: exported graphs use 3-4
@@ -159,13 +159,16 @@ def check_device(text) -> str:
 # ----------------------------------------------------------------------------- assembled module
 
 def check_routes(gm: fx.GraphModule) -> None:
-    """Every ``nesc.regenerate`` node reads a pool and a routing map that fit each other, and every
-    ``nesc.gather_products`` node a product map that fits the op it reads."""
+    """Every ``nesc.regenerate`` node reads a pool and a routing map that fit each other, every
+    ``nesc.gather_products`` node a product map that fits the op it reads, and every ``nesc.dequantize``
+    node stored values (and scales) of the dtypes and shapes its form needs (``quant.pool_problem``)."""
     for node in gm.graph.nodes:
         if is_regenerate(node):
             _check_route(gm, node)
         elif is_gather_products(node):
             _check_products(gm, node)
+        elif is_dequantize(node):
+            _pool(gm, node, f"dequantize node {node.name}")
 
 
 def _check_products(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -201,13 +204,8 @@ def _check_route(gm: fx.GraphModule, node: fx.Node) -> None:
     if len(node.args) != len(REGENERATE_ARGS) or node.kwargs:
         raise Invalid(f"{where}: takes {REGENERATE_ARGS} positionally")
     pool, starts, fracs, scale, shape, block, layout = node.args
-    read = pool_read(pool) or PoolRead(pool)  # a stored pool, or its int8 / float16 values (nesc.core.quant)
-    tensors = [_stored(gm, arg, f"{where}: {role}") for arg, role in zip((read.values, starts, fracs), REGENERATE_ARGS)]
-    pool, starts, fracs = tensors
-    scales = None if read.scale is None else _stored(gm, read.scale, f"{where}: pool scale")
-    problem = pool_problem(read, pool, scales)
-    if problem:
-        raise Invalid(f"{where}: {problem}")
+    pool = _pool(gm, pool, where)
+    starts, fracs = (_stored(gm, arg, f"{where}: {role}") for arg, role in ((starts, "starts"), (fracs, "fracs")))
     scale = _stored(gm, scale, f"{where}: scale")
     if not scale.is_floating_point() or scale.shape != () or not bool(torch.isfinite(scale)):
         raise Invalid(f"{where}: scale is {scale.dtype} of shape {tuple(scale.shape)}, expected a finite float "
@@ -232,6 +230,22 @@ def _check_route(gm: fx.GraphModule, node: fx.Node) -> None:
         raise Invalid(f"{where}: a start index lies outside its pool {g.pool} (limits {upper.tolist()})")
     if not bool(((fracs >= 0) & (fracs <= 1)).all()):  # also false for NaN
         raise Invalid(f"{where}: interpolation fractions must lie in [0, 1]")
+
+
+def _pool(gm: fx.GraphModule, arg, where: str) -> torch.Tensor:
+    """The stored pool ``arg`` reads: a get_attr, or a ``nesc.dequantize`` of stored int8 values and scales
+    or float16 / bfloat16 values (``nesc.core.quant``), checked (``pool_problem``)."""
+    read = pool_read(arg)
+    if read is None and isinstance(arg, fx.Node) and is_dequantize(arg):
+        raise Invalid(f"{where}: nesc.dequantize takes (values, scale or None, dtype) positionally, its values "
+                      f"and scales read from stored tensors (get_attr), got {arg.args} {arg.kwargs}")
+    read = read or PoolRead(arg)
+    values = _stored(gm, read.values, f"{where}: pool")
+    scales = None if read.scale is None else _stored(gm, read.scale, f"{where}: pool scale")
+    problem = pool_problem(read, values, scales)
+    if problem:
+        raise Invalid(f"{where}: {problem}")
+    return values
 
 
 def _stored(gm: fx.GraphModule, arg, what: str) -> torch.Tensor:

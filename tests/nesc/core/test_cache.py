@@ -94,3 +94,88 @@ def test_eval_outputs_follow_training_and_loaded_weights(frozen: bool) -> None:
         loaded = gm(*x)
         with weight_cache(False):
             assert_close(loaded, gm(*x), EXACT, "after load_state_dict")
+
+
+def test_a_weight_written_in_place_is_rebuilt() -> None:
+    pool, starts = torch.randn(4), torch.zeros(2)
+    calls, build = _counter()
+    with torch.no_grad():
+        first = cached(starts, (pool, starts), "k", build)
+        first.mul_(0)  # a consumer writing into the cached tensor
+        assert cached(starts, (pool, starts), "k", build) is not first and len(calls) == 2
+
+
+def test_inference_tensors_are_never_cached_and_never_fail() -> None:
+    """An inference tensor has no version counter, so nothing could prove a weight built from it fresh."""
+    calls, build = _counter()
+    with torch.inference_mode():
+        pool = torch.randn(4)
+        cached(pool, (pool,), "k", build)
+        cached(pool, (pool,), "k", build)
+    assert len(calls) == 2
+
+
+def _counting(monkeypatch, module, name: str) -> list:
+    calls, original = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _quantized_mlp(dtype):
+    from helpers import transformed_registry
+
+    _, gm = transformed_registry("mlp")
+    return nesc.freeze(gm, pool_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16])
+def test_quantized_pools_hit_the_cache_until_their_values_or_scales_change(monkeypatch, dtype) -> None:
+    """The stored values (and int8 scales) key the dequantised pool, which keys the weights: a second
+    forward rebuilds nothing; an in-place write to either rebuilds what reads it, and the outputs then
+    equal the model with the cache off (which dequantises and regenerates every call)."""
+    from nesc.core import modules, quant
+
+    frozen, x = _quantized_mlp(dtype), registry_inputs("mlp", 4)
+    regenerated, dequantized = _counting(monkeypatch, modules, "regenerate_fastest"), _counting(
+        monkeypatch, quant, "dequantize_reference")
+    with torch.no_grad():
+        first = frozen(*x)
+        assert regenerated and dequantized
+        regenerated.clear(), dequantized.clear()
+        assert_close(frozen(*x), first, EXACT, "second forward")
+        assert regenerated == [] and dequantized == [], "a second forward regenerates nothing"
+    writes = {"values": lambda v: v.copy_(v.flip(1))}
+    if dtype == torch.int8:
+        writes["scale"] = lambda s: s.copy_(s * 1.5)
+    for leaf, write in writes.items():
+        stored = frozen.get_buffer(f"nesc_pool_0.{leaf}")
+        with torch.no_grad():
+            before = frozen(*x)  # every pool and weight cached (switching the cache off below empties it)
+            regenerated.clear(), dequantized.clear()
+            write(stored)
+            after = frozen(*x)
+            assert len(dequantized) == 1 and regenerated, f"a write to the {leaf} rebuilds pool 0 and its weights"
+            with weight_cache(False):
+                assert_close(after, frozen(*x), EXACT, f"after a write to nesc_pool_0.{leaf}")
+        assert not torch.equal(after, before), f"the write to the {leaf} changed the outputs"
+
+
+def test_quantized_pools_run_and_stay_cached_in_inference_mode(monkeypatch) -> None:
+    """The cached dequantised pool is built outside inference mode (it has a version counter), so the
+    weights read from it are cached there too; before, the regenerate node's cache failed on it."""
+    from nesc.core import modules
+
+    frozen, x = _quantized_mlp(torch.int8), registry_inputs("mlp", 4)
+    with torch.no_grad():
+        want = frozen(*x)
+    regenerated = _counting(monkeypatch, modules, "regenerate_fastest")
+    with torch.inference_mode():
+        assert_close(frozen(*x), want, EXACT, "inference mode vs no_grad")
+        calls = len(regenerated)
+        assert_close(frozen(*x), want, EXACT, "second inference-mode forward")
+    assert len(regenerated) == calls, "the second inference-mode forward regenerates nothing"

@@ -12,7 +12,7 @@ import nesc
 from helpers import CLOSE, EXACT, assert_close, registry_inputs, transformed_registry
 from nesc.core.errors import ConfigError
 from nesc.core.modules import samplers_by_pool
-from nesc.core.quant import FAKE_QUANT, PoolRead, QMAX, pool_problem, quantize
+from nesc.core.quant import FAKE_QUANT, PoolRead, QMAX, dequantize_node, pool_problem, quantize
 
 
 def _pool(seed: int = 0) -> torch.Tensor:
@@ -55,8 +55,6 @@ def test_a_bad_dtype_or_scale_is_a_config_error() -> None:
 
 
 def _int8_read() -> tuple[PoolRead, torch.Tensor, torch.Tensor]:
-    from nesc.core.quant import dequantize_node
-
     g = fx.Graph()
     values, scale = g.get_attr("p.values"), g.get_attr("p.scale")
     node = dequantize_node(g, values, scale, torch.float32)
@@ -72,8 +70,23 @@ def test_pool_problem_accepts_what_freeze_writes_and_names_each_defect() -> None
     assert "positive finite" in pool_problem(read, values, scale.double())
     assert "positive finite" in pool_problem(read, values, -scale)
     assert "positive finite" in pool_problem(read, values, scale * float("nan"))
-    read.dequantize.args = (*read.dequantize.args[:3], 1, *read.dequantize.args[4:])  # another axis
-    assert "must be (values, scale, None, 0" in pool_problem(read, values, scale)
+    node = read.dequantize
+    node.args = (*node.args[:2], torch.int32)  # an integer pool
+    assert "must compute a float dtype, got torch.int32" in pool_problem(read, values, scale)
+    node.args = (*node.args[:2], torch.float32, 0)  # torch's form had an axis here; nesc's has none
+    assert "takes (values, scale or None, dtype)" in pool_problem(read, values, scale)
+    node.args, node.kwargs = node.args[:3], {"out_dtype": torch.float16}
+    assert "takes (values, scale or None, dtype)" in pool_problem(read, values, scale)
+
+
+def test_pool_problem_checks_a_cast_pool_by_its_values() -> None:
+    g = fx.Graph()
+    values = g.get_attr("p.values")
+    read = PoolRead(values, None, dequantize_node(g, values, None, torch.float32))
+    assert pool_problem(read, quantize(_pool(), torch.float16).values, None) is None
+    assert pool_problem(read, quantize(_pool(), torch.bfloat16).values, None) is None
+    assert "float16 / bfloat16" in pool_problem(read, quantize(_pool(), torch.int8).values, None)
+    assert "float16 / bfloat16" in pool_problem(read, _pool(), None)  # float32 values: nothing nesc writes
 
 
 # ------------------------------------------------------------------------------------------ QAT
