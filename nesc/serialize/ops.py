@@ -47,7 +47,10 @@ _ATEN = """
     _native_batch_norm_legit_no_training _softmax _log_softmax _to_copy _unsafe_view _assert_tensor_metadata
     _assert_scalar adaptive_avg_pool1d adaptive_avg_pool2d adaptive_max_pool1d adaptive_max_pool2d __and__
     __or__ __xor__ __lshift__ __rshift__ einsum reshape_as _weight_norm _weight_norm_interface norm_except_dim
-    linalg_vector_norm
+    linalg_vector_norm swapaxes swapdims movedim moveaxis ravel hsplit vsplit dsplit diagonal unfold argsort sort
+    cummax cummin logsumexp outer dot kron cross bucketize erfinv erfc hypot logit nan_to_num frac trunc fix exp2
+    hardshrink softshrink threshold log_sigmoid take_along_dim flipud fliplr rot90 sgn signbit isfinite isclose
+    fmin fmax true_divide unsafe_split unsafe_chunk mT
 """
 # In-place variants export keeps (nn.ReLU(inplace=True), ...); see ``schema.check_mutations``.
 INPLACE_OPS = frozenset(f"aten::{n}" for n in """

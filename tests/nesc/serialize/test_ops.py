@@ -64,3 +64,26 @@ def test_in_place_ops_are_a_named_subset() -> None:
     assert ops.INPLACE_OPS <= ops.ALLOWED_OPS
     assert all(name.endswith("_") for name in ops.INPLACE_OPS)
     assert ops.resolve("aten::relu_.default") is torch.ops.aten.relu_.default
+
+
+class _AxisShuffles(torch.nn.Module):
+    """Window partitions written with swapaxes / movedim / mT (torchvision's MaxViT uses swapaxes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.swapaxes(self.proj(x), 1, 2)  # (B, 32, L)
+        h = torch.movedim(h, 1, -1).mT  # back to (B, 32, L)
+        return h.flatten(1)
+
+
+def test_axis_shuffles_save_and_load(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = _AxisShuffles().eval(), (torch.randn(2, 5, 32),)
+    frozen = nesc.freeze(nesc.transform(model, x, init="random", ratio=2, min_params=16, keep_classifier=False))
+    nesc.save(frozen, tmp_path / "m.nesc")
+    loaded = nesc.load(tmp_path / "m.nesc")
+    assert {"aten::swapaxes", "aten::movedim"} <= _calls(loaded)
+    torch.testing.assert_close(loaded(*x), frozen(*x), rtol=0, atol=0)
