@@ -4,11 +4,11 @@
   ``TransformationLearner``) and reads its pool as input; ``passes.epitomize`` adds one per weight.
 * ``RoutingMap`` (frozen): int32 starts and float fractions per block; ``passes.freeze`` adds one per
   weight and calls ``torch.ops.nesc.regenerate`` on it.
-* ``torch.ops.nesc.regenerate``: the frozen form of a sampled weight, a ``torch.library`` custom op
-  (fake kernel and autograd registered) that torch.export keeps as one node. Importing this module
+* ``torch.ops.nesc.regenerate``: the frozen form of a sampled weight, a ``torch.library`` op (fake
+  kernel and autograd registered) that torch.export keeps as one node. Importing this module
   registers it.
-* ``torch.ops.nesc.gather_products``: ``passes.reuse``'s product map, output channels as (interpolated)
-  copies of the channels of one op run with a pool's rows; a custom op for the same reason.
+* ``torch.ops.nesc.gather_products``: ``passes.reuse``'s product map (``nesc.core.products``), a custom
+  op for the same reason.
 * ``tensor_roles`` / ``samplers_by_pool``: what each tensor of a GraphModule is, read from the graph's
   structure (which node consumes it), never from its name.
 
@@ -24,11 +24,11 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn import functional as F
 
 from .cache import cached
 from .compat import keep_precision_on_cast
 from .errors import ConfigError
+from .products import gather_products_op, product_index  # noqa: F401 - registers nesc::gather_products
 from .quant import pool_read
 from .sampling import Geometry, regenerate, regenerate_indexed, regenerate_wide, scale_buffer, split_starts
 
@@ -200,7 +200,14 @@ class RoutingMap(nn.Module):
             self.register_buffer("scale", scale_buffer(scale))
 
 
-@torch.library.custom_op("nesc::regenerate", mutates_args=())
+# ``nesc::regenerate`` is defined on a plain ``torch.library.Library`` rather than ``custom_op``: a
+# frozen model calls it once per weight per forward and, in inference, mostly returns a cached weight,
+# so the dispatch is the cost; this path is several times cheaper per call than ``custom_op``'s.
+_LIB = torch.library.Library("nesc", "FRAGMENT")
+_LIB.define("regenerate(Tensor pool, Tensor starts, Tensor fracs, Tensor scale, int[] shape, int[] block, "
+            "str layout) -> Tensor")
+
+
 def regenerate_op(
     pool: Tensor, starts: Tensor, fracs: Tensor, scale: Tensor, shape: list[int], block: list[int], layout: str
 ) -> Tensor:
@@ -212,7 +219,10 @@ def regenerate_op(
                   lambda: regenerate_fastest(pool, starts, fracs, scale, geometry))
 
 
-@regenerate_op.register_fake
+_LIB.impl("regenerate", regenerate_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("nesc::regenerate", lib=_LIB)
 def _regenerate_fake(pool, starts, fracs, scale, shape, block, layout):
     geometry = Geometry(tuple(shape), tuple(pool.shape), tuple(block), layout)
     return pool.new_empty(geometry.param_shape)
@@ -236,70 +246,7 @@ def _regenerate_backward(ctx, grad):
     return gp, None, gf, None, None, None, None
 
 
-regenerate_op.register_autograd(_regenerate_backward, setup_context=_regenerate_setup)
-
-
-def product_index(starts: Tensor, channels: int, block: int, rows: int) -> Tensor:
-    """The two product channels output channel ``c`` interpolates between, ``(channels, 2)``: row
-    ``j = c // block`` of the product map starts at pool row ``o`` of product group ``g`` (``starts[j] =
-    (g, o)``), so channel ``c`` reads rows ``o + c % block`` and the next one (mod ``rows``, the pool's
-    rows, as ``regenerate`` wraps them) of group ``g``'s ``rows`` products."""
-    c = torch.arange(channels, device=starts.device)
-    g, o = starts[c // block].long().unbind(-1)
-    lo = o + c % block
-    step = 1 if rows > 1 else 0  # a one-row pool cannot move along its rows
-    return torch.stack([g * rows + lo % rows, g * rows + (lo + step) % rows], -1)
-
-
-@torch.library.custom_op("nesc::gather_products", mutates_args=())
-def gather_products_op(products: Tensor, starts: Tensor, fracs: Tensor, bias: Tensor | None, dim: int,
-                       channels: int, block: int, rows: int) -> Tensor:
-    """``passes.reuse``'s product map: ``channels`` outputs along ``dim``, each the interpolation of
-    two of ``products``' channels (``product_index``) with its row's fraction, plus ``bias``.
-
-    ``products`` is one op (conv, linear) run with a pool's rows as its weight, ``rows`` channels per
-    group of distinct input routing; the op is linear in its weight, so interpolating its outputs
-    equals running it with the interpolated weight. ``starts``: int32 ``(ceil(channels / block), 2)``,
-    ``(group, pool row)`` per output row; ``fracs``: ``(ceil(channels / block),)`` in ``[0, 1)``."""
-    dim = dim % products.dim()
-    index = product_index(starts, channels, block, rows)
-    lo, hi = products.index_select(dim, index[:, 0]), products.index_select(dim, index[:, 1])
-    view = [1] * products.dim()
-    view[dim] = -1
-    f = fracs.to(products.dtype).repeat_interleave(block)[:channels].view(view)
-    out = torch.lerp(lo, hi, f)
-    return out if bias is None else out + bias.view(view)
-
-
-@gather_products_op.register_fake
-def _gather_products_fake(products, starts, fracs, bias, dim, channels, block, rows):
-    shape = list(products.shape)
-    shape[dim % products.dim()] = channels
-    return products.new_empty(shape)
-
-
-def _gather_products_setup(ctx, inputs, output):
-    products, starts, fracs, bias, dim, channels, block, rows = inputs
-    ctx.save_for_backward(products, starts, fracs)
-    ctx.args = (dim % products.dim(), channels, block, rows, bias is not None)
-
-
-def _gather_products_backward(ctx, grad):
-    products, starts, fracs = ctx.saved_tensors
-    dim, channels, block, rows, has_bias = ctx.args
-    view = [1] * products.dim()
-    view[dim] = -1
-    index = product_index(starts, channels, block, rows)
-    f = fracs.to(grad.dtype).repeat_interleave(block)[:channels].view(view)
-    gp = torch.zeros_like(products).index_add_(dim, index[:, 0], grad * (1 - f)).index_add_(dim, index[:, 1], grad * f)
-    others = [d for d in range(grad.dim()) if d != dim]
-    diff = products.index_select(dim, index[:, 1]) - products.index_select(dim, index[:, 0])
-    per_channel = (grad * diff).sum(others)
-    gf = F.pad(per_channel, (0, fracs.numel() * block - channels)).view(-1, block).sum(1).to(fracs.dtype)
-    return gp, None, gf, grad.sum(others) if has_bias else None, None, None, None, None
-
-
-gather_products_op.register_autograd(_gather_products_backward, setup_context=_gather_products_setup)
+torch.library.register_autograd("nesc::regenerate", _regenerate_backward, setup_context=_regenerate_setup, lib=_LIB)
 
 
 REGENERATE = torch.ops.nesc.regenerate.default
