@@ -6,7 +6,8 @@ from its default config, shrunk by one generic recipe (``small_config``: every w
 vocabulary and position attribute the config has is set small; nothing keyed by model name), with
 random weights (nothing downloads). torchvision's classification models follow when torchvision
 imports (the smallest of each family by default, every one with ``--all``), at their full size on
-64x64 images (``image_size=64`` where the builder takes it: the ViTs), with 10 classes.
+64x64 images (``image_size=64`` where the builder takes it: the ViTs; 224x224 for a model that does not
+run at 64), with 10 classes.
 
 Stages, each depending on the one before (a stage after a failure is "skip"):
 
@@ -73,6 +74,7 @@ TV_DEFAULT = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0
               "regnet_y_400mf", "mnasnet0_5", "googlenet", "resnext50_32x4d", "efficientnet_v2_s", "swin_v2_t",
               "wide_resnet50_2", "vgg11", "maxvit_t")
 TV_SIZE = 64
+TV_FALLBACK_SIZE = 224  # for a model that does not run at TV_SIZE
 BATCH, SEQ, DEC_SEQ = 2, 16, 8
 
 # ------------------------------------------------------------------------------- small configs
@@ -180,7 +182,17 @@ def build(entry: dict):
             model = torchvision.models.get_model(entry["type"], weights=None, num_classes=10, image_size=TV_SIZE)
         except TypeError:
             model = torchvision.models.get_model(entry["type"], weights=None, num_classes=10)
-        return model.eval(), (torch.randn(BATCH, 3, TV_SIZE, TV_SIZE),), {}
+        model.eval()
+        for size in (TV_SIZE, TV_FALLBACK_SIZE):  # maxvit's window partitions need 224x224
+            x = torch.randn(BATCH, 3, size, size)
+            try:
+                with torch.no_grad():
+                    model(x)
+                break
+            except RuntimeError:
+                if size == TV_FALLBACK_SIZE:
+                    raise
+        return model, (x,), {}
     import transformers
 
     config = small_config(transformers.AutoConfig.for_model(entry["type"]))
