@@ -139,7 +139,7 @@ def candidates(select_all: bool, only: set[str] | None) -> list[dict]:
         for model_type, cls_name in getattr(modeling_auto, TASKS[task]).items():
             if task == "causal" and model_type in encoders:
                 continue
-            if model_type in seen or (not select_all and model_type not in DEFAULT):
+            if model_type in seen or (not select_all and only is None and model_type not in DEFAULT):
                 continue
             if only is not None and model_type not in only:
                 continue

@@ -229,7 +229,7 @@ def _export(model: nn.Module, example_inputs: tuple, example_kwargs: dict, trace
         model.train(was_training)
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph)  # a plain GraphModule: train()/eval() work
-    exported_as_pure(gm)  # views as reshapes, fresh allocations as zeros, lifted constants as clones
+    exported_as_pure(gm)  # views as reshapes, empty as zeros, lifted constants as clones, w.T as permute
     make_mode_aware(gm, captured_training=False, model=model)
     return gm
 

@@ -14,6 +14,10 @@ backends see one vocabulary. Each rule changes no value a correct program comput
 * **lifted constants** (``lift_fresh_copy`` -> ``clone``, ``detach_`` -> ``detach``): what export
   writes for ``torch.tensor(...)`` inside forward (DeBERTa-v2's ``scaled_size_sqrt``): a copy of a
   constant, detached in place. The out-of-place forms compute the same tensors.
+* **attribute transposes** (``numpy_T``, ``mT``, ``mH``, ``adjoint``, ``matrix_H`` -> ``permute``):
+  what export keeps of ``w.T``, ``w.mT``, ``w.H``, ... (Falcon's ``input @ self.weight.T``). The
+  allow-list and ``passes.weight_ops.is_transpose`` know ``permute``; the conjugating ones equal it on
+  real tensors only, so a complex input keeps its op.
 
     %e = aten.empty.memory_format([0], device=cpu)   ->   %e = aten.zeros.default([0], device=cpu)
 """
@@ -36,6 +40,21 @@ ALLOCATIONS = {
 }
 LIFTED = {aten.lift_fresh_copy.default: aten.clone.default, aten.detach_.default: aten.detach.default}
 EXPORTED = VIEWS | ALLOCATIONS | LIFTED
+
+
+def _swap_last_two(rank: int) -> list[int] | None:
+    return [*range(rank - 2), rank - 1, rank - 2] if rank >= 2 else None
+
+
+# op -> (whether it conjugates, rank -> the dims of the permute it is, or None for a rank the op
+# rejects). A 2-D transpose is permute [1, 0].
+TRANSPOSES = {
+    aten.numpy_T.default: (False, lambda rank: list(range(rank))[::-1]),
+    aten.mT.default: (False, _swap_last_two),
+    aten.mH.default: (True, _swap_last_two),
+    aten.adjoint.default: (True, _swap_last_two),
+    aten.matrix_H.default: (True, lambda rank: [1, 0] if rank == 2 else None),
+}
 # The same allocations as symbolic_trace records them (torch functions and Tensor methods).
 TRACED_FUNCTIONS = {torch.empty: torch.zeros, torch.empty_like: torch.zeros_like}
 TRACED_METHODS = {"new_empty": "new_zeros"}
@@ -62,14 +81,34 @@ def rewrite_ops(gm: fx.GraphModule, rules: dict) -> bool:
     return changed
 
 
+def transposes_as_permutes(gm: fx.GraphModule) -> bool:
+    """The ``TRANSPOSES`` rule (see the module docstring) on the nodes whose input's rank and dtype the
+    export recorded (``meta["val"]``); returns whether any node changed."""
+    changed = False
+    for node in gm.graph.nodes:
+        rule = TRANSPOSES.get(node.target) if node.op == "call_function" else None
+        val = getattr(node.args[0], "meta", {}).get("val") if rule and node.args else None
+        if not isinstance(val, torch.Tensor) or (rule[0] and val.is_complex()):
+            continue
+        dims = rule[1](val.dim())
+        if dims is None:
+            continue  # a rank the op rejects: keep it, and its error
+        node.target, node.args, node.kwargs = aten.permute.default, (node.args[0], dims), {}
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
 def views_as_reshapes(gm: fx.GraphModule) -> bool:
     """Only the ``VIEWS`` rule (see the module docstring); returns whether any node changed."""
     return rewrite_ops(gm, VIEWS)
 
 
 def exported_as_pure(gm: fx.GraphModule) -> bool:
-    """Every rule for an exported aten graph (``EXPORTED``); returns whether any node changed."""
-    return rewrite_ops(gm, EXPORTED)
+    """Every rule for an exported aten graph (``EXPORTED``, ``TRANSPOSES``); returns whether any node changed."""
+    return rewrite_ops(gm, EXPORTED) | transposes_as_permutes(gm)
 
 
 def traced_as_pure(gm: fx.GraphModule) -> bool:
@@ -77,4 +116,4 @@ def traced_as_pure(gm: fx.GraphModule) -> bool:
     return rewrite_ops(gm, TRACED_FUNCTIONS)
 
 
-__all__ = ["exported_as_pure", "rewrite_ops", "traced_as_pure", "views_as_reshapes"]
+__all__ = ["exported_as_pure", "rewrite_ops", "traced_as_pure", "transposes_as_permutes", "views_as_reshapes"]

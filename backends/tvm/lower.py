@@ -43,6 +43,7 @@ from nesc.core.quant import POOL_DTYPES, is_dequantize
 from nesc.core.sampling import Geometry
 
 from .adapter import ExportedProgramImporter, detach_params, from_exported_program, relax, tvm, var_name
+from .importer_fixes import IMPORTER_FIXES
 from .kernels import (
     PRODUCTS_NAME,
     REGENERATE_NAME,
@@ -264,6 +265,7 @@ def _convert_cumsum(node: fx.Node, importer) -> relax.Var:
 
 # The importer's table, extended by ours; keys are OpOverload names as the importer spells them.
 CONVERTERS = {
+    **IMPORTER_FIXES,  # importer converters of 0.27 that miscompute some arguments (importer_fixes)
     "regenerate.default": _convert_regenerate,
     "dequantize.default": _convert_dequantize,
     "gather_products.default": _convert_gather_products,

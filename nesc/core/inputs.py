@@ -112,9 +112,16 @@ def dynamic_dims(t: Tensor, dim=None) -> dict | None:
     return {d: dim for d in range(t.dim())}
 
 
+# torch 2.13's export lists an input that forward takes through ``**kwargs`` twice (under ``kwargs`` and
+# under its own name, in ``_get_range_constraints``) and fails on any ``dynamic_shapes`` ("Must provide a
+# tree_name when there might be a mismatch": FNet's ``attention_mask``); torch 2.14 takes them.
+DIMS_THROUGH_VAR_KEYWORD = torch.__version__ >= "2.14"
+
+
 def export_dims(forward, args: Sequence[Tensor], kwargs: dict[str, Tensor]):
     """``dynamic_shapes`` for ``torch.export.export(model, args, kwargs)`` (``dynamic_dims`` of each
-    input): a tuple without keywords, else a dict keyed by ``forward``'s parameter names, as export asks."""
+    input): a tuple without keywords, else a dict keyed by ``forward``'s parameter names, as export asks;
+    None (every shape as given) where this torch cannot take them (``DIMS_THROUGH_VAR_KEYWORD``)."""
     if not kwargs:
         return tuple(dynamic_dims(t) for t in args)
     params = inspect.signature(forward).parameters
@@ -125,6 +132,8 @@ def export_dims(forward, args: Sequence[Tensor], kwargs: dict[str, Tensor]):
         if kind is inspect.Parameter.VAR_POSITIONAL:
             out[name] = tuple(dynamic_dims(t) for t in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
+            if not DIMS_THROUGH_VAR_KEYWORD:
+                return None
             out[name] = {k: dynamic_dims(t) for k, t in value.items()}
         else:
             out[name] = dynamic_dims(value)

@@ -50,7 +50,7 @@ _ATEN = """
     linalg_vector_norm swapaxes swapdims movedim moveaxis ravel hsplit vsplit dsplit diagonal unfold argsort sort
     cummax cummin logsumexp outer dot kron cross bucketize erfinv erfc hypot logit nan_to_num frac trunc fix exp2
     hardshrink softshrink threshold log_sigmoid take_along_dim flipud fliplr rot90 sgn signbit isfinite isclose
-    fmin fmax true_divide unsafe_split unsafe_chunk mT
+    fmin fmax true_divide unsafe_split unsafe_chunk mT eye
 """
 # In-place variants export keeps (nn.ReLU(inplace=True), ...); see ``schema.check_mutations``.
 INPLACE_OPS = frozenset(f"aten::{n}" for n in """

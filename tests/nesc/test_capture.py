@@ -459,3 +459,27 @@ def test_exported_views_become_reshapes() -> None:
     from nesc.capture import views_as_reshapes
 
     assert views_as_reshapes(gm) is False  # nothing left to rewrite
+
+
+class _MaskThroughKwargs(nn.Module):
+    """FNet's forward: the attention mask arrives through ``**kwargs``; ``if x.shape[-1] > 1`` sends
+    symbolic_trace to export, where torch 2.13 refuses dynamic shapes for such an input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x, **kwargs):  # x (B, S, 16), kwargs["attention_mask"] (B, S)
+        if x.shape[-1] > 1:
+            x = x * 1.0
+        return self.linear(x) * kwargs["attention_mask"].unsqueeze(-1)
+
+
+def test_a_keyword_input_that_forward_takes_through_var_kwargs_is_captured():
+    torch.manual_seed(0)
+    model = _MaskThroughKwargs().eval()
+    x, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    gm = nesc.capture(model, (x,), {"attention_mask": mask})
+    assert gm.meta[names.CAPTURE] == "export"
+    with torch.no_grad():
+        assert_close(gm(x, mask), model(x, attention_mask=mask), EXACT, "capture")

@@ -1,6 +1,6 @@
-"""nesc.capture_ops: the ops capture rewrites (fresh allocations, lifted constants) leave no op outside
-the artifact allow-list, change no output, and keep the model saveable (WavLM's ``torch.empty`` biases,
-DeBERTa-v2's ``torch.tensor`` scale)."""
+"""nesc.capture_ops: the ops capture rewrites (fresh allocations, lifted constants, attribute
+transposes) leave no op outside the artifact allow-list, change no output, and keep the model saveable
+(WavLM's ``torch.empty`` biases, DeBERTa-v2's ``torch.tensor`` scale, Falcon's ``self.weight.T``)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import nesc
 from helpers import EXACT, assert_close
-from nesc.capture_ops import ALLOCATIONS, LIFTED, exported_as_pure
+from nesc.capture_ops import ALLOCATIONS, LIFTED, exported_as_pure, transposes_as_permutes
 from nesc.serialize import ops
 
 aten = torch.ops.aten
@@ -79,5 +79,63 @@ def test_a_model_with_fresh_tensors_saves_and_loads(tmp_path: Path) -> None:
     calls = {ops.packet_name(n.target) for n in loaded.graph.nodes
              if n.op == "call_function" and hasattr(n.target, "_schema")}
     assert calls <= ops.ALLOWED_OPS and "aten::empty" not in calls
+    with torch.no_grad():
+        assert_close(loaded(x), frozen(x), EXACT, "save/load")
+
+
+class _AttributeTransposes(nn.Module):
+    """Falcon's ``input @ self.weight.T``, and the other attribute spellings of a transpose (``.mT``,
+    ``.H``, ``.mH``, ``.adjoint()``), which export keeps as their own ops; ``if x.shape[-1] > 1`` sends
+    symbolic_trace to export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(48, 32) / 6) for _ in range(5))
+
+    def forward(self, x):  # (B, S, 32)
+        if x.shape[-1] > 1:
+            x = x * 1.0
+        a, b, c, d, e = self.weights  # each (48, 32): (O, I) read as x @ W^T
+        return x @ a.T + x @ b.mT + x @ c.H + x @ d.mH + x @ e.adjoint()  # (B, S, 48)
+
+
+def test_attribute_transposes_become_permutes_that_find_weights_reads() -> None:
+    torch.manual_seed(0)
+    model, x = _AttributeTransposes().eval(), torch.randn(2, 5, 32)
+    ep = torch.export.export(model, (x,))
+    kept = {aten.numpy_T.default, aten.mT.default, aten.mH.default, aten.adjoint.default, aten.matrix_H.default}
+    assert kept & _targets(ep.module())  # the ops the rule exists for (this torch keeps them)
+    gm = nesc.capture(model, (x,))
+    assert gm.meta["nesc_capture"] == "export"
+    assert not _targets(gm) & kept
+    with torch.no_grad():
+        assert_close(gm(x), model(x), EXACT, "capture")
+    # Each weight is found behind one transpose: sampled in the op's (O, I) view.
+    from nesc.passes.find_weights import find_weights, weight_infos
+
+    infos = weight_infos(find_weights(gm).graph_module)
+    assert sorted(i.weight_name for i in infos) == [f"weights.{k}" for k in range(5)]
+    assert {(i.shape, i.layout, i.computed) for i in infos} == {((48, 32, 1, 1), "linear", "")}
+
+
+def test_the_transpose_rule_keeps_complex_conjugations_and_bad_ranks() -> None:
+    """``mH`` conjugates a complex tensor (not a permute), and ``matrix_H`` of a 3-D tensor is an error
+    the op must keep raising."""
+    graph = fx.Graph()
+    z, t = graph.placeholder("z"), graph.placeholder("t")
+    z.meta["val"] = torch.zeros(3, 4, dtype=torch.complex64)
+    t.meta["val"] = torch.zeros(2, 3, 4)
+    graph.output((graph.call_function(aten.mH.default, (z,)), graph.call_function(aten.matrix_H.default, (t,))))
+    gm = fx.GraphModule(nn.Module(), graph)
+    assert transposes_as_permutes(gm) is False
+    assert _targets(gm) == {aten.mH.default, aten.matrix_H.default}
+
+
+def test_a_model_reading_weight_dot_t_saves_and_loads(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = _AttributeTransposes().eval(), torch.randn(2, 5, 32)
+    frozen = nesc.freeze(nesc.transform(model, (x,), ratio=2, min_params=100))
+    nesc.save(frozen, tmp_path / "m.nesc")
+    loaded = nesc.load(tmp_path / "m.nesc")
     with torch.no_grad():
         assert_close(loaded(x), frozen(x), EXACT, "save/load")
