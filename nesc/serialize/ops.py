@@ -50,7 +50,8 @@ _ATEN = """
     linalg_vector_norm swapaxes swapdims movedim moveaxis ravel hsplit vsplit dsplit diagonal unfold argsort sort
     cummax cummin logsumexp outer dot kron cross bucketize erfinv erfc hypot logit nan_to_num frac trunc fix exp2
     hardshrink softshrink threshold log_sigmoid take_along_dim flipud fliplr rot90 sgn signbit isfinite isclose
-    fmin fmax true_divide unsafe_split unsafe_chunk mT eye
+    fmin fmax true_divide unsafe_split unsafe_chunk mT eye fft_fft fft_ifft fft_fft2 fft_ifft2 fft_fftn fft_ifftn
+    fft_rfft fft_irfft fft_rfft2 fft_irfft2 fft_rfftn fft_irfftn real imag view_as_real view_as_complex
 """
 # In-place variants export keeps (nn.ReLU(inplace=True), ...); see ``schema.check_mutations``.
 INPLACE_OPS = frozenset(f"aten::{n}" for n in """

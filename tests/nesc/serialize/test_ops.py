@@ -87,3 +87,23 @@ def test_axis_shuffles_save_and_load(tmp_path) -> None:
     loaded = nesc.load(tmp_path / "m.nesc")
     assert {"aten::swapaxes", "aten::movedim"} <= _calls(loaded)
     torch.testing.assert_close(loaded(*x), frozen(*x), rtol=0, atol=0)
+
+
+class _FourierMixing(torch.nn.Module):
+    """FNet's token mixing: the real part of a 2-D FFT between two sampled linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.fft.fftn(self.proj(x), dim=(-2, -1)).real.mean(1))
+
+
+def test_fourier_mixing_saves_and_loads(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = _FourierMixing().eval(), (torch.randn(2, 6, 32),)
+    frozen = nesc.freeze(nesc.transform(model, x, init="random", ratio=2, min_params=16, keep_classifier=False))
+    nesc.save(frozen, tmp_path / "m.nesc")
+    loaded = nesc.load(tmp_path / "m.nesc")
+    torch.testing.assert_close(loaded(*x), frozen(*x), rtol=0, atol=0)
