@@ -2,12 +2,12 @@
 
     first, history, elapsed, kept = resume_run(out, model, optimizer, scheduler, settings, resume, strict)
     elapsed = run_epochs(model, dataset, x_train, config, device, range(first, last), history, elapsed,
-                         train_epoch=lambda epoch: ..., stats=..., end_epoch=...)
+                         train_epoch=lambda epoch: ..., lr=..., stats=..., end_epoch=...)
 
 An epoch is: train (the caller's ``train_epoch``, which owns batching, ranks and progress), batch-norm
 recalibration on a fixed set of train batches, evaluation on the test split, one metrics row appended
-to ``history`` (``EPOCH_COLUMNS`` and the caller's ``stats``), then ``end_epoch`` (the caller's
-checkpoint). The two training functions differ only in those callbacks, so a metrics file and a
+to ``history`` (``EPOCH_COLUMNS``, the learning rate from ``lr`` and the caller's ``stats``), then
+``end_epoch`` (the caller's checkpoint). The two training functions differ only in those callbacks, so a metrics file and a
 resumed run read the same under both.
 """
 
