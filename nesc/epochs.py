@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import update_bn
 
 from nesc.checkpoint import resume_checkpoint
+from nesc.core.errors import InputError
 from nesc.data import Dataset
 
 EVAL_BATCH = 500
@@ -58,6 +59,18 @@ def run_epochs(model: nn.Module, dataset: Dataset, x_train: Tensor, config, devi
     return elapsed
 
 
+def optimizer_step(loss: Tensor, optimizer, scheduler, epoch: int, config, where: str = "") -> None:
+    """One training step on ``loss``: ``InputError`` when it is not finite (the run diverged; ``where``
+    adds to the message, e.g. the rank), else backward, optimizer step and scheduler step."""
+    if not torch.isfinite(loss):
+        raise InputError(f"training diverged in epoch {epoch + 1}{where}: loss is {loss.item()}; lower --lr "
+                         f"(now {config.lr}) or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
 def recalibrate_bn(model: nn.Module, x: Tensor, config, device) -> None:
     """Batch-norm running statistics as exact averages over the first ``config.bn_recalibration``
     train batches (a fixed set: the result depends on the weights only)."""
@@ -87,4 +100,4 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
     return total / n, correct / n
 
 
-__all__ = ["EPOCH_COLUMNS", "evaluate", "recalibrate_bn", "resume_run", "run_epochs"]
+__all__ = ["EPOCH_COLUMNS", "evaluate", "optimizer_step", "recalibrate_bn", "resume_run", "run_epochs"]

@@ -34,7 +34,7 @@ from nesc.core.config import checked_fields, replace_fields
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.modules import samplers_by_pool, set_sampling_width, start_stats
 from nesc.data import Dataset, balanced_indices
-from nesc.epochs import evaluate, resume_run, run_epochs
+from nesc.epochs import evaluate, optimizer_step, resume_run, run_epochs
 from nesc.fitting import distillation_loss
 from nesc.report import build_report, stored_bytes, stored_params
 
@@ -236,13 +236,7 @@ def _train_epoch(model, teacher, optimizer, scheduler, x, y, epoch, config, devi
             loss = distillation_loss(logits, t_logits, yb, config.distill_temperature, config.distill_alpha)
         else:
             loss = F.cross_entropy(logits, yb)
-        if not torch.isfinite(loss):
-            raise InputError(f"training diverged in epoch {epoch + 1}: loss is {loss.item()}; lower --lr "
-                             f"(now {config.lr}) or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, epoch, config)
         total_loss += loss.item() * len(idx)
         correct += int((logits.argmax(1) == yb).sum())
         if bar is not None:

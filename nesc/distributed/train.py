@@ -35,7 +35,7 @@ from nesc.checkpoint import prepare_run_dir, save_checkpoint, write_metrics
 from nesc.core.errors import ConfigError, InputError
 from nesc.core.modules import set_sampling_width, start_stats
 from nesc.data import Dataset
-from nesc.epochs import resume_run, run_epochs
+from nesc.epochs import optimizer_step, resume_run, run_epochs
 from nesc.train import (
     TrainConfig,
     TrainResult,
@@ -134,13 +134,7 @@ def _train_epoch(model, optimizer, scheduler, x, y, epoch, steps, config, device
         xb, yb = x[idx].to(device), y[idx].to(device)
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
-        if not torch.isfinite(loss):
-            raise InputError(f"training diverged in epoch {epoch + 1} on rank {rank}: loss is {loss.item()}; "
-                             f"lower --lr (now {config.lr}) or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, epoch, config, f" on rank {rank}")
         broadcast_buffers(model)
         totals += torch.tensor([loss.item() * len(idx), int((logits.argmax(1) == yb).sum()), len(idx)],
                                dtype=torch.float64)

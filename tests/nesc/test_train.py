@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -72,6 +73,16 @@ def test_dense_model_learns(data) -> None:
     assert result.test_acc > 0.7  # 4 classes: chance is 0.25
     assert result.stored_params == sum(p.numel() for p in small_net().parameters())
     assert result.madd is not None and result.madd > 0
+
+
+def test_a_diverging_run_stops_with_an_input_error(data) -> None:
+    bad = dataclasses.replace(data, x_train=torch.full_like(data.x_train, float("inf")))
+    model = small_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=r"training diverged in epoch 1: loss is nan; lower --lr"):
+        fit(model, bad, FAST)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" not in k
+               and "num_batches" not in k)  # no step was taken on the non-finite loss
 
 
 def test_nesc_model_learns_pools_and_starts(data) -> None:

@@ -20,16 +20,17 @@ def _calls(gm) -> set[str]:
 
 
 def _round_trip(model, inputs, tmp_path, **config):
+    """(the frozen model, its artifact loaded back)."""
     frozen = nesc.freeze(nesc.transform(model.eval(), inputs, init="random", **config))
     nesc.save(frozen, tmp_path / "m.nesc")
-    return nesc.load(tmp_path / "m.nesc")
+    return frozen, nesc.load(tmp_path / "m.nesc")
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in list_models()])
 def test_every_registry_models_artifact_stays_inside_the_allow_list(name, tmp_path) -> None:
     spec = get_spec(name)
     torch.manual_seed(0)
-    loaded = _round_trip(spec.create(), spec.example_inputs(2, test=True), tmp_path)
+    _, loaded = _round_trip(spec.create(), spec.example_inputs(2, test=True), tmp_path)
     calls = _calls(loaded)
     assert "nesc::regenerate" in calls
     assert {c for c in calls if "::" in c} <= ops.ALLOWED_OPS
@@ -47,7 +48,7 @@ def test_hugging_face_artifacts_stay_inside_the_allow_list(family, tmp_path) -> 
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=16, use_cache=False))
     ids = torch.randint(0, 100, (2, 8))
-    loaded = _round_trip(model, (ids,), tmp_path, ratio=2, min_params=500)
+    _, loaded = _round_trip(model, (ids,), tmp_path, ratio=2, min_params=500)
     assert {c for c in _calls(loaded) if "::" in c} <= ops.ALLOWED_OPS
 
 
@@ -81,10 +82,8 @@ class _AxisShuffles(torch.nn.Module):
 
 def test_axis_shuffles_save_and_load(tmp_path) -> None:
     torch.manual_seed(0)
-    model, x = _AxisShuffles().eval(), (torch.randn(2, 5, 32),)
-    frozen = nesc.freeze(nesc.transform(model, x, init="random", ratio=2, min_params=16, keep_classifier=False))
-    nesc.save(frozen, tmp_path / "m.nesc")
-    loaded = nesc.load(tmp_path / "m.nesc")
+    x = (torch.randn(2, 5, 32),)
+    frozen, loaded = _round_trip(_AxisShuffles(), x, tmp_path, ratio=2, min_params=16, keep_classifier=False)
     assert {"aten::swapaxes", "aten::movedim"} <= _calls(loaded)
     torch.testing.assert_close(loaded(*x), frozen(*x), rtol=0, atol=0)
 
@@ -102,8 +101,6 @@ class _FourierMixing(torch.nn.Module):
 
 def test_fourier_mixing_saves_and_loads(tmp_path) -> None:
     torch.manual_seed(0)
-    model, x = _FourierMixing().eval(), (torch.randn(2, 6, 32),)
-    frozen = nesc.freeze(nesc.transform(model, x, init="random", ratio=2, min_params=16, keep_classifier=False))
-    nesc.save(frozen, tmp_path / "m.nesc")
-    loaded = nesc.load(tmp_path / "m.nesc")
+    x = (torch.randn(2, 6, 32),)
+    frozen, loaded = _round_trip(_FourierMixing(), x, tmp_path, ratio=2, min_params=16, keep_classifier=False)
     torch.testing.assert_close(loaded(*x), frozen(*x), rtol=0, atol=0)
