@@ -265,27 +265,32 @@ def _assemble(w: Tensor, geometry: Geometry) -> Tensor:
 
 
 class _Regenerate(torch.autograd.Function):
+    """``regenerate`` block by block on views of the padded pool.
+
+    Forward: each block is its window of the padded pool read with one ``lerp`` per active axis, the
+    last written straight into the block's place in the weight; a last block that overhangs the weight
+    reads a window only as large as its part of it (no crop copy). Backward, in the form of the
+    ``2^D`` corners ``W = sum_c w_c X_c`` (``X_c`` the window shifted by corner ``c``, ``w_c`` a product of
+    ``f`` and ``1 - f`` per axis): the pool's gradient is one in-place ``add_`` of the block's gradient
+    per corner into the padded gradient, and the fractions' gradients come from the dot products
+    ``<G, X_c>``; nothing the size of a block is kept from the forward pass.
+    """
+
     @staticmethod
     def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
         O, I, kh, kw = geometry.shape
         bo, bi = geometry.block
         nbo, nbi = geometry.grid
-        padded = _pad_for_windows(pool * scale, geometry)  # scale the small pool, not the large weight
+        padded = _pad_for_windows(pool * scale if scale != 1 else pool, geometry)  # scale the small pool
         origins = starts.tolist()
         f = fracs.detach().tolist()
-        # Each block's last interpolation step writes straight into its place in the weight; the
-        # inputs of its lerps are kept for the backward pass (views of the pool, and intermediates).
-        w4 = padded.new_empty(nbo * bo, nbi * bi, kh, kw)
-        keep = any(ctx.needs_input_grad)
-        ctx.steps = [[None] * nbi for _ in range(nbo)]
+        w4 = padded.new_empty(O, I, kh, kw)
         for j in range(nbo):
             for k in range(nbi):
                 block = w4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
-                steps = _interpolate(padded, origins[j][k], geometry, f[j][k], out=block)
-                ctx.steps[j][k] = steps[:-1] if keep else None
-        if w4.shape[0] != O or w4.shape[1] != I:
-            w4 = w4[:O, :I].contiguous()  # the last blocks overhang the weight
-        ctx.padded_shape = tuple(padded.shape)
+                _interpolate(padded, origins[j][k], geometry, f[j][k], out=block)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(padded)
         ctx.origins, ctx.fracs, ctx.scale, ctx.geometry = origins, f, scale, geometry
         return to_param_layout(w4, geometry.layout)
 
@@ -294,65 +299,77 @@ class _Regenerate(torch.autograd.Function):
         g = ctx.geometry
         bo, bi = g.block
         nbo, nbi = g.grid
-        axes = [d for d in range(4) if g.active[d]]
+        (padded,) = ctx.saved_tensors
+        want_pool, want_frac = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad4 = _from_param_layout(grad, g)  # (O, I, kh, kw)
-        if grad4.shape[0] != nbo * bo or grad4.shape[1] != nbi * bi:  # the last blocks were cropped
-            grad4 = torch.nn.functional.pad(grad4, (0, 0, 0, 0, 0, nbi * bi - grad4.shape[1], 0, nbo * bo - grad4.shape[0]))
-        gpad = grad4.new_zeros(ctx.padded_shape)
-        gfrac = grad4.new_zeros(nbo, nbi, 4)
+        gpad = grad4.new_zeros(padded.shape) if want_pool else None
+        corners = g.corners
+        dots = []  # <G, X_c> per block and corner
+        # One buffer for every product: a fresh block-sized allocation per corner costs more than the product.
+        buf = grad4.new_empty(min(bo, grad4.shape[0]), min(bi, grad4.shape[1]), *grad4.shape[2:]) if want_frac else None
         for j in range(nbo):
             for k in range(nbi):
                 fr = ctx.fracs[j][k]
                 gy = grad4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
-                # Walk the lerps backwards: y = x[:-1] + f * (x[1:] - x[:-1]) along axis d.
-                for d, x in reversed(list(zip(axes, ctx.steps[j][k]))):
-                    gy, gf = _lerp_backward(gy, x, d, fr[d], ctx.needs_input_grad[1])
-                    if gf is not None:
-                        gfrac[j, k, d] = gf
-                o, i, y, x0 = ctx.origins[j][k]
-                gpad[o : o + gy.shape[0], i : i + gy.shape[1], y : y + gy.shape[2], x0 : x0 + gy.shape[3]] += gy
-        gpool = _fold_padding(gpad, g) * ctx.scale if ctx.needs_input_grad[0] else None
-        return gpool, (gfrac if ctx.needs_input_grad[1] else None), None, None, None
+                o, i, y, x = ctx.origins[j][k]
+                for c in corners:
+                    o1, i1, y1, x1 = o + c[0], i + c[1], y + c[2], x + c[3]
+                    window = (slice(o1, o1 + gy.shape[0]), slice(i1, i1 + gy.shape[1]),
+                              slice(y1, y1 + gy.shape[2]), slice(x1, x1 + gy.shape[3]))
+                    if want_pool:
+                        gpad[window].add_(gy, alpha=_corner_weight(c, fr, g.active))
+                    if want_frac:
+                        prod = buf[: gy.shape[0], : gy.shape[1]]
+                        dots.append(torch.mul(gy, padded[window], out=prod).sum())
+        gpool = _fold_padding(gpad, g) * ctx.scale if want_pool else None
+        gfrac = None
+        if want_frac:
+            # d w_c / d f_d, per block and corner: (nbo * nbi, corners, 4); then contract with the dots.
+            coef = torch.tensor([[_corner_slopes(c, ctx.fracs[j][k], g.active) for c in corners]
+                                 for j in range(nbo) for k in range(nbi)], dtype=grad4.dtype, device=grad4.device)
+            d = torch.stack(dots).reshape(nbo * nbi, len(corners), 1).to(grad4.dtype)
+            gfrac = (coef * d).sum(1).reshape(nbo, nbi, 4)
+        return gpool, gfrac, None, None, None
 
 
-def _lerp_backward(gy: Tensor, x: Tensor, d: int, f: float, want_frac: bool) -> tuple[Tensor, Tensor | None]:
-    """Gradients of ``y = lerp(x[:-1], x[1:], f)`` along axis ``d`` w.r.t. ``x`` and ``f``, through the
-    one difference ``c = [-gy[0], gy[:-1] - gy[1:], gy[-1]]`` (length n + 1): ``gx = [gy, 0] + f c`` and
-    ``gf = sum(gy * (x[1:] - x[:-1])) = sum(x * c)``."""
-    n = gy.shape[d]
-    shape = list(gy.shape)
-    shape[d] = n + 1
-    c = gy.new_empty(shape)
-    torch.neg(gy.narrow(d, 0, 1), out=c.narrow(d, 0, 1))
-    c.narrow(d, n, 1).copy_(gy.narrow(d, n - 1, 1))
-    if n > 1:
-        torch.sub(gy.narrow(d, 0, n - 1), gy.narrow(d, 1, n - 1), out=c.narrow(d, 1, n - 1))
-    gf = (x * c).sum() if want_frac else None
-    gx = gy.new_empty(shape)
-    torch.add(gy, c.narrow(d, 0, n), alpha=f, out=gx.narrow(d, 0, n))
-    torch.mul(c.narrow(d, n, 1), f, out=gx.narrow(d, n, 1))
-    return gx, gf
+def _corner_weight(c, fr, active) -> float:
+    """``w_c``: the interpolation weight of corner ``c`` (0/1 per axis) at fractions ``fr``."""
+    w = 1.0
+    for d in range(4):
+        if active[d]:
+            w *= fr[d] if c[d] else 1.0 - fr[d]
+    return w
 
 
-def _interpolate(padded: Tensor, origin, geometry: Geometry, fr, out: Tensor | None = None) -> list[Tensor]:
-    """The window at ``origin`` (with one extra row along each active axis), then the result of each
-    lerp in turn; the last entry is the block ``(bo, bi, kh, kw)``, written into ``out`` if given."""
-    _, _, kh, kw = geometry.shape
-    bo, bi = geometry.block
+def _corner_slopes(c, fr, active) -> list[float]:
+    """``d w_c / d f_d`` for the four axes (0 along an axis that cannot move)."""
+    out = []
+    for d in range(4):
+        if not active[d]:
+            out.append(0.0)
+            continue
+        w = 1.0 if c[d] else -1.0
+        for e in range(4):
+            if e != d and active[e]:
+                w *= fr[e] if c[e] else 1.0 - fr[e]
+        out.append(w)
+    return out
+
+
+def _interpolate(padded: Tensor, origin, geometry: Geometry, fr, out: Tensor) -> None:
+    """Write the block at ``origin`` into ``out`` (the block's place in the weight, cropped where it
+    overhangs): its window (one extra row along each active axis), one lerp per active axis."""
     active = geometry.active
     last = max((d for d in range(4) if active[d]), default=None)
     o, i, y, x = origin
-    ext = [bo + active[0], bi + active[1], kh + active[2], kw + active[3]]
+    ext = [n + a for n, a in zip(out.shape, active)]
     w = padded[o : o + ext[0], i : i + ext[1], y : y + ext[2], x : x + ext[3]]
-    steps = [w]
     for d in range(4):
         if active[d]:
             n = ext[d] - 1
             w = torch.lerp(w.narrow(d, 0, n), w.narrow(d, 1, n), fr[d], out=out if d == last else None)
-            steps.append(w)
-    if last is None and out is not None:
+    if last is None:
         out.copy_(w)  # a pool exactly one window large: nothing to interpolate
-    return steps
 
 
 def _pad_for_windows(pool: Tensor, geometry: Geometry) -> Tensor:
