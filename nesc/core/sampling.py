@@ -268,8 +268,7 @@ class _Regenerate(torch.autograd.Function):
     """``regenerate`` block by block on views of the padded pool.
 
     Forward: each block is its window of the padded pool read with one ``lerp`` per active axis, the
-    last written straight into the block's place in the weight; a last block that overhangs the weight
-    reads a window only as large as its part of it (no crop copy). Backward, in the form of the
+    last written straight into the block's place in the weight. Backward, in the form of the
     ``2^D`` corners ``W = sum_c w_c X_c`` (``X_c`` the window shifted by corner ``c``, ``w_c`` a product of
     ``f`` and ``1 - f`` per axis): the pool's gradient is one in-place ``add_`` of the block's gradient
     per corner into the padded gradient, and the fractions' gradients come from the dot products
@@ -284,11 +283,15 @@ class _Regenerate(torch.autograd.Function):
         padded = _pad_for_windows(pool * scale if scale != 1 else pool, geometry)  # scale the small pool
         origins = starts.tolist()
         f = fracs.detach().tolist()
-        w4 = padded.new_empty(O, I, kh, kw)
+        # Whole blocks, then a crop where the last ones overhang: a narrower lerp would round some
+        # elements differently (vector body vs tail), and weights must match earlier releases bit for bit.
+        w4 = padded.new_empty(nbo * bo, nbi * bi, kh, kw)
         for j in range(nbo):
             for k in range(nbi):
                 block = w4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
                 _interpolate(padded, origins[j][k], geometry, f[j][k], out=block)
+        if w4.shape[0] != O or w4.shape[1] != I:
+            w4 = w4[:O, :I].contiguous()
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(padded)
         ctx.origins, ctx.fracs, ctx.scale, ctx.geometry = origins, f, scale, geometry
@@ -357,8 +360,7 @@ def _corner_slopes(c, fr, active) -> list[float]:
 
 
 def _interpolate(padded: Tensor, origin, geometry: Geometry, fr, out: Tensor) -> None:
-    """Write the block at ``origin`` into ``out`` (the block's place in the weight, cropped where it
-    overhangs): its window (one extra row along each active axis), one lerp per active axis."""
+    """Write the block at ``origin`` into ``out`` (the block's place in the weight): its window (one extra row along each active axis), one lerp per active axis."""
     active = geometry.active
     last = max((d for d in range(4) if active[d]), default=None)
     o, i, y, x = origin
