@@ -335,32 +335,24 @@ class _Regenerate(torch.autograd.Function):
         return gpool, gfrac, None, None, None
 
 
-def _corner_weight(c, fr, active) -> float:
-    """``w_c``: the interpolation weight of corner ``c`` (0/1 per axis) at fractions ``fr``."""
+def _corner_weight(c, fr, active, skip: int | None = None) -> float:
+    """``w_c``: the interpolation weight of corner ``c`` (0/1 per axis) at fractions ``fr``, the product
+    over the active axes of ``f`` or ``1 - f``; with ``skip``, that axis's factor left out."""
     w = 1.0
     for d in range(4):
-        if active[d]:
+        if active[d] and d != skip:
             w *= fr[d] if c[d] else 1.0 - fr[d]
     return w
 
 
 def _corner_slopes(c, fr, active) -> list[float]:
     """``d w_c / d f_d`` for the four axes (0 along an axis that cannot move)."""
-    out = []
-    for d in range(4):
-        if not active[d]:
-            out.append(0.0)
-            continue
-        w = 1.0 if c[d] else -1.0
-        for e in range(4):
-            if e != d and active[e]:
-                w *= fr[e] if c[e] else 1.0 - fr[e]
-        out.append(w)
-    return out
+    return [(1.0 if c[d] else -1.0) * _corner_weight(c, fr, active, skip=d) if active[d] else 0.0 for d in range(4)]
 
 
 def _interpolate(padded: Tensor, origin, geometry: Geometry, fr, out: Tensor) -> None:
-    """Write the block at ``origin`` into ``out`` (the block's place in the weight): its window (one extra row along each active axis), one lerp per active axis."""
+    """Write the block at ``origin`` into ``out`` (the block's place in the weight): its window, with
+    one extra row along each active axis, read with one lerp per active axis."""
     active = geometry.active
     last = max((d for d in range(4) if active[d]), default=None)
     o, i, y, x = origin
