@@ -265,15 +265,9 @@ def _assemble(w: Tensor, geometry: Geometry) -> Tensor:
 
 
 class _Regenerate(torch.autograd.Function):
-    """``regenerate`` block by block on views of the padded pool.
-
-    Forward: each block is its window of the padded pool read with one ``lerp`` per active axis, the
-    last written straight into the block's place in the weight. Backward, in the form of the
-    ``2^D`` corners ``W = sum_c w_c X_c`` (``X_c`` the window shifted by corner ``c``, ``w_c`` a product of
-    ``f`` and ``1 - f`` per axis): the pool's gradient is one in-place ``add_`` of the block's gradient
-    per corner into the padded gradient, and the fractions' gradients come from the dot products
-    ``<G, X_c>``; nothing the size of a block is kept from the forward pass.
-    """
+    """``regenerate`` block by block: forward, one ``lerp`` per active axis on the block's window of the
+    padded pool; backward in corner form ``W = sum_c w_c X_c``: one in-place ``add_`` per corner into
+    the padded gradient, the fractions' gradients from the dots ``<G, X_c>``; nothing block-sized is saved."""
 
     @staticmethod
     def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
@@ -283,8 +277,7 @@ class _Regenerate(torch.autograd.Function):
         padded = _pad_for_windows(pool * scale if scale != 1 else pool, geometry)  # scale the small pool
         origins = starts.tolist()
         f = fracs.detach().tolist()
-        # Whole blocks, then a crop where the last ones overhang: a narrower lerp would round some
-        # elements differently (vector body vs tail), and weights must match earlier releases bit for bit.
+        # Whole blocks, then a crop: a narrower lerp rounds some elements differently (vector tail).
         w4 = padded.new_empty(nbo * bo, nbi * bi, kh, kw)
         for j in range(nbo):
             for k in range(nbi):
