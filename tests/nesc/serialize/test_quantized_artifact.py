@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nesc
-from helpers import EXACT, assert_close, registry_inputs, transformed_registry
+from helpers import CLOSE, EXACT, assert_close, registry_inputs, transformed_registry
 from nesc.core import names
 from nesc.core.quant import DEQUANTIZE, LEGACY_DEQUANTIZE
 from nesc.serialize import load
@@ -109,7 +109,9 @@ def test_files_written_before_nesc_dequantize_load_and_compute_what_they_did(dty
     assert DEQUANTIZE in targets and LEGACY_DEQUANTIZE not in targets
     with torch.no_grad():
         got = loaded(LEGACY_INPUT)
-    assert_close(got, torch.tensor(loaded.meta[names.EXTRA]["output"]), EXACT, f"{dtype}: loaded vs when written")
+    # CLOSE, not EXACT: the stored output came from another machine's conv kernels, whose summation order
+    # (AVX2 / AVX-512 / NEON) differs by an ulp or so; the same-process round trips above are EXACT.
+    assert_close(got, torch.tensor(loaded.meta[names.EXTRA]["output"]), CLOSE, f"{dtype}: loaded vs when written")
 
 
 def test_an_old_files_int8_dequantization_is_checked_before_it_is_rewritten(tmp_path) -> None:
