@@ -67,9 +67,10 @@ class TransformationLearner(nn.Module):
 
 
 # Blocks of at most this many elements regenerate with one gather over all blocks (``regenerate_indexed``),
-# larger ones block by block (``regenerate``): measured forward + backward, one thread: 128 blocks of
-# 1x20x3 2 ms vs 95 ms; 32 of 64x64 15 ms vs 37 ms; 16 of 128x128x3x3 70 ms vs 29 ms.
-INDEXED_BLOCK_NUMEL = 16384
+# larger ones from stacked slices of the pool (``regenerate``, a Python slice per block): forward +
+# backward, one thread, indexed vs sliced: 128 blocks of 1x20x3 3.0 vs 13.9 ms; 6 of 6x8x3x3 2.2 vs 2.1;
+# 9 of 22x22x3x3 3.7 vs 3.1; 9 of 86x171 6.8 vs 4.3; 32 of 64x64 10.2 vs 7.9; 16 of 128x128x3x3 94 vs 55.
+INDEXED_BLOCK_NUMEL = 1024
 # EpitomeSampler's ``tied`` (NESConfig.reuse): no tie, True (= "inputs"), "inputs", "outputs".
 TIES = (False, True, "inputs", "outputs")
 

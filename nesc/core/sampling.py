@@ -240,7 +240,7 @@ def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float
     active axis over all blocks at once.
 
     Same formula and the same float operations as ``regenerate`` (bit-identical on CPU), but with
-    no Python loop over blocks and no data-dependent slicing, so tracers (torch.export, the ONNX
+    no slicing at the routing map's values (data-dependent Python), so tracers (torch.export, the ONNX
     exporter, TVM's importer) keep it as a small graph over the pool and the routing map. Autograd
     differentiates it in ``pool`` and ``fracs``.
     """
@@ -265,98 +265,97 @@ def _assemble(w: Tensor, geometry: Geometry) -> Tensor:
 
 
 class _Regenerate(torch.autograd.Function):
-    """``regenerate`` block by block: forward, one ``lerp`` per active axis on the block's window of the
-    padded pool; backward in corner form ``W = sum_c w_c X_c``: one in-place ``add_`` per corner into
-    the padded gradient, the fractions' gradients from the dots ``<G, X_c>``; nothing block-sized is saved."""
+    """``regenerate`` over all blocks at once: the windows (one extra row along each active axis) are
+    stacked slices of the padded pool, read with one ``lerp`` per active axis whose weights are the
+    blocks' fractions; the last writes straight into the weight's layout. Backward: the lerps' adjoints
+    in reverse, the fractions' gradients ``<H, T[1:] - T[:-1]>`` from the recomputed windows, and one
+    ``add_`` per block into the padded gradient; only the padded pool is saved."""
 
     @staticmethod
     def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
-        O, I, kh, kw = geometry.shape
-        bo, bi = geometry.block
-        nbo, nbi = geometry.grid
         padded = _pad_for_windows(pool * scale if scale != 1 else pool, geometry)  # scale the small pool
-        origins = starts.tolist()
-        f = fracs.detach().tolist()
-        # Whole blocks, then a crop: a narrower lerp rounds some elements differently (vector tail).
-        w4 = padded.new_empty(nbo * bo, nbi * bi, kh, kw)
-        for j in range(nbo):
-            for k in range(nbi):
-                block = w4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
-                _interpolate(padded, origins[j][k], geometry, f[j][k], out=block)
-        if w4.shape[0] != O or w4.shape[1] != I:
-            w4 = w4[:O, :I].contiguous()
+        origins = [tuple(o) for row in starts.tolist() for o in row]
+        f = fracs.detach().to(padded.dtype)
+        w6, w4 = _block_view(padded.new_empty(_padded_shape(geometry)), geometry)
+        _lerp_chain(_windows(padded, origins, geometry), f, geometry, out=w6)
+        if tuple(w4.shape[:2]) != geometry.shape[:2]:
+            w4 = w4[: geometry.shape[0], : geometry.shape[1]].contiguous()  # the last blocks overhang the weight
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(padded)
-        ctx.origins, ctx.fracs, ctx.scale, ctx.geometry = origins, f, scale, geometry
+            ctx.save_for_backward(padded, f)
+        ctx.origins, ctx.scale, ctx.geometry, ctx.frac_dtype = origins, scale, geometry, fracs.dtype
         return to_param_layout(w4, geometry.layout)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         g = ctx.geometry
-        bo, bi = g.block
-        nbo, nbi = g.grid
-        (padded,) = ctx.saved_tensors
+        padded, f = ctx.saved_tensors
         want_pool, want_frac = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad4 = _from_param_layout(grad, g)  # (O, I, kh, kw)
-        gpad = grad4.new_zeros(padded.shape) if want_pool else None
-        corners = g.corners
-        dots = []  # <G, X_c> per block and corner
-        # One buffer for every product: a fresh block-sized allocation per corner costs more than the product.
-        buf = grad4.new_empty(min(bo, grad4.shape[0]), min(bi, grad4.shape[1]), *grad4.shape[2:]) if want_frac else None
-        for j in range(nbo):
-            for k in range(nbi):
-                fr = ctx.fracs[j][k]
-                gy = grad4[j * bo : (j + 1) * bo, k * bi : (k + 1) * bi]
-                o, i, y, x = ctx.origins[j][k]
-                for c in corners:
-                    o1, i1, y1, x1 = o + c[0], i + c[1], y + c[2], x + c[3]
-                    window = (slice(o1, o1 + gy.shape[0]), slice(i1, i1 + gy.shape[1]),
-                              slice(y1, y1 + gy.shape[2]), slice(x1, x1 + gy.shape[3]))
-                    if want_pool:
-                        gpad[window].add_(gy, alpha=_corner_weight(c, fr, g.active))
-                    if want_frac:
-                        prod = buf[: gy.shape[0], : gy.shape[1]]
-                        dots.append(torch.mul(gy, padded[window], out=prod).sum())
-        gpool = _fold_padding(gpad, g) * ctx.scale if want_pool else None
-        gfrac = None
-        if want_frac:
-            # d w_c / d f_d, per block and corner: (nbo * nbi, corners, 4); then contract with the dots.
-            coef = torch.tensor([[_corner_slopes(c, ctx.fracs[j][k], g.active) for c in corners]
-                                 for j in range(nbo) for k in range(nbi)], dtype=grad4.dtype, device=grad4.device)
-            d = torch.stack(dots).reshape(nbo * nbi, len(corners), 1).to(grad4.dtype)
-            gfrac = (coef * d).sum(1).reshape(nbo, nbi, 4)
-        return gpool, gfrac, None, None, None
+        grad4, full = _from_param_layout(grad, g).to(padded.dtype), _padded_shape(g)
+        if tuple(grad4.shape) != full:  # zeros where the last blocks overhang the weight
+            grad4 = torch.nn.functional.pad(grad4, (0, 0, 0, 0, 0, full[1] - g.shape[1], 0, full[0] - g.shape[0]))
+        H = _block_view(grad4, g)[0]  # (nbo, nbi, bo, bi, kh, kw)
+        inputs = _lerp_chain(_windows(padded, ctx.origins, g), f, g)[1] if want_frac else {}
+        gfrac = torch.zeros_like(f) if want_frac else None
+        axes = [d for d in range(4) if g.active[d]]
+        for d in reversed(axes):
+            fd = _per_block(f[..., d])
+            if want_frac:
+                T, n = inputs[d], inputs[d].shape[2 + d] - 1
+                gfrac[..., d] = (H * (T.narrow(2 + d, 1, n) - T.narrow(2 + d, 0, n))).sum((2, 3, 4, 5))
+            if want_pool or d != axes[0]:  # H -> its lerp's adjoint, one row longer along d
+                n = H.shape[2 + d]
+                spread = H.new_empty(tuple(m + (k == 2 + d) for k, m in enumerate(H.shape)))
+                torch.mul(H, 1 - fd, out=spread.narrow(2 + d, 0, n))
+                spread.narrow(2 + d, n, 1).zero_()
+                spread.narrow(2 + d, 1, n).addcmul_(H, fd.expand_as(H))
+                H = spread
+        gpad = torch.zeros_like(padded) if want_pool else None
+        for n, window in enumerate(_window_slices(ctx.origins, H.shape[2:]) if want_pool else ()):
+            gpad[window].add_(H[n // g.grid[1], n % g.grid[1]])
+        return (_fold_padding(gpad, g) * ctx.scale if want_pool else None), (gfrac.to(ctx.frac_dtype) if want_frac else None), None, None, None
 
 
-def _corner_weight(c, fr, active, skip: int | None = None) -> float:
-    """``w_c``: the interpolation weight of corner ``c`` (0/1 per axis) at fractions ``fr``, the product
-    over the active axes of ``f`` or ``1 - f``; with ``skip``, that axis's factor left out."""
-    w = 1.0
-    for d in range(4):
-        if active[d] and d != skip:
-            w *= fr[d] if c[d] else 1.0 - fr[d]
-    return w
+def _padded_shape(g: Geometry) -> tuple[int, int, int, int]:  # the weight, its last blocks whole
+    return g.grid[0] * g.block[0], g.grid[1] * g.block[1], g.shape[2], g.shape[3]
 
 
-def _corner_slopes(c, fr, active) -> list[float]:
-    """``d w_c / d f_d`` for the four axes (0 along an axis that cannot move)."""
-    return [(1.0 if c[d] else -1.0) * _corner_weight(c, fr, active, skip=d) if active[d] else 0.0 for d in range(4)]
+def _block_view(w4: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
+    """A ``(nbo * bo, nbi * bi, kh, kw)`` weight as its blocks ``(nbo, nbi, bo, bi, kh, kw)`` (a view)."""
+    (nbo, nbi), (bo, bi) = geometry.grid, geometry.block
+    return w4.view(nbo, bo, nbi, bi, *w4.shape[2:]).permute(0, 2, 1, 3, 4, 5), w4
 
 
-def _interpolate(padded: Tensor, origin, geometry: Geometry, fr, out: Tensor) -> None:
-    """Write the block at ``origin`` into ``out`` (the block's place in the weight): its window, with
-    one extra row along each active axis, read with one lerp per active axis."""
+def _per_block(v: Tensor) -> Tensor:  # a scalar per block (nbo, nbi), broadcast over its elements
+    return v.reshape(*v.shape, 1, 1, 1, 1)
+
+
+def _window_slices(origins, extent):
+    for o, i, y, x in origins:
+        yield slice(o, o + extent[0]), slice(i, i + extent[1]), slice(y, y + extent[2]), slice(x, x + extent[3])
+
+
+def _windows(padded: Tensor, origins, geometry: Geometry) -> Tensor:
+    """Every block's window of the padded pool, with one extra row along each active axis:
+    ``(nbo, nbi, bo + a_o, bi + a_i, kh + a_y, kw + a_x)``."""
+    extent = [n + a for n, a in zip((*geometry.block, *geometry.shape[2:]), geometry.active)]
+    stacked = torch.stack([padded[w] for w in _window_slices(origins, extent)])
+    return stacked.view(*geometry.grid, *extent)
+
+
+def _lerp_chain(w: Tensor, f: Tensor, geometry: Geometry, out: Tensor | None = None) -> tuple[Tensor, dict]:
+    """The windows ``w`` read at the blocks' fractions ``f`` ``(nbo, nbi, 4)``: one lerp per active axis,
+    the last into ``out``. Returns the blocks and each lerp's input by axis (for the backward)."""
     active = geometry.active
     last = max((d for d in range(4) if active[d]), default=None)
-    o, i, y, x = origin
-    ext = [n + a for n, a in zip(out.shape, active)]
-    w = padded[o : o + ext[0], i : i + ext[1], y : y + ext[2], x : x + ext[3]]
+    inputs = {}
     for d in range(4):
         if active[d]:
-            n = ext[d] - 1
-            w = torch.lerp(w.narrow(d, 0, n), w.narrow(d, 1, n), fr[d], out=out if d == last else None)
-    if last is None:
+            inputs[d], n = w, w.shape[2 + d] - 1
+            w = torch.lerp(w.narrow(2 + d, 0, n), w.narrow(2 + d, 1, n), _per_block(f[..., d]),
+                           out=out if d == last else None)
+    if last is None and out is not None:
         out.copy_(w)  # a pool exactly one window large: nothing to interpolate
+    return w, inputs
 
 
 def _pad_for_windows(pool: Tensor, geometry: Geometry) -> Tensor:
