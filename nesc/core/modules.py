@@ -77,8 +77,8 @@ TIES = (False, True, "inputs", "outputs")
 
 def regenerate_fastest(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor,
                        geometry: Geometry) -> Tensor:
-    """``regenerate`` (block by block) or ``regenerate_indexed`` (one gather), whichever is faster for
-    the geometry (``INDEXED_BLOCK_NUMEL``) or, while a compiler traces (``torch.compile``, AOTAutograd:
+    """``regenerate`` (stacked slices of the pool) or ``regenerate_indexed`` (one gather), whichever is
+    faster for the geometry (``INDEXED_BLOCK_NUMEL``) or, while a compiler traces (``torch.compile``, AOTAutograd:
     its tensors are fakes or functional wrappers), the one without data-dependent Python, whose index
     arithmetic the compiler fuses into the gather. Same values either way."""
     bo, bi = geometry.block
