@@ -169,9 +169,7 @@ def regenerate(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tenso
     in [0, 1). Returns the weight in its parameter layout. Differentiable in ``pool`` and ``fracs``.
 
     Every block's window is a plain slice of the pool padded by wrap-around (channels) and by one
-    edge row (spatial), so no index tensor as large as the weight is ever built; interpolation is
-    separable, one ``lerp`` per active axis. The backward pass is written out (``_Regenerate``):
-    autograd's own would allocate a zero tensor the size of the pool for every slice of every block.
+    edge row (spatial), so no index tensor as large as the weight is built (``_Regenerate``).
     """
     return _Regenerate.apply(pool, fracs, starts, float(scale), geometry)
 
@@ -222,8 +220,8 @@ def regenerate_wide(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | 
     axis, each weight element is the tent-weighted average (half-width ``width`` cells) of the pool
     rows around its real-valued position, so the slope of a start's loss changes gradually over
     ``width`` cells: the jump at an integer start, a sharp V once the pool has adapted to its
-    window, is 5-10x smaller at width 2-3 than at 1 (random pools). ``width = 1`` is ``regenerate``'s formula (to float
-    rounding); training anneals ``width`` to 1 so that the frozen routing map (linear interpolation)
+    window, is 5-10x smaller at width 2-3 than at 1 (random pools). ``width = 1`` is ``regenerate``'s
+    formula (to float rounding); training anneals ``width`` to 1 so that the frozen routing map (linear interpolation)
     is what the model was trained with. Differentiable in ``pool`` and ``fracs`` through autograd."""
     nbo, nbi = geometry.grid
     R = max(1, math.ceil(width - 1e-9))
@@ -235,7 +233,8 @@ def regenerate_wide(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | 
     return _assemble(w, geometry)
 
 
-def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
+def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor,
+                       geometry: Geometry) -> Tensor:
     """``regenerate`` as index arithmetic: one gather of every block's window, then one lerp per
     active axis over all blocks at once.
 
@@ -265,11 +264,10 @@ def _assemble(w: Tensor, geometry: Geometry) -> Tensor:
 
 
 class _Regenerate(torch.autograd.Function):
-    """``regenerate`` over all blocks at once: the windows (one extra row along each active axis) are
-    stacked slices of the padded pool, read with one ``lerp`` per active axis whose weights are the
-    blocks' fractions; the last writes straight into the weight's layout. Backward: the lerps' adjoints
-    in reverse, the fractions' gradients ``<H, T[1:] - T[:-1]>`` from the recomputed windows, and one
-    ``add_`` per block into the padded gradient; only the padded pool is saved."""
+    """``regenerate`` over all blocks at once: the windows (one extra row per active axis) stacked from
+    slices of the padded pool, one ``lerp`` per active axis weighted by the blocks' fractions, the last
+    into the weight's layout. Backward (``_gradients``): the lerps' adjoints in reverse, the fractions'
+    gradients ``<H, T[1:] - T[:-1]>`` from recomputed windows; only the padded pool is saved."""
 
     @staticmethod
     def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
@@ -287,32 +285,46 @@ class _Regenerate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        g = ctx.geometry
         padded, f = ctx.saved_tensors
-        want_pool, want_frac = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad4, full = _from_param_layout(grad, g).to(padded.dtype), _padded_shape(g)
-        if tuple(grad4.shape) != full:  # zeros where the last blocks overhang the weight
-            grad4 = torch.nn.functional.pad(grad4, (0, 0, 0, 0, 0, full[1] - g.shape[1], 0, full[0] - g.shape[0]))
-        H = _block_view(grad4, g)[0]  # (nbo, nbi, bo, bi, kh, kw)
-        inputs = _lerp_chain(_windows(padded, ctx.origins, g), f, g)[1] if want_frac else {}
-        gfrac = torch.zeros_like(f) if want_frac else None
-        axes = [d for d in range(4) if g.active[d]]
-        for d in reversed(axes):
-            fd = _per_block(f[..., d])
-            if want_frac:
-                T, n = inputs[d], inputs[d].shape[2 + d] - 1
-                gfrac[..., d] = (H * (T.narrow(2 + d, 1, n) - T.narrow(2 + d, 0, n))).sum((2, 3, 4, 5))
-            if want_pool or d != axes[0]:  # H -> its lerp's adjoint, one row longer along d
-                n = H.shape[2 + d]
-                spread = H.new_empty(tuple(m + (k == 2 + d) for k, m in enumerate(H.shape)))
-                torch.mul(H, 1 - fd, out=spread.narrow(2 + d, 0, n))
-                spread.narrow(2 + d, n, 1).zero_()
-                spread.narrow(2 + d, 1, n).addcmul_(H, fd.expand_as(H))
-                H = spread
-        gpad = torch.zeros_like(padded) if want_pool else None
-        for n, window in enumerate(_window_slices(ctx.origins, H.shape[2:]) if want_pool else ()):
-            gpad[window].add_(H[n // g.grid[1], n % g.grid[1]])
-        return (_fold_padding(gpad, g) * ctx.scale if want_pool else None), (gfrac.to(ctx.frac_dtype) if want_frac else None), None, None, None
+        gpool, gfrac = _gradients(grad, padded, f, ctx.origins, ctx.scale, ctx.geometry, *ctx.needs_input_grad[:2])
+        return gpool, (gfrac.to(ctx.frac_dtype) if gfrac is not None else None), None, None, None
+
+
+def regenerate_grad(grad: Tensor, pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor,
+                    geometry: Geometry) -> tuple[Tensor, Tensor]:
+    """The gradients in ``pool`` and ``fracs`` of ``regenerate``'s output, given its gradient ``grad``."""
+    scale = float(scale)
+    padded = _pad_for_windows(pool * scale if scale != 1 else pool, geometry)
+    origins = [tuple(o) for row in starts.tolist() for o in row]
+    gpool, gfrac = _gradients(grad, padded, fracs.to(padded.dtype), origins, scale, geometry, True, True)
+    return gpool, gfrac.to(fracs.dtype)
+
+
+def _gradients(grad, padded, f, origins, scale, g: Geometry, want_pool: bool, want_frac: bool):
+    """(pool, fraction) gradients from the padded scaled pool, its fractions ``f`` and the blocks' origins."""
+    grad4, full = _from_param_layout(grad, g).to(padded.dtype), _padded_shape(g)
+    if tuple(grad4.shape) != full:  # zeros where the last blocks overhang the weight
+        grad4 = torch.nn.functional.pad(grad4, (0, 0, 0, 0, 0, full[1] - g.shape[1], 0, full[0] - g.shape[0]))
+    H = _block_view(grad4, g)[0]  # (nbo, nbi, bo, bi, kh, kw)
+    inputs = _lerp_chain(_windows(padded, origins, g), f, g)[1] if want_frac else {}
+    gfrac = torch.zeros_like(f) if want_frac else None
+    axes = [d for d in range(4) if g.active[d]]
+    for d in reversed(axes):
+        fd = _per_block(f[..., d])
+        if want_frac:
+            T, n = inputs[d], inputs[d].shape[2 + d] - 1
+            gfrac[..., d] = (H * (T.narrow(2 + d, 1, n) - T.narrow(2 + d, 0, n))).sum((2, 3, 4, 5))
+        if want_pool or d != axes[0]:  # H -> its lerp's adjoint, one row longer along d
+            n = H.shape[2 + d]
+            spread = H.new_empty(tuple(m + (k == 2 + d) for k, m in enumerate(H.shape)))
+            torch.mul(H, 1 - fd, out=spread.narrow(2 + d, 0, n))
+            spread.narrow(2 + d, n, 1).zero_()
+            spread.narrow(2 + d, 1, n).addcmul_(H, fd.expand_as(H))
+            H = spread
+    gpad = torch.zeros_like(padded) if want_pool else None
+    for n, window in enumerate(_window_slices(origins, H.shape[2:]) if want_pool else ()):
+        gpad[window].add_(H[n // g.grid[1], n % g.grid[1]])
+    return (_fold_padding(gpad, g) * scale if want_pool else None), gfrac
 
 
 def _padded_shape(g: Geometry) -> tuple[int, int, int, int]:  # the weight, its last blocks whole
@@ -364,30 +376,19 @@ def _pad_for_windows(pool: Tensor, geometry: Geometry) -> Tensor:
     bo, bi = geometry.block
     p = torch.cat([pool, pool[:bo]], dim=0) if geometry.active[0] else pool
     p = torch.cat([p, p[:, :bi]], dim=1) if geometry.active[1] else p
-    if geometry.active[2]:
-        p = torch.cat([p, p[:, :, -1:]], dim=2)
-    if geometry.active[3]:
-        p = torch.cat([p, p[:, :, :, -1:]], dim=3)
-    return p
+    p = torch.cat([p, p[:, :, -1:]], dim=2) if geometry.active[2] else p
+    return torch.cat([p, p[:, :, :, -1:]], dim=3) if geometry.active[3] else p
 
 
 def _fold_padding(gpad: Tensor, geometry: Geometry) -> Tensor:
     """The adjoint of ``_pad_for_windows``: add each padded copy's gradient back onto its source."""
-    Op, Ip, Kh, Kw = geometry.pool
-    bo, bi = geometry.block
     g = gpad.clone()
-    if geometry.active[3]:
-        g[:, :, :, Kw - 1] += g[:, :, :, Kw]
-        g = g[:, :, :, :Kw]
-    if geometry.active[2]:
-        g[:, :, Kh - 1] += g[:, :, Kh]
-        g = g[:, :, :Kh]
-    if geometry.active[1]:
-        g[:, :bi] += g[:, Ip : Ip + bi]
-        g = g[:, :Ip]
-    if geometry.active[0]:
-        g[:bo] += g[Op : Op + bo]
-        g = g[:Op]
+    for d in (3, 2, 1, 0):
+        if geometry.active[d]:
+            n, extra = geometry.pool[d], gpad.shape[d] - geometry.pool[d]
+            target = g.narrow(d, 0, extra) if d < 2 else g.narrow(d, n - 1, 1)  # the wrapped rows; the edge row
+            target += g.narrow(d, n, extra)
+            g = g.narrow(d, 0, n)
     return g.contiguous()
 
 

@@ -294,9 +294,52 @@ def test_custom_op_passes_opcheck_schema_autograd_and_fake(geometry: tuple) -> N
                                       ((160, 160, 1, 1), (130, 130, 1, 1), (130, 130), "linear")],  # large blocks
                          ids=["spatial-axes-move", "large-blocks"])
 def test_custom_op_backward_traces_under_aot_autograd(geometry) -> None:
-    # While AOTAutograd traces, the backward regenerates with the gather form (no data-dependent Python).
+    # While AOTAutograd traces, the backward is one nesc::regenerate_backward node (its fake gives the shapes).
     args = _op_args(Geometry(*geometry), seed=5)
     torch.library.opcheck(REGENERATE, args, test_utils=("test_aot_dispatch_dynamic",))
+
+
+@pytest.mark.parametrize("geometry", [LAYER_KINDS["conv2d"], LAYER_KINDS["linear"],
+                                      ((70, 64, 1, 1), (40, 50, 1, 1), (35, 50), "linear"),  # blocks: slices
+                                      ((36, 20, 3, 3), (20, 12, 4, 3), (18, 10), "conv2d")],
+                         ids=["conv2d", "linear", "large-linear", "large-conv2d"])
+def test_the_backward_op_is_the_gradient_of_the_gather_form(geometry) -> None:
+    """``nesc::regenerate_backward`` (the compiled backward's kernel) against autograd through
+    ``regenerate_indexed``, float64; and its schema and fake kernel agree with the real one."""
+    geometry = Geometry(*geometry)
+    pool, base, frac, scale, *static = _op_args(geometry, seed=8)
+    reference = regenerate_indexed(pool, base, frac, scale, geometry)
+    grad = torch.randn_like(reference)
+    gp, gf = torch.ops.nesc.regenerate_backward(grad, pool.detach(), base, frac.detach(), scale, *static)
+    rp, rf = torch.autograd.grad(reference, (pool, frac), grad)
+    assert_close(gp, rp, F64, "pool gradient")
+    assert_close(gf, rf, F64, "fraction gradient")
+    torch.library.opcheck(torch.ops.nesc.regenerate_backward.default,
+                          (grad, pool.detach(), base, frac.detach(), scale, *static),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("geometry, opaque", [
+    (((192, 192, 1, 1), (100, 100, 1, 1), (100, 100), "linear"), True),  # over COMPILED_GATHER_NUMEL: the ops
+    (((8, 6, 3, 3), (4, 3, 3, 3), (4, 3), "conv2d"), False),  # small blocks: the gather, traced into the graph
+], ids=["large-blocks", "small-blocks"])
+def test_a_compiled_sampler_trains_like_eager_without_graph_breaks(geometry, opaque: bool) -> None:
+    from torch.profiler import profile
+
+    geometry = Geometry(*geometry)
+    eager = EpitomeSampler(geometry, _interior_starts(geometry, 7), 0.5, "w")
+    compiled = EpitomeSampler(geometry, eager.starts.detach().clone(), 0.5, "w")
+    pool = torch.randn(geometry.pool)
+    pools = pool.clone().requires_grad_(), pool.clone().requires_grad_()
+    assert torch._dynamo.explain(compiled)(pools[1]).graph_break_count == 0
+    run = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    (eager(pools[0]) ** 2).sum().backward()
+    with profile() as prof:
+        (run(pools[1]) ** 2).sum().backward()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "nesc::regenerate_backward")
+    assert (calls > 0) == opaque, f"nesc::regenerate_backward ran {calls} times"
+    assert_close(pools[1].grad, pools[0].grad, CLOSE, "pool gradient")
+    assert_close(compiled.starts.grad, eager.starts.grad, CLOSE, "start gradient")
 
 
 def test_routing_map_stores_int32_starts_and_float_fractions() -> None:
