@@ -294,9 +294,25 @@ def test_custom_op_passes_opcheck_schema_autograd_and_fake(geometry: tuple) -> N
                                       ((160, 160, 1, 1), (130, 130, 1, 1), (130, 130), "linear")],  # large blocks
                          ids=["spatial-axes-move", "large-blocks"])
 def test_custom_op_backward_traces_under_aot_autograd(geometry) -> None:
-    # While AOTAutograd traces, the backward is one nesc::regenerate_backward node (its fake gives the shapes).
+    # While AOTAutograd traces, large blocks' backward is one nesc::regenerate_backward node (its fake gives
+    # the shapes), small blocks' the gather's autograd.
     args = _op_args(Geometry(*geometry), seed=5)
     torch.library.opcheck(REGENERATE, args, test_utils=("test_aot_dispatch_dynamic",))
+
+
+def test_regenerate_takes_an_incoming_gradient_of_any_strides() -> None:
+    """A weight read through a permuted view gets back a non-contiguous gradient; the blocks' backward
+    agrees with the gather form on it. Blocks that divide the weight: no padding copy makes the
+    gradient contiguous first."""
+    geometry = Geometry((8, 6, 3, 3), (5, 4, 4, 5), (4, 3), "conv2d")
+    pool, base, frac, scale, *_ = _op_args(geometry, seed=9)
+    weights = torch.randn(geometry.shape[2], geometry.shape[3], *geometry.shape[:2], dtype=torch.float64)
+    grads = []
+    for fn in (regenerate, regenerate_indexed):
+        loss = (fn(pool, base, frac, scale, geometry).permute(2, 3, 0, 1) * weights).sum()
+        grads.append(torch.autograd.grad(loss, (pool, frac)))
+    for got, want, what in zip(grads[0], grads[1], ("pool", "fractions")):
+        assert_close(got, want, F64, what)
 
 
 @pytest.mark.parametrize("geometry", [LAYER_KINDS["conv2d"], LAYER_KINDS["linear"],
