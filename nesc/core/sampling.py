@@ -271,8 +271,7 @@ class _Regenerate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pool: Tensor, fracs: Tensor, starts: Tensor, scale: float | Tensor, geometry: Geometry) -> Tensor:
-        padded = _pad_for_windows(pool * scale if scale != 1 else pool, geometry)  # scale the small pool
-        origins = [tuple(o) for row in starts.tolist() for o in row]
+        padded, origins = _pad_for_windows(pool, starts, scale, geometry)
         f = fracs.detach().to(padded.dtype)
         w6, w4 = _block_view(padded.new_empty(_padded_shape(geometry)), geometry)
         _lerp_chain(_windows(padded, origins, geometry), f, geometry, out=w6)
@@ -294,8 +293,7 @@ def regenerate_grad(grad: Tensor, pool: Tensor, starts: Tensor, fracs: Tensor, s
                     geometry: Geometry) -> tuple[Tensor, Tensor]:
     """The gradients in ``pool`` and ``fracs`` of ``regenerate``'s output, given its gradient ``grad``."""
     scale = float(scale)
-    padded = _pad_for_windows(pool * scale if scale != 1 else pool, geometry)
-    origins = [tuple(o) for row in starts.tolist() for o in row]
+    padded, origins = _pad_for_windows(pool, starts, scale, geometry)
     gpool, gfrac = _gradients(grad, padded, fracs.to(padded.dtype), origins, scale, geometry, True, True)
     return gpool, gfrac.to(fracs.dtype)
 
@@ -370,14 +368,16 @@ def _lerp_chain(w: Tensor, f: Tensor, geometry: Geometry, out: Tensor | None = N
     return w, inputs
 
 
-def _pad_for_windows(pool: Tensor, geometry: Geometry) -> Tensor:
-    """Pool extended so that every window (plus its interpolation corner) is a slice:
-    channels wrap (append the first ``block`` rows again), spatial axes repeat their last row."""
+def _pad_for_windows(pool: Tensor, starts: Tensor, scale: float, geometry: Geometry) -> tuple[Tensor, list]:
+    """The scaled pool extended so that every window (and its interpolation corner) is a slice: channels
+    wrap (their first ``block`` rows again), spatial axes repeat their last row; and the blocks' origins."""
     bo, bi = geometry.block
-    p = torch.cat([pool, pool[:bo]], dim=0) if geometry.active[0] else pool
+    p = pool * scale if scale != 1 else pool  # scale the small pool, not the weight
+    p = torch.cat([p, p[:bo]], dim=0) if geometry.active[0] else p
     p = torch.cat([p, p[:, :bi]], dim=1) if geometry.active[1] else p
     p = torch.cat([p, p[:, :, -1:]], dim=2) if geometry.active[2] else p
-    return torch.cat([p, p[:, :, :, -1:]], dim=3) if geometry.active[3] else p
+    p = torch.cat([p, p[:, :, :, -1:]], dim=3) if geometry.active[3] else p
+    return p, [tuple(o) for row in starts.tolist() for o in row]
 
 
 def _fold_padding(gpad: Tensor, geometry: Geometry) -> Tensor:
