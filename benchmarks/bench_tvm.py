@@ -11,7 +11,8 @@ with the default schedules (no tuning) for this CPU at every ``--batches`` size
 * ``torch_dense``: the dense model in eager PyTorch (eval, ``no_grad``);
 * ``ort_dense``: the dense model exported by ``torch.onnx.export`` and run by onnxruntime.
 
-All five are timed in one interleaved loop (bench_core's ``interleaved``: warm-up rounds, then
+All five run on ``--threads`` threads (default 1: TVM_NUM_THREADS, torch's intra-op threads and
+onnxruntime's, set alike, so that no ratio compares two thread counts). All five are timed in one interleaved loop (bench_core's ``interleaved``: warm-up rounds, then
 ``--reps`` rounds, the order rotating; half of them with the TVM variants reversed, each round
 opened by a one-op TVM call, see ``timed``); each ratio is the median of the per-round ratios. Parity
 (max abs error / output scale, against eager PyTorch) and deployed bytes (library + parameters
@@ -156,7 +157,8 @@ def onnx_session(model: nn.Module, inputs: tuple, folder: Path):
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(model, inputs, str(path), dynamic_shapes=tuple({0: batch} for _ in inputs), dynamo=True)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = torch.get_num_threads()  # main sets it to --threads, as TVM's and torch's
+    options.inter_op_num_threads = 1
     # Its threads would spin after each run and slow whatever is timed next (the rotation keeps the
     # order, so always the same variant: 20% on the MLP), as torch's would without OMP_WAIT_POLICY.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -326,6 +328,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--measure-budget-s", type=float, default=60.0, help="cap one measurement's rounds at ~this (60)")
     p.add_argument("--min-reps", type=int, default=3, help="but time at least this many rounds (default 3)")
     p.add_argument("--test-size", action="store_true", help="use each model's reduced test_input_shape")
+    p.add_argument("--threads", type=int, default=1, help="threads of TVM, torch and onnxruntime alike (default 1)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
     p.add_argument("--name", default="tvm", help="output file stem (default tvm)")
     args = p.parse_args(argv)
@@ -333,8 +336,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
         p.error(f"--batches must be comma-separated integers; got {args.batches!r}")
-    if min(args.reps, args.min_reps, *batches) < 1 or args.warmup < 0:
-        p.error("--reps, --min-reps and batch sizes must be >= 1, --warmup >= 0")
+    if min(args.reps, args.min_reps, args.threads, *batches) < 1 or args.warmup < 0:
+        p.error("--reps, --min-reps, --threads and batch sizes must be >= 1, --warmup >= 0")
     return args, Settings(args.ratio, batches, args.reps, args.warmup, args.measure_budget_s,
                           min(args.min_reps, args.reps), args.test_size)
 
@@ -344,10 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
 
     args, settings = parse_args(argv)
+    # TVM sizes its thread pool from TVM_NUM_THREADS when its runtime first starts one (the first
+    # parallel call, below), and the runtime_rss subprocesses inherit it.
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # see bench_core.py: untrained deep nets reach denormals
     names = model_names(args.models)
     facts = machine_facts() | {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
-                               "tvm_num_threads": os.environ.get("TVM_NUM_THREADS", "TVM default")}
+                               "tvm_num_threads": os.environ["TVM_NUM_THREADS"]}
     results = run_models(names, lambda name, progress: bench_model(name, settings, progress),
                          lambda name, error: Result(name, input_shape(name, settings.test_size), error=error))
     facts["loadavg_end"] = os.getloadavg()

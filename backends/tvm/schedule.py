@@ -2,20 +2,24 @@
 
 ``tvm.compile`` on a CPU target only legalizes (serial, unvectorised loops, 20-90x slower than torch
 eager), and dlight's CPU rules leave convolutions alone. ``prepare`` runs the passes between import
-and ``tvm.compile`` — batch norm decomposed into a scale/shift, legalization, fusion — and then gives
+and ``tvm.compile`` — batch norm as a per-channel scale and shift (``scale_shift.py``), legalization,
+fusion — and then gives
 every PrimFunc a rule-based schedule read off its blocks, never off op names:
 
 * ``tiled`` — a reduction whose inputs are contiguous along its last spatial axis (conv2d, depthwise
   and grouped conv, conv1d, matmul, batched matmul, pooling windows): tile the last spatial axis
-  (vector lanes) and the one before it (a register block of output channels or rows), keep the
-  reduction loops between the tile loops and the register block, accumulate in a small local
-  buffer, decompose the reduction, parallelise the outer loops, vectorise the inner axis, unroll the
+  (vector lanes: whole registers where they divide it, ``tile_shape``) and the one before it (a
+  register block of output channels or rows, up to 12 accumulator registers), keep the reduction
+  loops between the tile loops and the register block, accumulate in a small local buffer,
+  decompose the reduction, parallelise the outer loops, vectorise the inner axis, unroll the
   register block, and compute the elementwise epilogue (bias, batch-norm scale/shift, activation,
-  residual add) on the tile while it is in cache. Two layout moves read off the reads: an output
-  whose last two axes an input reads whole and unshifted (a 1x1 conv) vectorises them as one axis
-  (7 x 7 is 49 lanes' worth, not 7), and a producer read with a stride along the vector axis (the
-  padded input of a stride-2 conv, depthwise or not) writes its last axis split into phases,
-  ``w -> (w % s, w // s)``, so that the conv's reads become contiguous (``deinterleave``).
+  residual add) on the tile while it is in cache. Layout moves read off the reads: an output whose
+  last two axes an input reads whole and unshifted (a 1x1 conv) has them flattened into one axis,
+  block and epilogue alike (14 x 14 is 196 = 49 x 4 lanes, not 14 rows of an odd 14-lane vector;
+  ``flatten_rows``); a zero-width pad is inlined (the conv reads its input itself); and a producer
+  read with a stride along the vector axis (the padded input of a stride-2 conv, depthwise or not)
+  writes its last axis split into phases, ``w -> (w % s, w // s)``, so that the conv's reads become
+  contiguous (``deinterleave``).
 * ``gemm`` — ``x @ w.T`` (both operands contiguous along the reduction) with at least
   ``GEMM_MIN_ROWS`` static rows of x (tokens of a transformer, batch x positions): x copied
   transposed in a small pass, then tiled as ``tiled`` does with the vector lanes along x's rows and a
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 from .adapter import region_buffer, relax, s_tir, tir, tvm
 from .kernels import CROP_NAME, PADDED_NAME, PRODUCTS_DIM_ATTR, SPLIT_ATTR, WEIGHT_NAME
+from .scale_shift import scale_shift_batch_norm
 from .schedule_primitives import (
     MAX_INNER,
     VECTOR_LANES,
@@ -49,7 +54,9 @@ from .schedule_primitives import (
     contiguous_reads,
     deinterleave,
     divisor,
+    flatten_rows,
     inline_chain,
+    is_copy,
     is_reduction,
     kind,
     num_spatial,
@@ -57,6 +64,7 @@ from .schedule_primitives import (
     parallel_vectorize,
     rows_contiguous,
     static,
+    tile_shape,
     try_inline,
     vector_lanes,
     vectorize_with_tail,
@@ -65,7 +73,6 @@ from .schedule_primitives import (
 
 GEMM_MIN_ROWS = 16  # rows of x that make ``gemm``'s vector lanes along them pay (fewer: ``dot``)
 GEMM_REGISTER_ROWS = 8  # outputs per register block in ``gemm`` (rows of w, one broadcast each)
-REGISTER_TILE = 64  # accumulator elements per register block (AVX2 has 16 ymm registers)
 RULES = ("tiled", "gemm", "dot", "rows", "regenerate", "products", "elementwise", "reshape", "none")
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled function again
 
@@ -82,8 +89,10 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     with target:
         return tvm.transform.Sequential(
             [
-                # Batch norm as an elementwise scale/shift that fuses into the conv's epilogue; never
-                # folded into a weight (parameters are inputs, and a pool may be shared).
+                # Batch norm as an elementwise scale/shift (computed per channel) that fuses into the
+                # conv's epilogue; never folded into a weight (parameters are inputs, and a pool may
+                # be shared). DecomposeOpsForInference handles the rest (a batch norm without affine).
+                scale_shift_batch_norm,
                 relax.transform.DecomposeOpsForInference(),
                 # x @ w.T as one NT matmul reading w in its stored (out, in) layout, rather than a
                 # transpose of every linear weight on every call
@@ -154,29 +163,34 @@ def _tiled(sch) -> None:
     index = [b.same_as(anchor) for b in blocks].index(True)
     producers, consumers = blocks[:index], blocks[index + 1 :]
     for b in producers:
-        deinterleave(sch, b, anchor)
+        if not deinterleave(sch, b, anchor) and is_copy(sch, b):
+            try_inline(sch, b)  # a pad of width 0 (a 1x1 conv's): the anchor reads the input itself
+            continue
         parallel_vectorize(sch, b)  # pad, transposes: their own parallel pass over the input
     epilogue = inline_chain(sch, consumers)
 
     loops = sch.get_loops(anchor)
     n_spatial = num_spatial(sch, anchor)
-    spatial, reduce = list(loops[:n_spatial]), list(loops[n_spatial:])
-    extents = [static(sch.get(lp).extent) for lp in spatial]
+    extents = [static(sch.get(lp).extent) for lp in loops[:n_spatial]]
     t = _register_axis(sch, anchor, extents)
+    flat = None
     if (t is None or t < n_spatial - 2) and rows_contiguous(sch.get(anchor)):
         # a 1x1 conv: H and W of the output run along memory as one axis (14 x 14 is 196 lanes' worth)
-        spatial = [*spatial[:-2], sch.fuse(spatial[-2], spatial[-1])]
-        extents = [*extents[:-2], extents[-2] * extents[-1]]
-    lanes = vector_lanes(extents[-1])
+        flat = flatten_rows(sch, anchor, epilogue, n_spatial, extents[-1])
+        loops, extents = sch.get_loops(anchor), [*extents[:-2], extents[-2] * extents[-1]]
+    spatial, reduce = list(loops[: len(extents)]), list(loops[len(extents) :])
+    lanes, block = tile_shape(extents[-1], extents[t] if t is not None else None)
     xo, xi = sch.split(spatial[-1], [None, lanes])
     fo = fi = None
     if t is not None:
-        fo, fi = sch.split(spatial[t], [None, divisor(extents[t], max(1, REGISTER_TILE // lanes))])
+        fo, fi = sch.split(spatial[t], [None, block])
     outer = [fo if i == t else lp for i, lp in enumerate(spatial[:-1])]
     sch.reorder(*outer, xo, *reduce, *([fi] if fi is not None else []), xi)
     # Accumulate the register block in a tile-sized buffer; write it back (with the epilogue) once per tile.
     if epilogue is None:
         epilogue = sch.cache_write(anchor, 0, "local")
+        if flat is not None:
+            flat(epilogue)
     else:
         sch.set_scope(anchor, 0, "local")
     sch.reverse_compute_at(epilogue, xo)

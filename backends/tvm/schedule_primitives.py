@@ -4,18 +4,23 @@ Analysis reads a block off its iteration variables and read regions, never off o
 sorts a block into what the rules schedule (a tiled reduction, a dot product, a row reduction, an
 elementwise op), ``vector_lanes`` and ``divisor`` pick split factors. The primitives are the few
 moves every rule makes: inline a chain of consumers, fuse and parallelise outer loops, vectorise an
-inner loop (in full registers, with a short tail). Two layout moves for the tiled rule:
-``rows_contiguous`` (may the output's last two axes be vectorised as one) and ``deinterleave`` (a
-producer read with a stride along the vector axis rewritten in column phases). A primitive that
+inner loop (in full registers, with a short tail). Layout moves for the tiled rule:
+``rows_contiguous`` (may the output's last two axes be vectorised as one) and ``flatten_rows`` (make
+them one), ``is_copy`` (a pad of width 0, to inline) and ``deinterleave`` (a producer read with a
+stride along the vector axis rewritten in column phases); ``tile_shape`` picks its tile. A primitive that
 cannot apply raises TVM's schedule error, and the rule that called it gives way to the next, simpler rule.
 """
 
 from __future__ import annotations
 
-from .adapter import arith, region_buffer, s_tir, tir
+from .adapter import arith, region_buffer, s_tir, tir, tvm
 
 VECTOR_LANES = 8  # float32 lanes of AVX2; 16-wide inner tiles are two registers
 MAX_INNER = 16  # widest vectorised inner tile
+# Accumulator registers per register block: AVX2 has 16 vector registers, and the block needs a few
+# more for the input's vector and the weights' broadcasts (16 accumulators spilled: 2.2x slower).
+REGISTER_VECTORS = 12
+ODD_TILE = 64  # accumulator elements of a register block whose lanes are not whole registers
 
 
 # --------------------------------------------------------------------------------- analysis
@@ -79,6 +84,23 @@ def divisor(n: int | None, limit: int) -> int:
     if n is None:
         return 1
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def tile_shape(width: int | None, rows: int | None) -> tuple[int, int]:
+    """(vector lanes along the last axis, rows of the register block) for a ``tiled`` reduction.
+
+    Lanes divide ``width`` and are a whole number of registers where they can be (16, 8 or 4: 14
+    lanes, legalized in pieces, ran a 1x1 conv at 3 GFLOP/s instead of 26 with 4), and the register
+    block then holds up to ``REGISTER_VECTORS`` accumulators. A width that none of those divides (7,
+    14, 49) takes its largest divisor that fits one register (7), or ``vector_lanes``'s choice when
+    that is under 3, with ``ODD_TILE`` accumulator elements (7 lanes x 8 rows: fewer rows ran 7 x 7
+    convs up to 3x slower)."""
+    lanes = next((n for n in (MAX_INNER, VECTOR_LANES, VECTOR_LANES // 2) if width and width % n == 0), None)
+    if lanes is None:
+        lanes = divisor(width, VECTOR_LANES)  # within one register: 7 of 14 ran a 3x3 conv 1.4x faster than 14
+        lanes = lanes if lanes >= 3 else vector_lanes(width)
+        return lanes, divisor(rows, max(1, ODD_TILE // lanes))
+    return lanes, divisor(rows, max(1, REGISTER_VECTORS // max(1, lanes // VECTOR_LANES)))
 
 
 # ------------------------------------------------------------------------------- primitives
@@ -158,14 +180,15 @@ def vectorize_with_tail(sch, loop) -> None:
     sch.vectorize(loop)
 
 
-def deinterleave(sch, producer, anchor) -> None:
+def deinterleave(sch, producer, anchor) -> bool:
     """A strided read along the vector axis (a stride-2 conv reads every other column of its padded
     input) made contiguous: the producer writes its last axis split into phases, ``w -> (w % s, w // s)``,
-    so the anchor's read ``s * x + k`` becomes ``[k % s, x + k // s]``: unit stride along ``x``."""
+    so the anchor's read ``s * x + k`` becomes ``[k % s, x + k // s]``: unit stride along ``x``.
+    Returns whether it did."""
     stmt, out = sch.get(anchor), region_buffer(sch.get(producer).writes[0])
     spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
     if not spatial:
-        return
+        return False
     last = spatial[-1].var
     strides = set()
     for r in stmt.reads:
@@ -174,32 +197,65 @@ def deinterleave(sch, producer, anchor) -> None:
             strides.add(static(linear[0]) if len(linear) == 2 else None)
     width = static(out.shape[-1])
     if len(strides) != 1 or (stride := strides.pop()) is None or stride <= 1 or not width or width % stride:
-        return
+        return False
     phases = lambda *ax: (*ax[:-1], ax[-1] % stride, ax[-1] // stride)  # noqa: E731
     sch.transform_layout(producer, ("write", 0), phases)
     try:  # the producer's loops in the new order too: contiguous writes
         sch.transform_block_layout(producer, tir.IndexMap.from_func(phases, ndim=len(out.shape)))
     except (RuntimeError, ValueError):
         pass
+    return True
+
+
+def flatten_rows(sch, anchor, epilogue, n_spatial: int, width: int):
+    """The anchor's last two spatial axes (and its output's) as one, ``(y, x) -> y * width + x``: its
+    block and its output buffer re-laid out, and the epilogue's block with them, so that a tile of
+    the flat axis reads and writes exactly its own elements (a fused loop's tiles that cross rows
+    would make the epilogue's region a rectangle of whole rows). Returns what flattens a later
+    ``cache_write`` block the same way."""
+    rows = lambda *v: (*v[:-2], v[-2] * width + v[-1])  # noqa: E731
+
+    def block_map(block, spatial):
+        ndim = len(sch.get(block).iter_vars)
+        index = lambda *v: (*rows(*v[:spatial]), *v[spatial:])  # noqa: E731
+        sch.transform_block_layout(block, tir.IndexMap.from_func(index, ndim=ndim))
+
+    block_map(anchor, n_spatial)
+    if epilogue is not None:
+        sch.transform_layout(anchor, ("write", 0), rows)
+        block_map(epilogue, len(sch.get(epilogue).iter_vars))
+    return lambda cache: (sch.transform_layout(anchor, ("write", 0), rows), block_map(cache, len(sch.get(cache).iter_vars)))
+
+
+def is_copy(sch, block) -> bool:
+    """Whether ``block`` only copies one element of another buffer (a zero-width pad: no condition)."""
+    body = sch.get(block).body
+    return isinstance(body, tir.BufferStore) and isinstance(body.value, tvm.ir.TensorLoad)
 
 
 def rows_contiguous(stmt) -> bool:
     """Whether the output's last two axes can be one: every input read along the last axis indexes its
-    last two dimensions by exactly the output's last two axes, over the whole of them (a 1x1 conv with
-    stride 1 and no padding), and all those extents are static."""
+    last two dimensions by exactly the output's last two axes (plus reduction axes of extent 1), over
+    the whole of them (a 1x1 conv with stride 1 and no padding), and all those extents are static."""
     spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
     if len(spatial) < 3 or any(static(iv.dom.extent) is None for iv in spatial[-2:]):
         return False
     reads = contiguous_reads(stmt, spatial[-1].var)
     if not reads:
         return False
+    # a reduction axis of extent 1 (the kernel window of a 1x1 conv) reads at offset 0: y + ry is y
+    analyzer = arith.Analyzer()
+    for iv in stmt.iter_vars:
+        if iv.iter_type == tir.IterVar.CommReduce and static(iv.dom.extent) == 1:
+            analyzer.bind(iv.var, iv.dom.min)
     for r in reads:
         region, shape = r.region, region_buffer(r).shape
         if len(region) < 2:
             return False
         for dim, iv in zip((-2, -1), spatial[-2:]):
             rng = region[dim]
-            if not (isinstance(rng.min, tir.Var) and rng.min.same_as(iv.var)) or static(rng.extent) != 1:
+            start = analyzer.simplify(rng.min)
+            if not (isinstance(start, tir.Var) and start.same_as(iv.var)) or static(rng.extent) != 1:
                 return False
             if static(shape[dim]) != static(iv.dom.extent):
                 return False

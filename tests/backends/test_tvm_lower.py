@@ -429,11 +429,64 @@ def test_static_batch_rules_and_parity(batch: int):
         assert anchors and set(anchors.values()) == {rule}, rules
         with torch.no_grad():
             assert_backend_close(compile_lowered(low)(x), model(x), f"{type(model).__name__} batch {batch}")
-    # the two strided convs read their padded input split into column phases (one more axis)
+    # the two strided convs read their padded input split into column phases (one more axis); the 1x1
+    # conv's zero-width pad is inlined: it reads its input itself
     low = lower(convs, (torch.randn(batch, 3, 28, 28),), dynamic_batch=False)
     pads = [re.findall(r"pad_temp = T.sblock_alloc_buffer\(\((.*?\))\)", f.script())
             for k, f in schedule_module(fuse(low.mod, TARGET))[0].functions_items() if "conv" in k.name_hint]
-    assert sorted(p[0].count("T.int64") for p in pads if p) == [4, 5, 5], pads  # the 1x1 conv: a plain copy
+    assert sorted(p[0].count("T.int64") for p in pads if p) == [5, 5], pads
+
+
+class PointwiseBlock(nn.Module):
+    """A 1x1 conv at 14 x 14 with batch norm and ReLU6 (MobileNetV2's expansion): its flat tile of 4
+    lanes crosses the rows of the output, so the epilogue must see exactly the tile's elements."""
+
+    def __init__(self, affine: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 24, 1, bias=False)
+        self.bn = nn.BatchNorm2d(24, affine=affine)
+
+    def forward(self, x):
+        return F.relu6(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pointwise_conv_flattens_rows_and_matches_torch(batch: int, affine: bool):
+    torch.manual_seed(0)
+    model = PointwiseBlock(affine).eval()
+    with torch.no_grad():  # statistics and affine parameters away from their defaults
+        for t in model.bn.parameters():
+            t.uniform_(0.5, 1.5)
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(batch, 16, 14, 14)
+    low = lower(model, (x,), dynamic_batch=False)
+    mod, rules = schedule_module(fuse(low.mod, TARGET))
+    convs = {k: f for k, f in mod.functions_items() if "conv" in k.name_hint}
+    assert convs and {rules[k.name_hint] for k in convs} == {"tiled"}, rules
+    script = next(iter(convs.values())).script()
+    assert "T.int64(196)" in script  # H and W as one axis
+    assert "pad_temp" not in script  # the zero-width pad inlined
+    if affine:  # the scale is computed per channel, outside the per-element epilogue
+        assert "T.sqrt" not in script.split('T.sblock("compute"')[-1]
+    with torch.no_grad():
+        assert_backend_close(compile_lowered(low)(x), model(x), f"pointwise block batch {batch}")
+
+
+@pytest.mark.parametrize("width, rows, want", [
+    (196, 576, (4, 12)),  # whole 4-lane registers, 12 accumulators
+    (112, 96, (16, 6)),  # two registers per row of the block: 6 rows
+    (56, 144, (8, 12)),
+    (14, 256, (7, 8)),  # no whole-register width divides 14: 7 lanes (one register), 64 accumulator elements
+    (49, 960, (7, 8)),
+    (3, 10, (3, 10)),
+    (None, 8, (1, 8)),  # a symbolic width: scalar lanes
+])
+def test_tile_shape_keeps_lanes_in_whole_registers(width, rows, want):
+    from nesc.backends.tvm.schedule_primitives import tile_shape
+
+    assert tile_shape(width, rows) == want
 
 
 def test_gemm_gives_way_to_dot_for_few_rows():
