@@ -21,11 +21,12 @@ every PrimFunc a rule-based schedule read off its blocks, never off op names:
   writes its last axis split into phases, ``w -> (w % s, w // s)``, so that the conv's reads become
   contiguous (``deinterleave``).
 * ``gemm`` — ``x @ w.T`` (both operands contiguous along the reduction) with at least
-  ``GEMM_MIN_ROWS`` static rows of x (tokens of a transformer, batch x positions): x copied
+  ``GEMM_MIN_ROWS`` static rows of x, a multiple of 4 (tokens of a transformer, batch x positions): x copied
   transposed in a small pass, then tiled as ``tiled`` does with the vector lanes along x's rows and a
   register block of w's rows (one broadcast scalar each), the accumulator transposed to match. No
   weight is copied or re-laid out (weights are parameters, read as they are stored).
-* ``dot`` — the same with few rows (a linear layer at batch 1 or 8): vector lanes along the reduction,
+* ``dot`` — the same with few rows (a linear layer at batch 1 or 8) or an odd count (65 tokens):
+  vector lanes along the reduction,
   each accumulating a partial dot product, summed once per output.
 * ``rows`` — a reduction along the contiguous axis (softmax, layer norm, global mean): parallel rows,
   serial reduction.
@@ -299,8 +300,10 @@ def _gemm(sch) -> None:
     stmt = sch.get(anchor)
     spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
     rows = static(spatial[-2].dom.extent) if n_spatial >= 2 else None
-    if rows is None or rows < GEMM_MIN_ROWS:
-        raise ValueError("gemm: x has too few rows for vector lanes along them")
+    if rows is None or rows < GEMM_MIN_ROWS or rows % (VECTOR_LANES // 2):
+        # too few rows, or no whole registers along them (65 tokens: 13-lane vectors ran a ViT's
+        # matmuls at 3 GFLOP/s): ``dot``'s lanes run along the reduction instead
+        raise ValueError("gemm: x's rows do not fill whole vector registers")
     row_var = spatial[-2].var
     x = [r for r in contiguous_reads(stmt, stmt.iter_vars[-1].var)
          if any(v.same_as(row_var) for v in tir.analysis.undefined_vars(r.region[-2].min))]

@@ -228,9 +228,16 @@ def flatten_rows(sch, anchor, epilogue, n_spatial: int, width: int):
 
 
 def is_copy(sch, block) -> bool:
-    """Whether ``block`` only copies one element of another buffer (a zero-width pad: no condition)."""
+    """Whether ``block`` copies a buffer of its own shape element for element, at the same indices (a
+    zero-width pad). A transpose or a reshape is not one: inlined, it would turn the reads strided."""
     body = sch.get(block).body
-    return isinstance(body, tir.BufferStore) and isinstance(body.value, tvm.ir.TensorLoad)
+    if not (isinstance(body, tir.BufferStore) and isinstance(body.value, tvm.ir.TensorLoad)):
+        return False
+    load = body.value
+    return (len(load.indices) == len(body.indices) and all(a.same_as(b) for a, b in zip(load.indices, body.indices))
+            and len(load.source.shape) == len(body.buffer.shape)
+            and all(a.same_as(b) or static(a) is not None and static(a) == static(b)
+                    for a, b in zip(load.source.shape, body.buffer.shape)))
 
 
 def rows_contiguous(stmt) -> bool:

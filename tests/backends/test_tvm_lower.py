@@ -504,6 +504,13 @@ def test_gemm_gives_way_to_dot_for_few_rows():
     assert rule == "gemm"
     x = torch.randn(40, 64)
     assert_backend_close(_compile_and_run(func, [x, w], (40, 32)).numpy(), x @ w.T, "gemm")
+    # 65 rows (a ViT's tokens at batch 1): no whole registers along them, so dot again
+    X = te.placeholder((65, 64), name="x")
+    Y = te.compute((65, 32), lambda i, j: te.sum(X[i, k] * W[j, k], axis=k), name="y")
+    func, rule = schedule_func(te.create_prim_func([X, W, Y]))
+    assert rule == "dot"
+    x = torch.randn(65, 64)
+    assert_backend_close(_compile_and_run(func, [x, w], (65, 32)).numpy(), x @ w.T, "dot, 65 rows")
 
 
 # ---------------------------------------------------------------------------------- product maps
