@@ -220,11 +220,14 @@ def flatten_rows(sch, anchor, epilogue, n_spatial: int, width: int):
         index = lambda *v: (*rows(*v[:spatial]), *v[spatial:])  # noqa: E731
         sch.transform_block_layout(block, tir.IndexMap.from_func(index, ndim=ndim))
 
+    def with_output(block):  # the anchor's output buffer and the block that reads it, both flat
+        sch.transform_layout(anchor, ("write", 0), rows)
+        block_map(block, len(sch.get(block).iter_vars))
+
     block_map(anchor, n_spatial)
     if epilogue is not None:
-        sch.transform_layout(anchor, ("write", 0), rows)
-        block_map(epilogue, len(sch.get(epilogue).iter_vars))
-    return lambda cache: (sch.transform_layout(anchor, ("write", 0), rows), block_map(cache, len(sch.get(cache).iter_vars)))
+        with_output(epilogue)
+    return with_output
 
 
 def is_copy(sch, block) -> bool:

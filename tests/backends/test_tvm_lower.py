@@ -474,6 +474,19 @@ def test_pointwise_conv_flattens_rows_and_matches_torch(batch: int, affine: bool
         assert_backend_close(compile_lowered(low)(x), model(x), f"pointwise block batch {batch}")
 
 
+def test_pointwise_conv_without_epilogue_flattens_its_accumulator():
+    # no bias, no batch norm: the accumulator's write-back block (cache_write) is flattened too
+    torch.manual_seed(0)
+    model, x = nn.Conv2d(16, 24, 1, bias=False).eval(), torch.randn(1, 16, 14, 14)
+    low = lower(model, (x,), dynamic_batch=False)
+    mod, rules = schedule_module(fuse(low.mod, TARGET))
+    convs = {k: f for k, f in mod.functions_items() if "conv" in k.name_hint}
+    assert convs and {rules[k.name_hint] for k in convs} == {"tiled"}, rules
+    assert "T.int64(196)" in next(iter(convs.values())).script()
+    with torch.no_grad():
+        assert_backend_close(compile_lowered(low)(x), model(x), "bare pointwise conv")
+
+
 @pytest.mark.parametrize("width, rows, want", [
     (196, 576, (4, 12)),  # whole 4-lane registers, 12 accumulators
     (112, 96, (16, 6)),  # two registers per row of the block: 6 rows
