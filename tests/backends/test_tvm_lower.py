@@ -27,6 +27,7 @@ from nesc.backends.tvm.adapter import host_target, relax, relax_constants, te, t
 from nesc.backends.tvm.kernels import gather_products_te, regenerate_rows_te, regenerate_te, rows_form  # noqa: E402
 from nesc.backends.tvm.lower import Lowered, LoweringError, lower  # noqa: E402
 from nesc.backends.tvm.schedule import fuse, prepare, schedule_func, schedule_module  # noqa: E402
+from nesc.backends.tvm.schedule_primitives import tile_shape  # noqa: E402
 from nesc.models import get_spec, list_models  # noqa: E402
 from nesc.core import names  # noqa: E402
 from nesc.core.modules import GATHER_PRODUCTS, RoutingMap  # noqa: E402
@@ -497,8 +498,6 @@ def test_pointwise_conv_without_epilogue_flattens_its_accumulator():
     (None, 8, (1, 8)),  # a symbolic width: scalar lanes
 ])
 def test_tile_shape_keeps_lanes_in_whole_registers(width, rows, want):
-    from nesc.backends.tvm.schedule_primitives import tile_shape
-
     assert tile_shape(width, rows) == want
 
 
