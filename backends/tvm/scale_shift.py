@@ -45,6 +45,19 @@ class _ScaleShift(relax.PyExprMutator):
         y = self.builder_.emit(relax.op.add(relax.op.multiply(x, scale), shift))
         return relax.Tuple([y, mean, var])
 
+    def visit_var_binding_(self, binding):
+        # ``out = bn[0]`` of a rewritten batch norm: ``out`` is ``y`` itself from here on, no alias
+        # binding (FuseOps does not fuse through a tuple or an alias, and the activation after the
+        # batch norm would run as its own pass over the tensor)
+        value = binding.value
+        if isinstance(value, relax.TupleGetItem) and isinstance(value.tuple_value, relax.Var):
+            bound = self.lookup_binding(self.visit_expr(value.tuple_value))
+            field = bound.fields[value.index] if isinstance(bound, relax.Tuple) else None
+            if isinstance(field, relax.Var):
+                self.set_var_remap(binding.var, field)
+                return
+        super().visit_var_binding_(binding)
+
 
 @tvm.ir.transform.module_pass(opt_level=0, name="nesc.ScaleShiftBatchNorm")
 def scale_shift_batch_norm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -16,10 +16,15 @@ every PrimFunc a rule-based schedule read off its blocks, never off op names:
   residual add) on the tile while it is in cache. Layout moves read off the reads: an output whose
   last two axes an input reads whole and unshifted (a 1x1 conv) has them flattened into one axis,
   block and epilogue alike (14 x 14 is 196 = 49 x 4 lanes, not 14 rows of an odd 14-lane vector;
-  ``flatten_rows``); a zero-width pad is inlined (the conv reads its input itself); and a producer
+  ``flatten_rows``); a zero-width pad is inlined (the conv reads its input itself); a producer
   read with a stride along the vector axis (the padded input of a stride-2 conv, depthwise or not)
   writes its last axis split into phases, ``w -> (w % s, w // s)``, so that the conv's reads become
-  contiguous (``deinterleave``).
+  contiguous (``deinterleave``); and a depthwise conv's padded input is computed inside the conv's
+  parallel loop, the rows of each tile while they are in cache (``per_channel``), where a dense
+  conv's stays one pass (every tile sums over all input channels).
+* ``pointwise`` — a 1x1 conv whose flat H x W fills no whole register (14 x 14, 7 x 7), on targets
+  with 16-lane registers (``register_lanes``): vector lanes along output channels and a register
+  block of output positions, as a GEMM microkernel (``schedule_pointwise.py``).
 * ``gemm`` — ``x @ w.T`` (both operands contiguous along the reduction) with at least
   ``GEMM_MIN_ROWS`` static rows of x, a multiple of 4 (tokens of a transformer, batch x positions): x copied
   transposed in a small pass, then tiled as ``tiled`` does with the vector lanes along x's rows and a
@@ -45,19 +50,20 @@ built from the block analysis and loop primitives of ``schedule_primitives.py``.
 
 from __future__ import annotations
 
+import functools
+
 from .adapter import region_buffer, relax, s_tir, tir, tvm
 from .kernels import CROP_NAME, PADDED_NAME, PRODUCTS_DIM_ATTR, SPLIT_ATTR, WEIGHT_NAME
 from .scale_shift import scale_shift_batch_norm
+from .schedule_pointwise import pointwise
 from .schedule_primitives import (
     MAX_INNER,
     VECTOR_LANES,
     child_blocks,
     contiguous_reads,
-    deinterleave,
     divisor,
     flatten_rows,
     inline_chain,
-    is_copy,
     is_reduction,
     kind,
     num_spatial,
@@ -66,22 +72,30 @@ from .schedule_primitives import (
     rows_contiguous,
     static,
     tile_shape,
+    tiled_anchor,
     try_inline,
     vector_lanes,
     vectorize_with_tail,
-    work,
 )
 
 GEMM_MIN_ROWS = 16  # rows of x that make ``gemm``'s vector lanes along them pay (fewer: ``dot``)
 GEMM_REGISTER_ROWS = 8  # outputs per register block in ``gemm`` (rows of w, one broadcast each)
-RULES = ("tiled", "gemm", "dot", "rows", "regenerate", "products", "elementwise", "reshape", "none")
+RULES = ("pointwise", "tiled", "gemm", "dot", "rows", "regenerate", "products", "elementwise", "reshape", "none")
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled function again
 
 
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Legalize, fuse and schedule every PrimFunc of ``mod``; the result goes straight into
     ``tvm.compile(mod, target)``. No tuning, no constants created from parameters."""
-    return schedule_module(fuse(mod, target))[0]
+    return schedule_module(fuse(mod, target), register_lanes(target))[0]
+
+
+def register_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of one vector register of ``target``: 16 with AVX-512 (``pointwise`` is measured
+    there), else ``VECTOR_LANES`` (AVX2; what the other rules' tiles are sized for)."""
+    if target.kind.name == "llvm" and tvm.target.codegen.target_has_features("avx512f", target):
+        return MAX_INNER
+    return VECTOR_LANES
 
 
 def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -108,8 +122,9 @@ def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         )(mod)
 
 
-def schedule_module(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, str]]:
-    """Schedule every PrimFunc of ``mod``; returns the module and {function name: rule used}."""
+def schedule_module(mod: tvm.IRModule, lanes: int = VECTOR_LANES) -> tuple[tvm.IRModule, dict[str, str]]:
+    """Schedule every PrimFunc of ``mod`` for registers of ``lanes`` float32 lanes (``register_lanes``);
+    returns the module and {function name: rule used}."""
     out = tvm.IRModule(mod.functions, attrs=mod.attrs)
     rules = {}
     for gv, func in mod.functions_items():
@@ -118,16 +133,16 @@ def schedule_module(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, str]]:
                 # left as it is: tvm.compile's RewriteDataflowReshape turns it into a view (no copy)
                 rules[gv.name_hint] = "reshape"
                 continue
-            scheduled, rules[gv.name_hint] = schedule_func(func)
+            scheduled, rules[gv.name_hint] = schedule_func(func, lanes)
             out[gv] = scheduled
     return out, rules
 
 
-def schedule_func(func: tir.PrimFunc) -> tuple[tir.PrimFunc, str]:
+def schedule_func(func: tir.PrimFunc, lanes: int = VECTOR_LANES) -> tuple[tir.PrimFunc, str]:
     """The scheduled function and the rule that scheduled it (one of ``RULES``)."""
     if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
         return func, "none"
-    for rule in _candidates(func):
+    for rule in _candidates(func, lanes):
         sch = s_tir.Schedule(func)
         try:
             rule(sch)
@@ -139,7 +154,7 @@ def schedule_func(func: tir.PrimFunc) -> tuple[tir.PrimFunc, str]:
     return func, "none"
 
 
-def _candidates(func: tir.PrimFunc):
+def _candidates(func: tir.PrimFunc, lanes: int):
     sch = s_tir.Schedule(func)
     if any(sch.get(b).name_hint == WEIGHT_NAME for b in child_blocks(sch)):
         return (_regenerate, _elementwise)
@@ -149,7 +164,8 @@ def _candidates(func: tir.PrimFunc):
     if kinds.count("dot") == 1 and not ({"tiled", "rows"} & set(kinds)):
         return (_gemm, _dot, _rows, _elementwise)
     if "tiled" in kinds:
-        return (_tiled, _rows, _elementwise)
+        wide = (functools.update_wrapper(functools.partial(pointwise, lanes=lanes), pointwise),) if lanes >= MAX_INNER else ()
+        return (*wide, _tiled, _rows, _elementwise)
     if "rows" in kinds or "dot" in kinds:
         return (_rows, _elementwise)
     return (_elementwise,)
@@ -159,17 +175,7 @@ def _candidates(func: tir.PrimFunc):
 
 
 def _tiled(sch) -> None:
-    blocks = child_blocks(sch)
-    anchor = max((b for b in blocks if kind(sch, b) == "tiled"), key=lambda b: work(sch, b))
-    index = [b.same_as(anchor) for b in blocks].index(True)
-    producers, consumers = blocks[:index], blocks[index + 1 :]
-    for b in producers:
-        if not deinterleave(sch, b, anchor) and is_copy(sch, b):
-            try_inline(sch, b)  # a pad of width 0 (a 1x1 conv's): the anchor reads the input itself
-            continue
-        parallel_vectorize(sch, b)  # pad, transposes: their own parallel pass over the input
-    epilogue = inline_chain(sch, consumers)
-
+    anchor, epilogue, local = tiled_anchor(sch)
     loops = sch.get_loops(anchor)
     n_spatial = num_spatial(sch, anchor)
     extents = [static(sch.get(lp).extent) for lp in loops[:n_spatial]]
@@ -205,6 +211,9 @@ def _tiled(sch) -> None:
     if inner:
         sch.vectorize(sch.get_loops(epilogue)[-1])
     parallel(sch, outer)  # before decompose_reduction: parallel needs the block to be a whole reduction
+    for b in local:  # a depthwise conv's padded input: the rows of this tile, while they are in cache
+        sch.compute_at(b, sch.get_loops(anchor)[0])
+        vectorize_with_tail(sch, sch.get_loops(b)[-1])
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
         if inner:
@@ -312,7 +321,7 @@ def _gemm(sch) -> None:
     x_index = [i for i, r in enumerate(stmt.reads) if r.same_as(x[0])][0]
     for b in blocks[:index]:
         parallel_vectorize(sch, b)
-    epilogue = inline_chain(sch, blocks[index + 1 :])
+    epilogue = inline_chain(sch, anchor, blocks[index + 1 :])
     copy = sch.cache_read(anchor, x_index, "global")
     rank = len(region_buffer(x[0]).shape)
     sch.transform_layout(copy, ("write", 0), lambda *ax: (*ax[: rank - 2], ax[rank - 1], ax[rank - 2]))
@@ -348,7 +357,7 @@ def _dot(sch) -> None:
     anchor = blocks[index]
     for b in blocks[:index]:
         parallel_vectorize(sch, b)
-    epilogue = inline_chain(sch, blocks[index + 1 :])
+    epilogue = inline_chain(sch, anchor, blocks[index + 1 :])
     n_spatial = num_spatial(sch, anchor)
     loops = sch.get_loops(anchor)
     reduce = list(loops[n_spatial:])

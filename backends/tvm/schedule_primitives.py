@@ -114,13 +114,29 @@ def work(sch, block) -> int:
     return n
 
 
-def inline_chain(sch, consumers):
-    """Inline every consumer but the last into its successor; return the last (or None)."""
+def inline_chain(sch, anchor, consumers):
+    """Inline the blocks after ``anchor`` into the last that writes the anchor's shape and return it
+    (or None): the epilogue a rule computes on each tile of the anchor. Blocks after that one (a pad
+    for the next layer: computed at a tile of the anchor, it left its border unwritten) get their
+    own parallel pass over the epilogue's output. With no such block, the last block is returned."""
     if not consumers:
         return None
-    for b in consumers[:-1]:
+    shape = region_buffer(sch.get(anchor).writes[0]).shape
+    same = [i for i, b in enumerate(consumers) if _same_shape(region_buffer(sch.get(b).writes[0]).shape, shape)]
+    last = same[-1] if same else len(consumers) - 1
+    for b in consumers[:last]:
         sch.compute_inline(b)
-    return consumers[-1]
+    for b in consumers[last + 1:]:
+        parallel_vectorize(sch, b)
+    return consumers[last]
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(_same_extent(x, y) for x, y in zip(a, b))
+
+
+def _same_extent(a, b) -> bool:
+    return a.same_as(b) or static(a) is not None and static(a) == static(b)
 
 
 def try_inline(sch, block) -> None:
@@ -228,6 +244,46 @@ def flatten_rows(sch, anchor, epilogue, n_spatial: int, width: int):
     if epilogue is not None:
         with_output(epilogue)
     return with_output
+
+
+
+def tiled_anchor(sch, check=None):
+    """The prologue of the tiled rules: the largest ``tiled`` block is the anchor; its producers are
+    inlined (a zero-width pad), re-laid out (``deinterleave``), left for the caller to compute per
+    tile (``per_channel``) or given their own parallel pass; its elementwise consumers are inlined
+    into one epilogue. ``check(sch, anchor, extents)`` may raise first, before anything changes.
+    Returns (anchor, epilogue or None, the producers to compute per tile)."""
+    blocks = child_blocks(sch)
+    anchor = max((b for b in blocks if kind(sch, b) == "tiled"), key=lambda b: work(sch, b))
+    if check is not None:
+        loops = sch.get_loops(anchor)
+        check(sch, anchor, [static(sch.get(lp).extent) for lp in loops[: num_spatial(sch, anchor)]])
+    index = [b.same_as(anchor) for b in blocks].index(True)
+    local = []
+    for b in blocks[:index]:
+        if not deinterleave(sch, b, anchor) and is_copy(sch, b):
+            try_inline(sch, b)  # a pad of width 0 (a 1x1 conv's): the anchor reads the input itself
+        elif per_channel(sch, b, anchor):
+            local.append(b)
+        else:
+            parallel_vectorize(sch, b)  # pad, transposes: their own parallel pass over the input
+    return anchor, inline_chain(sch, anchor, blocks[index + 1 :]), local
+
+
+def per_channel(sch, producer, anchor) -> bool:
+    """Whether the anchor reads ``producer``'s output (a padded input) one image and channel at a time:
+    no reduction variable indexes its first two axes (N, C) (a depthwise conv's input; a dense conv sums over
+    input channels and would make every tile recompute all of them). Such a producer is cheaper
+    computed per tile, into a buffer that stays in cache, than as a pass of its own over memory."""
+    stmt, out = sch.get(anchor), region_buffer(sch.get(producer).writes[0])
+    # a reduction of extent 1 (a depthwise conv's input channel per group) is a constant, not a sum
+    reduce = {iv.var.name for iv in stmt.iter_vars
+              if iv.iter_type == tir.IterVar.CommReduce and static(iv.dom.extent) != 1}
+    regions = [r for r in stmt.reads if region_buffer(r).same_as(out)]
+    if len(out.shape) < 3 or not regions:
+        return False
+    return not any(v.name in reduce for r in regions for rng in r.region[:2]  # (batch, channels)
+                   for v in tir.analysis.undefined_vars(rng.min))
 
 
 def is_copy(sch, block) -> bool:

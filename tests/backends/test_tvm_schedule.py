@@ -1,0 +1,182 @@
+"""Default TVM schedules read off the blocks: the ``pointwise`` rule (a 1x1 conv's lanes along output
+channels, for 16-lane registers), a depthwise conv's padded input computed per tile, the activation
+after a batch norm in the conv's epilogue, and a pad after the epilogue in a pass of its own. Every
+case is checked against eager PyTorch on the compiled module, and for the rule its functions got
+(a rule that raises falls back silently to a slower one)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import BACKEND_REL
+
+tvm_adapter = pytest.importorskip("nesc.backends.tvm.adapter", reason="needs the tvm extra")
+
+from nesc.backends.tvm import targets  # noqa: E402
+from nesc.backends.tvm.adapter import relax, s_tir, tvm  # noqa: E402
+from nesc.backends.tvm.lower import lower  # noqa: E402
+from nesc.backends.tvm.schedule import fuse, register_lanes, schedule_module  # noqa: E402
+from nesc.backends.tvm.schedule_primitives import MAX_INNER, VECTOR_LANES  # noqa: E402
+
+TARGET = targets.get_target("llvm").tvm_target()
+
+
+def build(model: nn.Module, x: torch.Tensor, lanes: int, dynamic: bool = False):
+    """(run(x) -> numpy, {function: rule}, scheduled module) for ``model`` lowered at ``x``."""
+    low = lower(model, (x,), dynamic_batch=dynamic)
+    mod, rules = schedule_module(fuse(low.mod, TARGET), lanes)
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
+    params = [tvm.runtime.tensor(v) for v in low.params.values()]
+
+    def run(inp: torch.Tensor) -> np.ndarray:
+        out = vm["main"](tvm.runtime.tensor(inp.numpy()), *params)
+        return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+    return run, rules, mod
+
+
+def assert_matches(got: np.ndarray, model: nn.Module, x: torch.Tensor, what: str) -> None:
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    scale = max(float(np.abs(want).max()), 1e-12)
+    err = float(np.abs(got - want).max())
+    assert err <= BACKEND_REL * scale, f"{what}: max abs error {err:.3g} > {BACKEND_REL} x output scale {scale:.3g}"
+
+
+def conv_bn(ci: int, co: int, k: int = 1, stride: int = 1, groups: int = 1) -> nn.Module:
+    """conv -> batch norm (statistics away from their defaults) -> ReLU6, MobileNetV2's unit."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(ci, co, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(co),
+                          nn.ReLU6()).eval()
+    with torch.no_grad():
+        block[1].running_mean.uniform_(-0.5, 0.5)
+        block[1].running_var.uniform_(0.5, 1.5)
+        block[1].weight.uniform_(0.5, 1.5)
+    return block
+
+
+def pad_shares_the_conv_loop(mod) -> bool:
+    """Whether the conv function's pad block and its reduction share their outermost loop."""
+    func = next(f for k, f in mod.functions_items() if "conv" in k.name_hint)
+    sch, script = s_tir.Schedule(func), func.script()
+    update = next(n for n in ("group_conv2d_nchw_update", "conv2d_nchw_update") if f'"{n}"' in script)
+    pad = re.search(r'T\.sblock\("(pad_temp[^"]*)"\)', script).group(1)  # a vector tail renames it
+    outer = [sch.get(sch.get_loops(sch.get_sblock(b))[0]) for b in (pad, update)]
+    return outer[0].same_as(outer[1])
+
+
+def conv_rules(rules: dict[str, str]) -> set[str]:
+    return {v for k, v in rules.items() if "conv" in k}
+
+
+def test_register_lanes_follow_the_target():
+    assert register_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "znver1"})) == VECTOR_LANES
+    assert register_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) == MAX_INNER
+    aarch64 = tvm.target.Target(targets.aarch64_llvm())
+    assert register_lanes(aarch64) == VECTOR_LANES
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("ci, co, hw", [(24, 32, 14), (40, 48, 7)])
+def test_pointwise_rule_runs_lanes_along_output_channels(ci, co, hw, batch, dynamic):
+    # 14 x 14 and 7 x 7 fill no whole 8-lane register: with 16-lane registers the conv gets ``pointwise``
+    model, x = conv_bn(ci, co), torch.randn(batch, ci, hw, hw)
+    run, rules, mod = build(model, x, MAX_INNER, dynamic)
+    assert conv_rules(rules) == {"pointwise"}, rules
+    script = next(f for k, f in mod.functions_items() if "conv" in k.name_hint).script()
+    assert f"T.int64({hw * hw})" in script  # H and W as one axis
+    assert "weight_global" in script  # the transposed panel of the weight
+    assert_matches(run(x), model, x, f"pointwise {ci}->{co} at {hw}x{hw}, batch {batch}")
+
+
+def test_pointwise_rule_without_epilogue_and_with_a_residual_add():
+    torch.manual_seed(0)
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(32, 32, 1, bias=False)
+
+        def forward(self, x):
+            return self.conv(x) + x
+
+    for model in (nn.Conv2d(16, 32, 1, bias=False).eval(), Residual().eval()):
+        x = torch.randn(2, model.conv.in_channels if isinstance(model, Residual) else 16, 7, 7)
+        run, rules, _ = build(model, x, MAX_INNER)
+        assert conv_rules(rules) == {"pointwise"}, rules
+        assert_matches(run(x), model, x, type(model).__name__)
+
+
+@pytest.mark.parametrize("ci, co, hw, why", [
+    (24, 32, 28, "28 x 28 = 784 fills whole registers: tiled's own lanes"),
+    (24, 40, 14, "40 output channels are no multiple of 16 lanes"),
+])
+def test_pointwise_rule_gives_way_to_tiled(ci, co, hw, why):
+    model, x = conv_bn(ci, co), torch.randn(1, ci, hw, hw)
+    run, rules, _ = build(model, x, MAX_INNER)
+    assert conv_rules(rules) == {"tiled"}, (why, rules)
+    assert_matches(run(x), model, x, why)
+
+
+def test_eight_lane_targets_keep_the_tiled_rule():
+    model, x = conv_bn(24, 32), torch.randn(1, 24, 14, 14)
+    run, rules, _ = build(model, x, VECTOR_LANES)
+    assert conv_rules(rules) == {"tiled"}, rules
+    assert_matches(run(x), model, x, "1x1 conv, 8 lanes")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_depthwise_padded_input_is_computed_per_tile(stride, batch):
+    model, x = conv_bn(16, 16, 3, stride, groups=16), torch.randn(batch, 16, 28, 28)
+    run, rules, mod = build(model, x, VECTOR_LANES)
+    assert conv_rules(rules) == {"tiled"}, rules
+    # the pad block sits inside the conv's parallel loop (one loop nest), not in a pass of its own
+    assert pad_shares_the_conv_loop(mod)
+    assert_matches(run(x), model, x, f"depthwise stride {stride}, batch {batch}")
+
+
+def test_a_dense_conv_keeps_its_padded_input_as_one_pass():
+    # a dense 3x3 conv sums over input channels: per tile, every tile would pad all of them again
+    model, x = conv_bn(8, 16, 3), torch.randn(1, 8, 16, 16)
+    run, rules, mod = build(model, x, VECTOR_LANES)
+    assert not pad_shares_the_conv_loop(mod)
+    assert_matches(run(x), model, x, "dense 3x3 conv")
+
+
+def test_the_activation_after_a_batch_norm_runs_in_the_conv_epilogue():
+    model, x = conv_bn(16, 24), torch.randn(1, 16, 8, 8)
+    run, rules, _ = build(model, x, VECTOR_LANES)
+    assert not any("clip" in k and "conv" not in k for k in rules), rules  # no pass of its own
+    assert any("conv" in k and "clip" in k for k in rules), rules
+    assert_matches(run(x), model, x, "conv + batch norm + ReLU6")
+
+
+class PadAfter(nn.Module):
+    """conv -> ReLU -> channels padded (as a product map wraps them), fused into one function: the pad
+    writes a larger tensor than the conv, and its border must be written too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+
+    def forward(self, x):
+        return F.pad(F.relu(self.conv(x)), (0, 0, 0, 0, 0, 5), value=0.5)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_pad_after_the_epilogue_writes_its_border(dynamic):
+    torch.manual_seed(0)
+    model, x = PadAfter().eval(), torch.randn(2, 8, 12, 12)
+    run, rules, _ = build(model, x, VECTOR_LANES, dynamic)
+    assert conv_rules(rules) == {"tiled"}, rules
+    assert any("pad" in k and "conv" in k for k in rules), rules  # one function: conv, relu, pad
+    assert_matches(run(x), model, x, "conv + relu + pad")
