@@ -75,6 +75,7 @@ from .schedule_primitives import (
     tiled_anchor,
     try_inline,
     vector_lanes,
+    vectorize_pad,
     vectorize_with_tail,
 )
 
@@ -213,7 +214,7 @@ def _tiled(sch) -> None:
     parallel(sch, outer)  # before decompose_reduction: parallel needs the block to be a whole reduction
     for b in local:  # a depthwise conv's padded input: the rows of this tile, while they are in cache
         sch.compute_at(b, sch.get_loops(anchor)[0])
-        vectorize_with_tail(sch, sch.get_loops(b)[-1])
+        vectorize_pad(sch, b)
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
         if inner:

@@ -22,7 +22,7 @@ from nesc.backends.tvm import targets  # noqa: E402
 from nesc.backends.tvm.adapter import relax, s_tir, tvm  # noqa: E402
 from nesc.backends.tvm.lower import lower  # noqa: E402
 from nesc.backends.tvm.schedule import fuse, register_lanes, schedule_module  # noqa: E402
-from nesc.backends.tvm.schedule_primitives import MAX_INNER, VECTOR_LANES  # noqa: E402
+from nesc.backends.tvm.schedule_primitives import MAX_INNER, VECTOR_LANES, deinterleave, pad_interior  # noqa: E402
 
 TARGET = targets.get_target("llvm").tvm_target()
 
@@ -180,3 +180,25 @@ def test_a_pad_after_the_epilogue_writes_its_border(dynamic):
     assert conv_rules(rules) == {"tiled"}, rules
     assert any("pad" in k and "conv" in k for k in rules), rules  # one function: conv, relu, pad
     assert_matches(run(x), model, x, "conv + relu + pad")
+
+
+@pytest.mark.parametrize("stride, want", [(1, (1, 29)), (2, (1, 14))])
+def test_pad_interior_is_where_every_column_phase_reads_the_input(stride, want):
+    # 28 columns padded by 1 on each side: 30, of which [1, 29) read the input; split into 2 phases of
+    # 15 (stride 2), x' in [1, 14) reads it in both phases (x' = 0 of phase 0 and x' = 14 of phase 1 are
+    # the border)
+    model = nn.Conv2d(8, 8, 3, stride, 1, groups=8, bias=False).eval()
+    low = lower(model, (torch.randn(1, 8, 28, 28),), dynamic_batch=False)
+    func = next(f for k, f in fuse(low.mod, TARGET).functions_items() if "conv" in k.name_hint)
+    sch = s_tir.Schedule(func)
+    pad, conv = sch.get_sblock("pad_temp"), sch.get_sblock("group_conv2d_nchw")
+    assert deinterleave(sch, pad, conv) == (stride == 2)
+    assert pad_interior(sch, pad) == want
+
+
+def test_a_block_without_a_bounds_test_has_no_pad_interior():
+    model = nn.Conv2d(8, 8, 1, bias=False).eval()  # a zero-width pad: a plain copy
+    low = lower(model, (torch.randn(1, 8, 8, 8),), dynamic_batch=False)
+    func = next(f for k, f in fuse(low.mod, TARGET).functions_items() if "conv" in k.name_hint)
+    sch = s_tir.Schedule(func)
+    assert pad_interior(sch, sch.get_sblock("pad_temp")) is None
