@@ -55,6 +55,7 @@ import functools
 from .adapter import region_buffer, relax, s_tir, tir, tvm
 from .kernels import CROP_NAME, PADDED_NAME, PRODUCTS_DIM_ATTR, SPLIT_ATTR, WEIGHT_NAME
 from .scale_shift import scale_shift_batch_norm
+from .schedule_layout import flatten_rows, rows_contiguous, tiled_anchor, vectorize_pad
 from .schedule_pointwise import pointwise
 from .schedule_primitives import (
     MAX_INNER,
@@ -62,20 +63,17 @@ from .schedule_primitives import (
     child_blocks,
     contiguous_reads,
     divisor,
-    flatten_rows,
     inline_chain,
     is_reduction,
     kind,
     num_spatial,
     parallel,
     parallel_vectorize,
-    rows_contiguous,
+    register_axis,
     static,
     tile_shape,
-    tiled_anchor,
     try_inline,
     vector_lanes,
-    vectorize_pad,
     vectorize_with_tail,
 )
 
@@ -180,7 +178,7 @@ def _tiled(sch) -> None:
     loops = sch.get_loops(anchor)
     n_spatial = num_spatial(sch, anchor)
     extents = [static(sch.get(lp).extent) for lp in loops[:n_spatial]]
-    t = _register_axis(sch, anchor, extents)
+    t = register_axis(sch, anchor, extents)
     flat = None
     if (t is None or t < n_spatial - 2) and rows_contiguous(sch.get(anchor)):
         # a 1x1 conv: H and W of the output run along memory as one axis (14 x 14 is 196 lanes' worth)
@@ -219,23 +217,6 @@ def _tiled(sch) -> None:
         init = sch.decompose_reduction(anchor, reduce[0])
         if inner:
             sch.vectorize(sch.get_loops(init)[-1])
-
-
-def _register_axis(sch, block, extents) -> int | None:
-    """The spatial axis (not the last) to block in registers: one with a static extent that the
-    contiguous input does not depend on (output channels of a conv, rows of a matmul), else the
-    static one just before the last."""
-    stmt = sch.get(block)
-    spatial = [iv.var for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
-    used = set()
-    for region in contiguous_reads(stmt, spatial[-1]):
-        for r in region.region:
-            used |= {v.name for v in tir.analysis.undefined_vars(r.min)}
-    free = [i for i in range(len(spatial) - 1) if extents[i] and extents[i] > 1 and spatial[i].name not in used]
-    if free:
-        return free[-1]
-    static = [i for i in range(len(spatial) - 1) if extents[i] and extents[i] > 1]
-    return static[-1] if static else None
 
 
 def _regenerate(sch) -> None:

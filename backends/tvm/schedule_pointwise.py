@@ -25,15 +25,13 @@ only; the reduction order over ``ci`` is unchanged).
 from __future__ import annotations
 
 from .adapter import region_buffer, tir
+from .schedule_layout import flatten_rows, rows_contiguous, tiled_anchor
 from .schedule_primitives import (
     REGISTER_VECTORS,
     VECTOR_LANES,
     divisor,
-    flatten_rows,
     parallel,
-    rows_contiguous,
     static,
-    tiled_anchor,
 )
 
 MIN_ROWS = 3  # fewest output positions per register block (fewer: the panel's loads dominate)

@@ -22,7 +22,8 @@ from nesc.backends.tvm import targets  # noqa: E402
 from nesc.backends.tvm.adapter import relax, s_tir, tvm  # noqa: E402
 from nesc.backends.tvm.lower import lower  # noqa: E402
 from nesc.backends.tvm.schedule import fuse, register_lanes, schedule_module  # noqa: E402
-from nesc.backends.tvm.schedule_primitives import MAX_INNER, VECTOR_LANES, deinterleave, pad_interior  # noqa: E402
+from nesc.backends.tvm.schedule_layout import deinterleave, pad_interior  # noqa: E402
+from nesc.backends.tvm.schedule_primitives import MAX_INNER, VECTOR_LANES  # noqa: E402
 
 TARGET = targets.get_target("llvm").tvm_target()
 
@@ -202,3 +203,23 @@ def test_a_block_without_a_bounds_test_has_no_pad_interior():
     func = next(f for k, f in fuse(low.mod, TARGET).functions_items() if "conv" in k.name_hint)
     sch = s_tir.Schedule(func)
     assert pad_interior(sch, sch.get_sblock("pad_temp")) is None
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("ci, hw, stride", [(32, 4, 1), (16, 8, 2)])
+def test_a_conv_with_rows_of_four_reads_its_input_through_im2col(ci, hw, stride, dynamic):
+    # a 4 x 4 output fills no 8-lane register along its rows but does as one axis of 16: the input is
+    # copied with the window unrolled, and H x W of the conv's reads are contiguous
+    model, x = conv_bn(ci, 24, 3, stride), torch.randn(2, ci, hw, hw)
+    run, rules, mod = build(model, x, VECTOR_LANES, dynamic)
+    assert conv_rules(rules) == {"tiled"}, rules
+    script = next(f for k, f in mod.functions_items() if "conv" in k.name_hint).script()
+    assert "pad_temp_reindex" in script and "T.int64(16)" in script
+    assert_matches(run(x), model, x, f"3x3 conv stride {stride} to 4 x 4")
+
+
+def test_rows_of_whole_registers_need_no_im2col():
+    model, x = conv_bn(8, 16, 3), torch.randn(1, 8, 8, 8)
+    run, rules, mod = build(model, x, VECTOR_LANES)
+    assert "reindex" not in next(f for k, f in mod.functions_items() if "conv" in k.name_hint).script()
+    assert_matches(run(x), model, x, "3x3 conv at 8 x 8")
