@@ -18,7 +18,7 @@ from nesc.core.errors import NescError
 try:
     import tvm
     from tvm import relax, sym as arith, te, tirx as tir  # tvm.arith is tvm.sym in 0.27
-    from tvm import s_tir
+    from tvm import s_tir, topi
     from tvm.support import cc
 except ImportError as e:  # pragma: no cover - exercised only without the extra installed
     raise NescError(
@@ -26,7 +26,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra 
         f"(apache-tvm 0.27 with apache-tvm-ffi 0.1.14.post0); import failed with: {e}"
     ) from e
 
-__all__ = ["arith", "cc", "relax", "s_tir", "te", "tir", "tvm"]
+__all__ = ["arith", "cc", "relax", "s_tir", "te", "tir", "topi", "tvm"]
 
 # The torch importer (``from_exported_program``; never ``from_fx``, which miscompiles conv/pool padding
 # in 0.27), its converter table, and ``detach_params``.

@@ -223,3 +223,49 @@ def test_rows_of_whole_registers_need_no_im2col():
     run, rules, mod = build(model, x, VECTOR_LANES)
     assert "reindex" not in next(f for k, f in mod.functions_items() if "conv" in k.name_hint).script()
     assert_matches(run(x), model, x, "3x3 conv at 8 x 8")
+
+
+class Tokens(nn.Module):
+    """A transformer's MLP on (batch, tokens, features): linear -> GELU -> linear."""
+
+    def __init__(self, dim: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("batch, tokens", [(1, 65), (2, 20)])
+def test_panel_rule_runs_a_linear_layer_lanes_along_its_outputs(batch, tokens, dynamic):
+    # 65 tokens (a ViT's 64 patches and a class token) fill no whole register along the rows: gemm
+    # refuses them; the panel rule's lanes run along the 64 and 32 outputs instead
+    torch.manual_seed(0)
+    model, x = Tokens().eval(), torch.randn(batch, tokens, 32)
+    run, rules, _ = build(model, x, MAX_INNER, dynamic)
+    matmuls = {k: v for k, v in rules.items() if "matmul" in k}
+    assert len(matmuls) == 2 and set(matmuls.values()) == {"panel"}, rules
+    assert_matches(run(x), model, x, f"tokens {batch} x {tokens}")
+
+
+@pytest.mark.parametrize("lanes, shape, features, why", [
+    (MAX_INNER, (8, 32), 48, "8 rows in all: the panel's copy would cost more than it saves"),
+    (MAX_INNER, (2, 20, 32), 40, "40 outputs are no multiple of 16 lanes"),
+    (VECTOR_LANES, (2, 20, 32), 48, "8-lane targets keep gemm"),
+])
+def test_panel_rule_gives_way(lanes, shape, features, why):
+    torch.manual_seed(0)
+    model, x = nn.Linear(32, features).eval(), torch.randn(*shape)
+    run, rules, _ = build(model, x, lanes)
+    assert "panel" not in rules.values() and "none" not in rules.values(), (why, rules)
+    assert_matches(run(x), model, x, why)
+
+
+def test_gelu_runs_without_a_libm_call_per_element():
+    torch.manual_seed(0)
+    model, x = Tokens().eval(), 3 * torch.randn(1, 16, 32)  # well into erf's tails
+    run, rules, mod = build(model, x, VECTOR_LANES)
+    scripts = [f.script() for _, f in mod.functions_items() if hasattr(f, "script") and "gelu" in str(_)]
+    assert scripts and not any("T.erf(" in s for s in scripts), rules
+    assert_matches(run(x), model, x, "linear -> GELU -> linear")
