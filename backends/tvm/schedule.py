@@ -25,7 +25,8 @@ its blocks, never off op names:
 * ``pointwise`` — a 1x1 conv whose flat H x W fills no whole register (14 x 14, 7 x 7), on targets
   with 16-lane registers (``register_lanes``): vector lanes along output channels and a register
   block of output positions, as a GEMM microkernel (``schedule_pointwise.py``); ``panel`` the same
-  for ``x @ w.T`` with 32 rows or more (tokens: 65 of them fill no register along the rows).
+  for ``x @ w.T`` with 32 rows or more (tokens: 65 of them fill no register along the rows). The
+  three ``x @ w.T`` rules (``panel``, ``gemm``, ``dot``) are in ``schedule_matmul.py``.
 * ``gemm`` — ``x @ w.T`` (both operands contiguous along the reduction) with at least
   ``GEMM_MIN_ROWS`` static rows of x, a multiple of 4 (tokens of a transformer, batch x positions): x copied
   transposed in a small pass, then tiled as ``tiled`` does with the vector lanes along x's rows and a
@@ -53,19 +54,16 @@ from __future__ import annotations
 
 import functools
 
-from .adapter import region_buffer, relax, s_tir, tir, topi, tvm
+from .adapter import relax, s_tir, tir, topi, tvm
 from .kernels import CROP_NAME, PADDED_NAME, PRODUCTS_DIM_ATTR, SPLIT_ATTR, WEIGHT_NAME
 from .scale_shift import scale_shift_batch_norm
 from .schedule_layout import flatten_rows, rows_contiguous, tiled_anchor, vectorize_pad
-from .schedule_pointwise import panel, pointwise
+from .schedule_matmul import dot, gemm, panel
+from .schedule_pointwise import pointwise
 from .schedule_primitives import (
     MAX_INNER,
-    REGISTER_VECTORS,
     VECTOR_LANES,
     child_blocks,
-    contiguous_reads,
-    divisor,
-    inline_chain,
     is_reduction,
     kind,
     num_spatial,
@@ -75,12 +73,9 @@ from .schedule_primitives import (
     static,
     tile_shape,
     try_inline,
-    vector_lanes,
     vectorize_with_tail,
 )
 
-GEMM_MIN_ROWS = 16  # rows of x that make ``gemm``'s vector lanes along them pay (fewer: ``dot``)
-GEMM_REGISTER_ROWS = 8  # outputs per register block in ``gemm`` (rows of w, one broadcast each)
 RULES = ("pointwise", "tiled", "panel", "gemm", "dot", "rows", "regenerate", "products", "elementwise", "reshape", "none")
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse a scheduled function again
 
@@ -92,8 +87,9 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def register_lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of one vector register of ``target``: 16 with AVX-512 (``pointwise`` is measured
-    there), else ``VECTOR_LANES`` (AVX2; what the other rules' tiles are sized for)."""
+    """float32 lanes of one vector register of ``target``: 16 with AVX-512 (where ``pointwise``,
+    ``panel`` and ``dot``'s row block were measured), else ``VECTOR_LANES`` (AVX2, NEON's pairs; what
+    the other rules' tiles are sized for)."""
     if target.kind.name == "llvm" and tvm.target.codegen.target_has_features("avx512f", target):
         return MAX_INNER
     return VECTOR_LANES
@@ -174,9 +170,9 @@ def _candidates(func: tir.PrimFunc, lanes: int):
     if set(kinds) == {"elementwise"} and any(_products_dim(sch, b) is not None for b in child_blocks(sch)):
         return (_products, _elementwise)
     wide = lambda rule: (functools.update_wrapper(functools.partial(rule, lanes=lanes), rule),) if lanes >= MAX_INNER else ()  # noqa: E731
-    dot = functools.update_wrapper(functools.partial(_dot, register=lanes), _dot)
+    dots = functools.update_wrapper(functools.partial(dot, register=lanes), dot)
     if kinds.count("dot") == 1 and not ({"tiled", "rows"} & set(kinds)):
-        return (*wide(panel), _gemm, dot, _rows, _elementwise)
+        return (*wide(panel), gemm, dots, _rows, _elementwise)
     if "tiled" in kinds:
         return (*wide(pointwise), _tiled, _rows, _elementwise)
     if "rows" in kinds or "dot" in kinds:
@@ -291,101 +287,6 @@ def _product_rows(sch, block, dim: int) -> None:
     row = sch.fuse(*rest) if len(rest) > 1 else rest[0]
     vectorize_with_tail(sch, row)
     parallel(sch, loops[: dim + 1])
-
-
-def _gemm(sch) -> None:
-    """x @ w.T with many rows of x: copy x transposed (rows along memory: a small pass over the input),
-    then tile as ``tiled`` does, vector lanes along the rows of x and a register block of the outputs
-    of w's rows, each a broadcast scalar of w. Every lane accumulates a whole output: no horizontal sum
-    per output, as ``dot``'s lanes need. Raises (and ``dot`` takes over) when x has too few rows."""
-    blocks = child_blocks(sch)
-    index = [kind(sch, b) for b in blocks].index("dot")
-    anchor = blocks[index]
-    n_spatial = num_spatial(sch, anchor)
-    stmt = sch.get(anchor)
-    spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
-    rows = static(spatial[-2].dom.extent) if n_spatial >= 2 else None
-    if rows is None or rows < GEMM_MIN_ROWS or rows % (VECTOR_LANES // 2):
-        # too few rows, or no whole registers along them (65 tokens: 13-lane vectors ran a ViT's
-        # matmuls at 3 GFLOP/s): ``dot``'s lanes run along the reduction instead
-        raise ValueError("gemm: x's rows do not fill whole vector registers")
-    row_var = spatial[-2].var
-    x = [r for r in contiguous_reads(stmt, stmt.iter_vars[-1].var)
-         if any(v.same_as(row_var) for v in tir.analysis.undefined_vars(r.region[-2].min))]
-    if len(x) != 1:
-        raise ValueError("gemm: no single operand runs along the rows")
-    x_index = [i for i, r in enumerate(stmt.reads) if r.same_as(x[0])][0]
-    for b in blocks[:index]:
-        parallel_vectorize(sch, b)
-    epilogue = inline_chain(sch, anchor, blocks[index + 1 :])
-    copy = sch.cache_read(anchor, x_index, "global")
-    rank = len(region_buffer(x[0]).shape)
-    sch.transform_layout(copy, ("write", 0), lambda *ax: (*ax[: rank - 2], ax[rank - 1], ax[rank - 2]))
-    loops = sch.get_loops(anchor)
-    lanes = vector_lanes(rows)
-    outer_loops, (i_loop, j_loop), reduce = loops[: n_spatial - 2], loops[n_spatial - 2 : n_spatial], loops[n_spatial:]
-    io, ii = sch.split(i_loop, [None, lanes])
-    cols = static(sch.get(j_loop).extent)
-    jo, ji = sch.split(j_loop, [None, divisor(cols, GEMM_REGISTER_ROWS)])
-    sch.reorder(*outer_loops, io, jo, *reduce, ji, ii)
-    if epilogue is None:
-        epilogue = sch.cache_write(anchor, 0, "local")
-    else:
-        sch.set_scope(anchor, 0, "local")
-    # the accumulator transposed too, so that its vector lanes are contiguous registers
-    swap = lambda *ax: (*ax[:-2], ax[-1], ax[-2])  # noqa: E731
-    sch.transform_layout(anchor, ("write", 0), swap)
-    sch.reverse_compute_at(epilogue, jo)
-    sch.vectorize(ii)
-    sch.unroll(ji)
-    parallel_vectorize(sch, copy)
-    parallel(sch, [*outer_loops, io])
-    init = sch.decompose_reduction(anchor, reduce[0])
-    sch.vectorize(sch.get_loops(init)[-1])
-
-
-def _dot(sch, register: int = VECTOR_LANES) -> None:
-    """x @ w.T: both operands run along the reduction. Split it into vector lanes and rfactor them, so
-    that each lane accumulates its own partial dot product (contiguous loads, one FMA per lane) for a
-    register block of outputs (and rows of x, with ``register``-lane registers); the lanes are summed
-    once per output at the end, with the epilogue."""
-    blocks = child_blocks(sch)
-    index = [kind(sch, b) for b in blocks].index("dot")
-    anchor = blocks[index]
-    for b in blocks[:index]:
-        parallel_vectorize(sch, b)
-    epilogue = inline_chain(sch, anchor, blocks[index + 1 :])
-    n_spatial = num_spatial(sch, anchor)
-    loops = sch.get_loops(anchor)
-    reduce = list(loops[n_spatial:])
-    lanes = MAX_INNER if static(sch.get(reduce[-1]).extent) % MAX_INNER == 0 else VECTOR_LANES
-    ko, ki = sch.split(reduce[-1], [None, lanes])
-    rf = sch.rfactor(ki, factor_axis=n_spatial)
-    rf_loops = sch.get_loops(rf)  # spatial..., reduce[:-1]..., ko, ki
-    extents = [static(sch.get(lp).extent) for lp in rf_loops[:n_spatial]]
-    jo, ji = sch.split(rf_loops[n_spatial - 1], [None, divisor(extents[-1], 4)])
-    # Rows of x in the register block too where the target's registers hold them (AVX-512's 32: 4 rows
-    # x 4 outputs; a batch-8 MLP layer 1.3-1.6x faster), each load of w then serves every row.
-    per_acc = -(-lanes // register)  # registers per accumulator
-    budget = REGISTER_VECTORS * (2 if register >= MAX_INNER else 1)
-    rb = divisor(extents[-2], budget // (per_acc * divisor(extents[-1], 4))) if n_spatial >= 2 else 1
-    if rb > 1:
-        io, ii = sch.split(rf_loops[n_spatial - 2], [None, rb])
-        outer = [jo, *rf_loops[: n_spatial - 2], io]
-        sch.reorder(*outer, *rf_loops[n_spatial:-1], ii, ji, rf_loops[-1])
-        sch.unroll(ii)
-    else:
-        # The block of w outermost: it stays in L1 while every row of x (the batch) streams past it.
-        outer = [jo, *rf_loops[: n_spatial - 1]]
-        sch.reorder(*outer, *rf_loops[n_spatial:-1], ji, rf_loops[-1])
-    sch.vectorize(rf_loops[-1])
-    sch.unroll(ji)
-    sch.set_scope(rf, 0, "local")
-    sch.reverse_compute_at(anchor, outer[-1])
-    if epilogue is not None:
-        sch.reverse_compute_at(epilogue, outer[-1])
-    parallel(sch, outer)
-    sch.decompose_reduction(rf, rf_loops[n_spatial])
 
 
 def _rows(sch) -> None:
