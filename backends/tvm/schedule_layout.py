@@ -54,6 +54,7 @@ def vectorize_pad(sch, block) -> None:
             sch.vectorize(part)
         offset += size
 
+
 def pad_interior(sch, block) -> tuple[int, int] | None:
     """[lo, hi) of the innermost loop where the block's ``if_then_else(bounds, load, value)`` takes the
     load for every value of the other axes, when that is a proper part of the loop; else None."""
@@ -88,6 +89,7 @@ def pad_interior(sch, block) -> tuple[int, int] | None:
         else:
             hi = min(hi, (bound.min_value - least) // -coeff + 1)
     return (lo, hi) if 0 <= lo < hi <= extent and (lo, hi) != (0, extent) else None
+
 
 def deinterleave(sch, producer, anchor) -> bool:
     """A strided read along the vector axis (a stride-2 conv reads every other column of its padded
@@ -139,13 +141,13 @@ def flatten_rows(sch, anchor, epilogue, n_spatial: int, width: int):
     return with_output
 
 
-
 def tiled_anchor(sch, check=None):
-    """The prologue of the tiled rules: the largest ``tiled`` block is the anchor, its input read through
-    ``im2col`` where that applies; its producers are inlined (a zero-width pad), re-laid out (``deinterleave``), left for the caller to compute per
-    tile (``per_channel``) or given their own parallel pass; its elementwise consumers are inlined
-    into one epilogue. ``check(sch, anchor, extents)`` may raise first, before anything changes.
-    Returns (anchor, epilogue or None, the producers to compute per tile)."""
+    """The prologue of the tiled rules: the largest ``tiled`` block is the anchor, its input read
+    through ``im2col`` where that applies; its producers are inlined (a zero-width pad), re-laid out
+    (``deinterleave``), left for the caller to compute per tile (``per_channel``) or given their own
+    parallel pass (a pad's rows by ``vectorize_pad``); its elementwise consumers are inlined into one
+    epilogue (``inline_chain``). ``check(sch, anchor, extents)`` may raise first, before anything
+    changes. Returns (anchor, epilogue or None, the producers to compute per tile)."""
     blocks = child_blocks(sch)
     anchor = max((b for b in blocks if kind(sch, b) == "tiled"), key=lambda b: work(sch, b))
     if check is not None:
@@ -183,7 +185,6 @@ def per_channel(sch, producer, anchor) -> bool:
                    for v in tir.analysis.undefined_vars(rng.min))
 
 
-
 def im2col(sch, anchor) -> bool:
     """A conv whose output rows fill no whole register but whose H x W does (ResNet's 4 x 4 last stage
     at 32 x 32 input: 4-lane vectors): its input read through a copy with the window unrolled,
@@ -217,6 +218,7 @@ def im2col(sch, anchor) -> bool:
     sch.transform_block_layout(copy, tir.IndexMap.from_func(rows_last, ndim=len(region)))
     parallel_vectorize(sch, copy)
     return True
+
 
 def is_copy(sch, block) -> bool:
     """Whether ``block`` copies a buffer of its own shape element for element, at the same indices (a
