@@ -12,7 +12,9 @@ division for every element (a 1x1 convolution of 16 input channels spent about 4
 there). Requires nothing of the graph (a batch norm without ``center``/``scale`` has no
 gamma/beta and is left as it is); guarantees the same outputs up to float rounding (``scale`` is
 rounded once more before it multiplies). The statistics stay parameters: nothing is folded into a
-weight, so a shared pool and the exported parameters are untouched.
+weight, so a shared pool and the exported parameters are untouched. Every ``bn[0]`` of a rewritten
+batch norm reads ``y`` itself (no tuple, no alias binding), so that FuseOps fuses the activation
+after it into the convolution's epilogue.
 """
 
 from __future__ import annotations
