@@ -169,15 +169,19 @@ def _candidates(func: tir.PrimFunc, lanes: int):
     kinds = [kind(sch, b) for b in child_blocks(sch)]
     if set(kinds) == {"elementwise"} and any(_products_dim(sch, b) is not None for b in child_blocks(sch)):
         return (_products, _elementwise)
-    wide = lambda rule: (functools.update_wrapper(functools.partial(rule, lanes=lanes), rule),) if lanes >= MAX_INNER else ()  # noqa: E731
-    dots = functools.update_wrapper(functools.partial(dot, register=lanes), dot)
+    wide = lanes >= MAX_INNER  # the panel rules: measured on 16-lane registers only
     if kinds.count("dot") == 1 and not ({"tiled", "rows"} & set(kinds)):
-        return (*wide(panel), gemm, dots, _rows, _elementwise)
+        return (*([_bound(panel, lanes=lanes)] if wide else []), gemm, _bound(dot, register=lanes), _rows, _elementwise)
     if "tiled" in kinds:
-        return (*wide(pointwise), _tiled, _rows, _elementwise)
+        return (*([_bound(pointwise, lanes=lanes)] if wide else []), _tiled, _rows, _elementwise)
     if "rows" in kinds or "dot" in kinds:
         return (_rows, _elementwise)
     return (_elementwise,)
+
+
+def _bound(rule, **kwargs):
+    """``rule`` with the target's register width bound, under its own name (``schedule_func``'s rule name)."""
+    return functools.update_wrapper(functools.partial(rule, **kwargs), rule)
 
 
 # ------------------------------------------------------------------------------------ rules

@@ -30,14 +30,14 @@ from .schedule_primitives import (
 )
 
 
-def vectorize_pad(sch, block) -> None:
+def vectorize_pad(sch, block, interior: tuple[int, int] | None = None) -> None:
     """Vectorise a pad's innermost loop with its borders partitioned off: the interior, where the pad's
     bounds test is true for every value of the other axes (column phases included), becomes a loop
     of its own that the simplifier clears of the test, and so vectorises; a lane-varying test made
     the whole row scalar (a stride-2 depthwise conv spent two thirds of its time in its pad). Any
-    other block: ``vectorize_with_tail``."""
+    other block: ``vectorize_with_tail``. ``interior``: ``pad_interior``'s answer, when the caller has it."""
     loop = sch.get_loops(block)[-1]
-    interior = pad_interior(sch, block)
+    interior = interior or pad_interior(sch, block)
     if interior is None:
         vectorize_with_tail(sch, loop)
         return
@@ -161,9 +161,9 @@ def tiled_anchor(sch, check=None):
             try_inline(sch, b)  # a pad of width 0 (a 1x1 conv's): the anchor reads the input itself
         elif per_channel(sch, b, anchor):
             local.append(b)
-        elif len(sch.get_loops(b)) > 1 and pad_interior(sch, b) is not None:
+        elif len(sch.get_loops(b)) > 1 and (interior := pad_interior(sch, b)) is not None:
             parallel(sch, sch.get_loops(b)[:-1])  # a pad: its own parallel pass, rows vectorised inside
-            vectorize_pad(sch, b)
+            vectorize_pad(sch, b, interior)
         else:
             parallel_vectorize(sch, b)  # transposes: their own parallel pass over the input
     return anchor, inline_chain(sch, anchor, blocks[index + 1 :]), local

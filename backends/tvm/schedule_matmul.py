@@ -42,11 +42,24 @@ PANEL_ROWS = 13  # rows of x per register block of ``panel``: 13 accumulators of
 PANEL_MIN_ROWS = 32  # fewer rows of x in all: the panel's copy costs more than it saves (``dot``)
 
 
-def panel(sch, lanes: int) -> None:
-    """``x @ w.T`` with vector lanes along w's rows (the outputs) from a transposed panel of w."""
+def _anchor(sch):
+    """The rules' anchor, the one ``dot`` block: (child blocks, its index, the block)."""
     blocks = child_blocks(sch)
     index = [kind(sch, b) for b in blocks].index("dot")
-    anchor = blocks[index]
+    return blocks, index, blocks[index]
+
+
+def _prologue(sch, blocks, index):
+    """The producers before the anchor in their own parallel passes; the consumers after it inlined into
+    one epilogue (``inline_chain``), which is returned."""
+    for b in blocks[:index]:
+        parallel_vectorize(sch, b)
+    return inline_chain(sch, blocks[index], blocks[index + 1 :])
+
+
+def panel(sch, lanes: int) -> None:
+    """``x @ w.T`` with vector lanes along w's rows (the outputs) from a transposed panel of w."""
+    blocks, index, anchor = _anchor(sch)
     stmt = sch.get(anchor)
     spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
     extents = [static(iv.dom.extent) for iv in spatial]
@@ -67,9 +80,7 @@ def panel(sch, lanes: int) -> None:
               and any(v.same_as(out_var) for rng in r.region for v in tir.analysis.undefined_vars(rng.min))]
     if len(weight) != 1 or len(region_buffer(stmt.reads[weight[0]]).shape) != 2:
         raise ValueError("panel: no single 2-D weight operand read the same for every row")
-    for b in blocks[:index]:
-        parallel_vectorize(sch, b)
-    epilogue = inline_chain(sch, anchor, blocks[index + 1 :])
+    epilogue = _prologue(sch, blocks, index)
     loops = sch.get_loops(anchor)
     n_spatial = len(spatial)
     outer, row, col, reduce = list(loops[: n_spatial - 2]), loops[n_spatial - 2], loops[n_spatial - 1], loops[n_spatial:]
@@ -102,9 +113,7 @@ def gemm(sch) -> None:
     then tile as ``tiled`` does, vector lanes along the rows of x and a register block of the outputs
     of w's rows, each a broadcast scalar of w. Every lane accumulates a whole output: no horizontal sum
     per output, as ``dot``'s lanes need. Raises (and ``dot`` takes over) when x has too few rows."""
-    blocks = child_blocks(sch)
-    index = [kind(sch, b) for b in blocks].index("dot")
-    anchor = blocks[index]
+    blocks, index, anchor = _anchor(sch)
     n_spatial = num_spatial(sch, anchor)
     stmt = sch.get(anchor)
     spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tir.IterVar.DataPar]
@@ -119,9 +128,7 @@ def gemm(sch) -> None:
     if len(x) != 1:
         raise ValueError("gemm: no single operand runs along the rows")
     x_index = [i for i, r in enumerate(stmt.reads) if r.same_as(x[0])][0]
-    for b in blocks[:index]:
-        parallel_vectorize(sch, b)
-    epilogue = inline_chain(sch, anchor, blocks[index + 1 :])
+    epilogue = _prologue(sch, blocks, index)
     copy = sch.cache_read(anchor, x_index, "global")
     rank = len(region_buffer(x[0]).shape)
     sch.transform_layout(copy, ("write", 0), lambda *ax: (*ax[: rank - 2], ax[rank - 1], ax[rank - 2]))
@@ -153,12 +160,8 @@ def dot(sch, register: int = VECTOR_LANES) -> None:
     that each lane accumulates its own partial dot product (contiguous loads, one FMA per lane) for a
     register block of outputs (and rows of x, with ``register``-lane registers); the lanes are summed
     once per output at the end, with the epilogue."""
-    blocks = child_blocks(sch)
-    index = [kind(sch, b) for b in blocks].index("dot")
-    anchor = blocks[index]
-    for b in blocks[:index]:
-        parallel_vectorize(sch, b)
-    epilogue = inline_chain(sch, anchor, blocks[index + 1 :])
+    blocks, index, anchor = _anchor(sch)
+    epilogue = _prologue(sch, blocks, index)
     n_spatial = num_spatial(sch, anchor)
     loops = sch.get_loops(anchor)
     reduce = list(loops[n_spatial:])
@@ -167,12 +170,13 @@ def dot(sch, register: int = VECTOR_LANES) -> None:
     rf = sch.rfactor(ki, factor_axis=n_spatial)
     rf_loops = sch.get_loops(rf)  # spatial..., reduce[:-1]..., ko, ki
     extents = [static(sch.get(lp).extent) for lp in rf_loops[:n_spatial]]
-    jo, ji = sch.split(rf_loops[n_spatial - 1], [None, divisor(extents[-1], 4)])
+    outputs = divisor(extents[-1], 4)
+    jo, ji = sch.split(rf_loops[n_spatial - 1], [None, outputs])
     # Rows of x in the register block too where the target's registers hold them (AVX-512's 32: 4 rows
     # x 4 outputs; a batch-8 MLP layer 1.3-1.6x faster), each load of w then serves every row.
     per_acc = -(-lanes // register)  # registers per accumulator
     budget = REGISTER_VECTORS * (2 if register >= MAX_INNER else 1)
-    rb = divisor(extents[-2], budget // (per_acc * divisor(extents[-1], 4))) if n_spatial >= 2 else 1
+    rb = divisor(extents[-2], budget // (per_acc * outputs)) if n_spatial >= 2 else 1
     if rb > 1:
         io, ii = sch.split(rf_loops[n_spatial - 2], [None, rb])
         outer = [jo, *rf_loops[: n_spatial - 2], io]

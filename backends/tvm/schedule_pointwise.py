@@ -32,6 +32,7 @@ from .schedule_primitives import (
     REGISTER_VECTORS,
     VECTOR_LANES,
     divisor,
+    num_spatial,
     parallel,
     static,
 )
@@ -45,7 +46,7 @@ def pointwise(sch, lanes: int) -> None:
     if local:
         raise ValueError("pointwise: a producer to compute per tile (a 1x1 conv has none)")
     loops = sch.get_loops(anchor)
-    n_spatial = len([iv for iv in sch.get(anchor).iter_vars if iv.iter_type == tir.IterVar.DataPar])
+    n_spatial = num_spatial(sch, anchor)
     extents = [static(sch.get(lp).extent) for lp in loops[:n_spatial]]  # the batch may be symbolic
     flat = flatten_rows(sch, anchor, epilogue, n_spatial, extents[-1])
     width = extents[-2] * extents[-1]
