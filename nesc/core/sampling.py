@@ -139,20 +139,31 @@ def split_starts(starts: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
     Channel axes wrap modulo the pool; spatial axes clamp to [0, K - k]; axes that cannot move are 0.
     The fractional part keeps its autograd link to ``starts`` (floor has zero gradient).
     """
-    Op, Ip = geometry.pool[:2]
-    ylim, xlim = geometry.start_limits
-    o, i, y, x = starts.unbind(-1)
-    y = y.clamp(0, ylim)
-    x = x.clamp(0, xlim)
-    s = torch.stack([o, i, y, x], dim=-1)
+    lo, hi, mods = _start_bounds(geometry, starts)
+    s = torch.clamp(starts, lo, hi)  # space into [0, K - k]; an axis that cannot move to 0; channels free
     base = s.detach().floor()
-    frac = s - base
-    mask = torch.tensor(geometry.active, device=starts.device)
-    frac = torch.where(mask, frac, torch.zeros_like(frac))
-    base = torch.where(mask, base, torch.zeros_like(base))
-    mods = torch.tensor([Op, Ip, ylim + 1, xlim + 1], device=starts.device, dtype=base.dtype)
-    base = torch.remainder(base, mods)  # wrap channels; spatial bases are already inside [0, lim]
-    return base.to(torch.int32), frac
+    return torch.remainder(base, mods).to(torch.int32), s - base  # channels wrap; the rest is already inside
+
+
+def _start_bounds(geometry: Geometry, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``split_starts``' per-coordinate clamp bounds and moduli, as tensors like ``like``: built once per
+    geometry, dtype and device in eager (read-only constants), inline while a compiler traces."""
+    key = (geometry, like.dtype, like.device)
+    bounds = None if torch.compiler.is_compiling() else _BOUNDS.get(key)
+    if bounds is None:
+        Op, Ip = geometry.pool[:2]
+        ylim, xlim = geometry.start_limits
+        inf = math.inf
+        lo = [-inf if Op > 1 else 0.0, -inf if Ip > 1 else 0.0, 0.0, 0.0]
+        hi = [inf if Op > 1 else 0.0, inf if Ip > 1 else 0.0, float(ylim), float(xlim)]
+        mods = [float(Op), float(Ip), float(ylim + 1), float(xlim + 1)]
+        bounds = tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in (lo, hi, mods))
+        if not torch.compiler.is_compiling():
+            _BOUNDS[key] = bounds
+    return bounds
+
+
+_BOUNDS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
 # A sampled weight's gain (``W = scale * R(P)``) as the modules store it: a float64 0-d buffer, part of
@@ -320,8 +331,8 @@ def _gradients(grad, padded, f, origins, scale, g: Geometry, want_pool: bool, wa
             spread.narrow(2 + d, 1, n).addcmul_(H, fd.expand_as(H))
             H = spread
     gpad = torch.zeros_like(padded) if want_pool else None
-    for n, window in enumerate(_window_slices(origins, H.shape[2:]) if want_pool else ()):
-        gpad[window].add_(H[n // g.grid[1], n % g.grid[1]])
+    for window, h in zip(_window_views(gpad, origins, H.shape[2:]), H.flatten(0, 1).unbind(0)) if want_pool else ():
+        window.add_(h)
     return (_fold_padding(gpad, g) * scale if want_pool else None), gfrac
 
 
@@ -339,17 +350,18 @@ def _per_block(v: Tensor) -> Tensor:  # a scalar per block (nbo, nbi), broadcast
     return v.reshape(*v.shape, 1, 1, 1, 1)
 
 
-def _window_slices(origins, extent):
-    for o, i, y, x in origins:
-        yield slice(o, o + extent[0]), slice(i, i + extent[1]), slice(y, y + extent[2]), slice(x, x + extent[3])
+def _window_views(t: Tensor, origins, extent) -> list[Tensor]:
+    """Each block's window of ``t`` (a padded pool or its gradient), ``extent`` long from its origin: one
+    strided view per block."""
+    stride, base = t.stride(), t.storage_offset()
+    return [t.as_strided(extent, stride, base + sum(a * b for a, b in zip(o, stride))) for o in origins]
 
 
 def _windows(padded: Tensor, origins, geometry: Geometry) -> Tensor:
     """Every block's window of the padded pool, with one extra row along each active axis:
     ``(nbo, nbi, bo + a_o, bi + a_i, kh + a_y, kw + a_x)``."""
     extent = [n + a for n, a in zip((*geometry.block, *geometry.shape[2:]), geometry.active)]
-    stacked = torch.stack([padded[w] for w in _window_slices(origins, extent)])
-    return stacked.view(*geometry.grid, *extent)
+    return torch.stack(_window_views(padded, origins, extent)).view(*geometry.grid, *extent)
 
 
 def _lerp_chain(w: Tensor, f: Tensor, geometry: Geometry, out: Tensor | None = None) -> tuple[Tensor, dict]:
