@@ -147,9 +147,11 @@ def split_starts(starts: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
 
 def _start_bounds(geometry: Geometry, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``split_starts``' per-coordinate clamp bounds and moduli, as tensors like ``like``: built once per
-    geometry, dtype and device in eager (read-only constants), inline while a compiler traces."""
+    geometry, dtype and device for plain eager tensors (read-only constants), inline while a tracer or
+    compiler runs (its tensors are fakes or proxies, which must not outlive it)."""
     key = (geometry, like.dtype, like.device)
-    bounds = None if torch.compiler.is_compiling() else _BOUNDS.get(key)
+    eager = type(like) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+    bounds = _BOUNDS.get(key) if eager else None
     if bounds is None:
         Op, Ip = geometry.pool[:2]
         ylim, xlim = geometry.start_limits
@@ -157,8 +159,9 @@ def _start_bounds(geometry: Geometry, like: Tensor) -> tuple[Tensor, Tensor, Ten
         lo = [-inf if Op > 1 else 0.0, -inf if Ip > 1 else 0.0, 0.0, 0.0]
         hi = [inf if Op > 1 else 0.0, inf if Ip > 1 else 0.0, float(ylim), float(xlim)]
         mods = [float(Op), float(Ip), float(ylim + 1), float(xlim + 1)]
-        bounds = tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in (lo, hi, mods))
-        if not torch.compiler.is_compiling():
+        with torch.inference_mode(False):  # a cached constant made in inference mode could not be saved for backward
+            bounds = tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in (lo, hi, mods))
+        if eager:
             _BOUNDS[key] = bounds
     return bounds
 

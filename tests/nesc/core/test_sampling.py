@@ -187,6 +187,37 @@ def test_split_starts_wraps_channels_and_clamps_space(name: str) -> None:
             assert (frac[..., d] == 0).all() and (base[..., d] == 0).all()
 
 
+def test_split_starts_made_first_in_inference_mode_still_differentiates() -> None:
+    """``split_starts``' clamp bounds are cached per geometry: a first call in inference mode (an eval
+    loop before training) must not leave constants that a training step's clamp cannot save."""
+    geometry = Geometry((7, 6, 3, 3), (5, 4, 5, 4), (5, 3), "conv2d")  # a geometry no other test uses
+    with torch.inference_mode():
+        split_starts(_random_starts(geometry, 0), geometry)
+    starts = _random_starts(geometry, 1).requires_grad_()
+    frac = split_starts(starts, geometry)[1]
+    (frac * torch.arange(4, dtype=frac.dtype)).sum().backward()
+    ylim, xlim = geometry.start_limits
+    y, x, free = starts[..., 2], starts[..., 3], torch.ones_like(starts[..., 0])  # channels never clamp
+    inside = torch.stack([free, free, (y >= 0) & (y <= ylim), (x >= 0) & (x <= xlim)], -1)
+    assert_close(starts.grad, torch.arange(4, dtype=frac.dtype) * inside, F64, "gradient of the fractions")
+
+
+def test_regenerate_reads_a_pool_of_any_strides() -> None:
+    """Windows are strided views at the pool's own strides and storage offset: a pool that is a
+    transposed, offset view of its storage gives the weight and gradient of its contiguous copy."""
+    geometry = Geometry(*GEOMETRIES["conv3x3_from_5x5_pool"])
+    storage = torch.randn(2, *reversed(geometry.pool), dtype=torch.float64, requires_grad=True)
+    strided = storage[1].permute(3, 2, 1, 0)
+    assert not strided.is_contiguous() and strided.storage_offset() > 0
+    dense = strided.detach().contiguous().requires_grad_()
+    base, frac = split_starts(_interior_starts(geometry, 4), geometry)
+    grad_out = torch.randn(geometry.param_shape, dtype=torch.float64)
+    got, want = regenerate(strided, base, frac, 0.8, geometry), regenerate(dense, base, frac, 0.8, geometry)
+    assert_close(got, want, F64, "weight")
+    got_grad = torch.autograd.grad(got, storage, grad_out)[0][1].permute(3, 2, 1, 0)
+    assert_close(got_grad, torch.autograd.grad(want, dense, grad_out)[0], F64, "pool gradient")
+
+
 # ------------------------------------------------------------------------------------- gradients
 
 # name -> geometry; one per layer kind nesc samples.
