@@ -218,6 +218,34 @@ def test_regenerate_reads_a_pool_of_any_strides() -> None:
     assert_close(got_grad, torch.autograd.grad(want, dense, grad_out)[0], F64, "pool gradient")
 
 
+# What a training step pays per sampled layer beyond its memory passes: ops dispatched (forward +
+# backward of one 9-block conv weight; 205 before the windows became one strided view each).
+MAX_OPS_PER_REGENERATION = 160
+
+
+def test_a_regeneration_dispatches_a_bounded_number_of_ops() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    geometry = Geometry((32, 32, 3, 3), (15, 15, 3, 3), (11, 11), "conv2d")
+    pool = torch.randn(geometry.pool, requires_grad=True)
+    starts = _interior_starts(geometry, 6).float().requires_grad_()
+
+    def step() -> None:
+        regenerate(pool, *split_starts(starts, geometry), 0.5, geometry).sum().backward()
+
+    step()  # constants built once per geometry are not per-step cost
+    with Count():
+        step()
+    assert 0 < Count.calls <= MAX_OPS_PER_REGENERATION, f"{Count.calls} ops per forward + backward"
+
+
 # ------------------------------------------------------------------------------------- gradients
 
 # name -> geometry; one per layer kind nesc samples.
