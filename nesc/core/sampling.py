@@ -318,7 +318,7 @@ def _gradients(grad, padded, f, origins, scale, g: Geometry, want_pool: bool, wa
     if tuple(grad4.shape) != full:  # zeros where the last blocks overhang the weight
         grad4 = torch.nn.functional.pad(grad4, (0, 0, 0, 0, 0, full[1] - g.shape[1], 0, full[0] - g.shape[0]))
     H = _block_view(grad4, g)[0]  # (nbo, nbi, bo, bi, kh, kw)
-    inputs = _lerp_chain(_windows(padded, origins, g), f, g)[1] if want_frac else {}
+    inputs = _lerp_chain(_windows(padded, origins, g), f, g, inputs_only=True)[1] if want_frac else {}
     gfrac = torch.zeros_like(f) if want_frac else None
     axes = [d for d in range(4) if g.active[d]]
     for d in reversed(axes):
@@ -336,7 +336,7 @@ def _gradients(grad, padded, f, origins, scale, g: Geometry, want_pool: bool, wa
     gpad = torch.zeros_like(padded) if want_pool else None
     for window, h in zip(_window_views(gpad, origins, H.shape[2:]), H.flatten(0, 1).unbind(0)) if want_pool else ():
         window.add_(h)
-    return (_fold_padding(gpad, g) * scale if want_pool else None), gfrac
+    return (_fold_padding(gpad, g).mul_(scale) if want_pool else None), gfrac
 
 
 def _padded_shape(g: Geometry) -> tuple[int, int, int, int]:  # the weight, its last blocks whole
@@ -367,15 +367,19 @@ def _windows(padded: Tensor, origins, geometry: Geometry) -> Tensor:
     return torch.stack(_window_views(padded, origins, extent)).view(*geometry.grid, *extent)
 
 
-def _lerp_chain(w: Tensor, f: Tensor, geometry: Geometry, out: Tensor | None = None) -> tuple[Tensor, dict]:
+def _lerp_chain(w: Tensor, f: Tensor, geometry: Geometry, out: Tensor | None = None,
+                inputs_only: bool = False) -> tuple[Tensor | None, dict]:
     """The windows ``w`` read at the blocks' fractions ``f`` ``(nbo, nbi, 4)``: one lerp per active axis,
-    the last into ``out``. Returns the blocks and each lerp's input by axis (for the backward)."""
+    the last into ``out``. Returns the blocks and each lerp's input by axis (for the backward); with
+    ``inputs_only``, the inputs alone (the last lerp, whose output the backward never reads, is skipped)."""
     active = geometry.active
     last = max((d for d in range(4) if active[d]), default=None)
     inputs = {}
     for d in range(4):
         if active[d]:
             inputs[d], n = w, w.shape[2 + d] - 1
+            if inputs_only and d == last:
+                return None, inputs
             w = torch.lerp(w.narrow(2 + d, 0, n), w.narrow(2 + d, 1, n), _per_block(f[..., d]),
                            out=out if d == last else None)
     if last is None and out is not None:
@@ -396,8 +400,9 @@ def _pad_for_windows(pool: Tensor, starts: Tensor, scale: float, geometry: Geome
 
 
 def _fold_padding(gpad: Tensor, geometry: Geometry) -> Tensor:
-    """The adjoint of ``_pad_for_windows``: add each padded copy's gradient back onto its source."""
-    g = gpad.clone()
+    """The adjoint of ``_pad_for_windows``: add each padded copy's gradient back onto its source (in
+    ``gpad``, which it overwrites)."""
+    g = gpad
     for d in (3, 2, 1, 0):
         if geometry.active[d]:
             n, extra = geometry.pool[d], gpad.shape[d] - geometry.pool[d]
