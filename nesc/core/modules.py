@@ -30,8 +30,8 @@ from .compat import keep_precision_on_cast
 from .errors import ConfigError
 from .products import gather_products_op, product_index  # noqa: F401 - registers nesc::gather_products
 from .quant import pool_read
-from .sampling import (Geometry, regenerate, regenerate_grad, regenerate_indexed, regenerate_wide, scale_buffer,
-                       split_starts)
+from .sampling import Geometry, regenerate, regenerate_grad, regenerate_indexed, scale_buffer, split_starts
+from .wide import regenerate_wide
 
 
 @keep_precision_on_cast("running_offset")

@@ -218,35 +218,6 @@ def window_index(starts: Tensor, geometry: Geometry, taps: int = 2) -> Tensor:
     return ((io * Ip + ii) * Kh + iy) * Kw + ix
 
 
-def tent_weights(fracs: Tensor, width: float) -> Tensor:
-    """Weights of the ``2R`` rows ``floor(s) - R + 1 .. floor(s) + R`` (``R = ceil(width)``) that a
-    tent kernel of half-width ``width`` centred at ``s`` gives, normalised to sum to one: shape
-    ``(*fracs.shape, 2R)``. ``width = 1`` is linear interpolation exactly (weights ``1 - f, f``)."""
-    R = max(1, math.ceil(width - 1e-9))
-    offsets = torch.arange(1 - R, R + 1, device=fracs.device, dtype=fracs.dtype)
-    w = (1 - (offsets - fracs[..., None]).abs() / width).clamp_min(0)
-    return w / w.sum(-1, keepdim=True)
-
-
-def regenerate_wide(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor, geometry: Geometry,
-                    width: float) -> Tensor:
-    """``regenerate`` with a sampling kernel wider than linear interpolation: along every active
-    axis, each weight element is the tent-weighted average (half-width ``width`` cells) of the pool
-    rows around its real-valued position, so the slope of a start's loss changes gradually over
-    ``width`` cells: the jump at an integer start, a sharp V once the pool has adapted to its
-    window, is 5-10x smaller at width 2-3 than at 1 (random pools). ``width = 1`` is ``regenerate``'s
-    formula (to float rounding); training anneals ``width`` to 1 so that the frozen routing map (linear interpolation)
-    is what the model was trained with. Differentiable in ``pool`` and ``fracs`` through autograd."""
-    nbo, nbi = geometry.grid
-    R = max(1, math.ceil(width - 1e-9))
-    w = (pool * scale).reshape(-1)[window_index(starts, geometry, taps=2 * R)]
-    for d in range(4):
-        if geometry.active[d]:
-            k = tent_weights(fracs[..., d].to(w.dtype), width).reshape(nbo, nbi, 1, 1, 1, 1, 2 * R)
-            w = (w.unfold(2 + d, 2 * R, 1) * k).sum(-1)
-    return _assemble(w, geometry)
-
-
 def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float | Tensor,
                        geometry: Geometry) -> Tensor:
     """``regenerate`` as index arithmetic: one gather of every block's window, then one lerp per
@@ -264,10 +235,10 @@ def regenerate_indexed(pool: Tensor, starts: Tensor, fracs: Tensor, scale: float
             n = w.shape[2 + d] - 1
             f = fracs[..., d].to(w.dtype).reshape(nbo, nbi, 1, 1, 1, 1)
             w = torch.lerp(w.narrow(2 + d, 0, n), w.narrow(2 + d, 1, n), f)
-    return _assemble(w, geometry)
+    return assemble_blocks(w, geometry)
 
 
-def _assemble(w: Tensor, geometry: Geometry) -> Tensor:
+def assemble_blocks(w: Tensor, geometry: Geometry) -> Tensor:
     """Blocks ``(nbo, nbi, bo, bi, kh, kw)`` -> the weight in its parameter layout."""
     O, I, kh, kw = geometry.shape
     (nbo, nbi), (bo, bi) = geometry.grid, geometry.block

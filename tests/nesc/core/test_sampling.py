@@ -21,12 +21,11 @@ from nesc.core.sampling import (
     Geometry,
     regenerate,
     regenerate_indexed,
-    regenerate_wide,
     split_starts,
-    tent_weights,
     to_param_layout,
     window_index,
 )
+from nesc.core.wide import regenerate_wide, tent_weights
 
 # name -> (weight (O, I, kh, kw), pool (Op, Ip, Kh, Kw), block (bo, bi), layout)
 GEOMETRIES = {
