@@ -1,5 +1,6 @@
-"""nesc.core.sampling and nesc.core.modules: the sampler equals DESIGN.md's rule element by element, is differentiable in the pool
-and the start indices for every layer kind, and its frozen custom op is the same function.
+"""nesc.core.sampling, nesc.core.wide and nesc.core.modules: the sampler equals DESIGN.md's rule
+element by element, is differentiable in the pool and the start indices for every layer kind, and its
+frozen custom op is the same function.
 
 References are independent: ``helpers.naive_regenerate`` loops over every weight element and the 2^4
 interpolation corners in float64; gradients are checked by finite differences (gradcheck).
