@@ -68,10 +68,12 @@ class TransformationLearner(nn.Module):
 
 
 # Blocks of at most this many elements regenerate with one gather over all blocks (``regenerate_indexed``),
-# larger ones from stacked slices of the pool (``regenerate``, a Python slice per block): forward +
-# backward, one thread, indexed vs sliced: 128 blocks of 1x20x3 3.0 vs 13.9 ms; 6 of 6x8x3x3 2.2 vs 2.1;
-# 9 of 22x22x3x3 3.7 vs 3.1; 9 of 86x171 6.8 vs 4.3; 32 of 64x64 10.2 vs 7.9; 16 of 128x128x3x3 94 vs 55.
-INDEXED_BLOCK_NUMEL = 1024
+# larger ones from stacked strided views of the pool (``regenerate``, a view per block): forward +
+# backward, one thread, indexed vs sliced: 128 blocks of 1x20x3 0.86 vs 2.62 ms; 4 of 6x8x3x3 0.64 vs
+# 0.73; 4 of 16x16x3x3 0.50 vs 0.61; 9 of 22x22x3x3 0.88 vs 0.71; 9 of 86x171 2.25 vs 1.08; 32 of 64x64
+# 3.20 vs 2.21. Raised from 1024 once the views made the sliced path cheaper per call but not per block:
+# MobileNetV2's training step (224, batch 8, 14 layers switched) 1.21x -> 1.13x dense in one A/B run.
+INDEXED_BLOCK_NUMEL = 3072
 # While torch.compile traces a training forward, weights of at most this many elements regenerate with
 # the gather traced into the graph; larger ones call ``nesc::regenerate`` and, in the backward,
 # ``nesc::regenerate_backward`` (opaque: the eager slices), since inductor's scatter-add for the gather's

@@ -375,8 +375,9 @@ def test_regenerate_takes_an_incoming_gradient_of_any_strides() -> None:
 
 
 @pytest.mark.parametrize("geometry", [LAYER_KINDS["conv2d"], LAYER_KINDS["linear"],
-                                      ((70, 64, 1, 1), (40, 50, 1, 1), (35, 50), "linear"),  # blocks: slices
-                                      ((36, 20, 3, 3), (20, 12, 4, 3), (18, 10), "conv2d")],
+                                      # blocks over INDEXED_BLOCK_NUMEL: the sliced path
+                                      ((130, 64, 1, 1), (70, 60, 1, 1), (65, 60), "linear"),
+                                      ((40, 40, 3, 3), (22, 22, 4, 3), (20, 20), "conv2d")],
                          ids=["conv2d", "linear", "large-linear", "large-conv2d"])
 def test_the_backward_op_is_the_gradient_of_the_gather_form(geometry) -> None:
     """``nesc::regenerate_backward`` (the compiled backward's kernel) against autograd through
